@@ -1,0 +1,109 @@
+"""Artifact folders: a `config.json` that rebuilds a module plus safetensors weights.
+
+Every stage of the pipeline writes one folder through these helpers, so every
+folder is readable without pickle and every write is atomic (a crash during a
+save leaves the previous file intact).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class ArtifactError(ValueError):
+    """An artifact folder is missing, malformed or does not fit with another one."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON: {e}") from None
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Atomically save a flat dict of tensors as safetensors."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types on a damaged header
+        raise ArtifactError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def fingerprint_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    """A short content hash of a state dict (names, shapes, dtypes and values)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def save_artifact(folder: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Write weights first, then the config: a folder with a config.json is complete."""
+    folder = Path(folder)
+    save_tensors(folder / WEIGHTS_NAME, tensors)
+    write_json(folder / CONFIG_NAME, config)
+
+
+def load_artifact(folder: str | Path, kind: str, device: str | torch.device = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a folder written by `save_artifact`, checking that it holds a `kind` artifact."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder} is not a folder (expected a ctfgen {kind} folder)")
+    config = read_json(folder / CONFIG_NAME)
+    if config.get("kind") != kind:
+        raise ArtifactError(f"{folder} holds a {config.get('kind')!r} artifact, expected {kind!r}")
+    return config, load_tensors(folder / WEIGHTS_NAME, device)

@@ -1,0 +1,162 @@
+"""The `ctfgen` command: thin wrappers over the library, one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+
+from .artifacts import ArtifactError
+from .data.datasets import DataError
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One `--field-name` flag per dataclass field, typed and defaulted from the dataclass."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `X | None`
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=f"(default: {f.default})")
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, **extra):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+# --- tokenizer stage -------------------------------------------------------------------------
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    from .tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
+    report = train_tokenizer(dataclass_from_args(TokenizerTrainConfig, args), resume=args.resume, progress=not args.quiet)
+    print_json(report)
+    print(f"tokenizer written to {args.out} (report.json, reconstructions.png, logs/ for TensorBoard)")
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from .data.datasets import build_dataset
+    from .runtime import pick_device
+    from .tokenizer.extract import extract_codes
+    from .tokenizer.model import load_tokenizer
+
+    device = pick_device(args.device)
+    tok = load_tokenizer(args.tokenizer, device)
+    ds = build_dataset(args.data, args.split, tok.config.image_size, tok.config.in_channels,
+                       data_dir=args.data_dir, on_error=args.on_error)
+    meta = extract_codes(tok, ds, args.out, hflip_copies=args.hflip_copies, batch_size=args.batch_size,
+                         num_workers=args.num_workers, dataset_name=args.data, split=args.split, device=device,
+                         progress=not args.quiet)
+    print(f"{meta['count']} code grids of {meta['grid']} written to {args.out}")
+
+
+def cmd_import_llamagen(args: argparse.Namespace) -> None:
+    if not args.vq and not args.gpt:
+        raise SystemExit("import-llamagen: give --vq PATH and/or --gpt PATH")
+    out = Path(args.out)
+    if args.vq:
+        from .tokenizer.llamagen import import_llamagen_vq_file
+
+        model = import_llamagen_vq_file(args.vq, out / "tokenizer" if args.gpt else out, args.image_size)
+        print(f"VQ imported: {model.config.codebook_size} x {model.config.codebook_dim} codebook, fingerprint {model.fingerprint}")
+    if args.gpt:
+        import torch
+
+        from .transformer.llamagen import import_llamagen_gpt
+        from .transformer.model import save_model
+
+        ckpt = torch.load(args.gpt, map_location="cpu", weights_only=True)
+        model = import_llamagen_gpt(ckpt, args.gpt_model, num_classes=args.num_classes, grid=args.grid,
+                                    vocab_size=args.vocab_size)
+        save_model(model, out / "baseline" if args.vq else out)
+        print(f"GPT imported: {args.gpt_model}, {model.num_params() / 1e6:.1f}M parameters")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.run, data_dir=args.data_dir, tokenizer_steps=args.tokenizer_steps, device=args.device,
+             progress=not args.quiet)
+
+
+# --- the parser ------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from .tokenizer.train import TokenizerTrainConfig
+
+    parser = argparse.ArgumentParser(prog="ctfgen", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run every stage on Fashion-MNIST (reuses and resumes earlier runs)")
+    p.add_argument("--run", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files")
+    p.add_argument("--tokenizer-steps", type=int, default=None, help="override the tokenizer's training budget")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train-tokenizer", help="train a VQ tokenizer on images")
+    add_dataclass_args(p, TokenizerTrainConfig)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("extract", help="encode a dataset into a memory-mapped code array")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder")
+    p.add_argument("--out", required=True, help="codes folder to write")
+    p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist', an .npz file or an image folder")
+    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files")
+    p.add_argument("--split", default="train")
+    p.add_argument("--hflip-copies", action="store_true", help="also store the codes of mirrored images")
+    p.add_argument("--on-error", choices=["skip", "raise"], default="skip", help="unreadable image files (default: skip)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("import-llamagen", help="convert LlamaGen's released checkpoints")
+    p.add_argument("--vq", help="LlamaGen VQ checkpoint (e.g. vq_ds16_c2i.pt)")
+    p.add_argument("--gpt", help="LlamaGen class-to-image GPT checkpoint (e.g. c2i_B_256.pt)")
+    p.add_argument("--image-size", type=int, default=256, help="resolution the VQ model works at")
+    p.add_argument("--gpt-model", default="GPT-B", help="GPT-B, GPT-L, GPT-XL or GPT-XXL")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--grid", type=int, default=16, help="token grid side (16 for 256 px with VQ-16)")
+    p.add_argument("--vocab-size", type=int, default=16384)
+    p.add_argument("--out", required=True, help="output folder (with both: OUT/tokenizer and OUT/baseline)")
+    p.set_defaults(func=cmd_import_llamagen)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (DataError, ArtifactError, ValueError, FileNotFoundError) as e:
+        # bad input: one clear line instead of a traceback (use -v to see where it came from)
+        if args.verbose:
+            raise
+        print(f"ctfgen {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Image datasets: Fashion-MNIST (Debian idx files), an image folder (ImageNet layout), an .npz.
+
+All three yield `(image float[C,H,W] in [-1,1], label int)` through the same
+`ImageTransform`, so every later stage sees one format.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .transforms import ImageTransform
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_ENV = "CTFGEN_FASHION_MNIST"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_INSTALL = "apt-get update && apt-get install -y dataset-fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+class DataError(ValueError):
+    """A dataset file is missing, truncated or malformed."""
+
+
+# --- Fashion-MNIST -------------------------------------------------------------------------
+
+def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
+    """Read an idx file (optionally gzipped), checking its magic number and length."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # gzip raises these on a damaged or truncated archive
+        raise DataError(f"{path}: cannot be read ({e}); reinstall with: {FASHION_MNIST_INSTALL}") from None
+    header = 4 + 4 * ndim
+    if len(data) < header or int.from_bytes(data[:4], "big") != magic:
+        raise DataError(f"{path}: bad magic number (expected {magic}); the file is corrupt or not an idx file")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(data) != expected:
+        raise DataError(f"{path}: {len(data)} bytes, expected {expected} for shape {shape}; the file is truncated or corrupt")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise DataError(f"Fashion-MNIST file {stem}(.gz) not found in {root}. Install it with: {FASHION_MNIST_INSTALL} "
+                    f"(or point ${FASHION_MNIST_ENV} / --data-dir at a folder holding the idx files)")
+
+
+def fashion_mnist_root(root: str | Path | None = None) -> Path:
+    return Path(root or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
+
+
+def load_fashion_mnist_arrays(root: str | Path | None = None, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [N,28,28] and labels [N] of the 60k/10k split."""
+    if split not in ("train", "test"):
+        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+    root = fashion_mnist_root(root)
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"), 2051, 3)
+    labels = _read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"), 2049, 1)
+    if len(images) != len(labels):
+        raise DataError(f"{root}: {len(images)} {split} images but {len(labels)} labels")
+    if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise DataError(f"{root}: label {labels.max()} out of range for Fashion-MNIST's 10 classes")
+    return images, labels
+
+
+class ArrayDataset(Dataset):
+    """Images held in memory as uint8 [N,H,W] or [N,H,W,C] arrays."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: ImageTransform, classes: list[str] | None = None):
+        self.images, self.labels, self.transform = images, labels.astype(np.int64), transform
+        self.classes = list(classes) if classes else [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def fashion_mnist(split: str, transform: ImageTransform, root: str | Path | None = None) -> ArrayDataset:
+    images, labels = load_fashion_mnist_arrays(root, split)
+    return ArrayDataset(images, labels, transform, list(FASHION_MNIST_CLASSES))
+
+
+# --- .npz ------------------------------------------------------------------------------------
+
+def npz_dataset(path: str | Path, transform: ImageTransform) -> ArrayDataset:
+    """An .npz with `images` (uint8 [N,H,W] or [N,H,W,C], or floats in [0,1]) and `labels` [N]."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = {"images", "labels"} - set(f.files)
+            if missing:
+                raise DataError(f"{path}: missing array(s) {sorted(missing)} (has {f.files})")
+            images, labels = f["images"], f["labels"]
+    except DataError:
+        raise
+    except Exception as e:  # zipfile / numpy errors on a damaged archive
+        raise DataError(f"{path}: not a readable .npz ({e})") from None
+    if images.ndim not in (3, 4) or len(images) != len(labels) or labels.ndim != 1:
+        raise DataError(f"{path}: expected images [N,H,W(,C)] and labels [N], got {images.shape} and {labels.shape}")
+    if images.dtype != np.uint8:
+        if images.size and (images.min() < 0 or images.max() > 1):
+            raise DataError(f"{path}: float images must lie in [0,1] (or store uint8)")
+        images = (images * 255).round().astype(np.uint8)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{path}: negative labels")
+    return ArrayDataset(images, labels, transform)
+
+
+# --- image folder ------------------------------------------------------------------------------
+
+class ImageFolder(Dataset):
+    """One sub-folder per class. `on_error='skip'` (default) logs and counts an unreadable file and
+    serves the next readable one instead; `on_error='raise'` stops with the file's path."""
+
+    def __init__(self, root: str | Path, transform: ImageTransform, on_error: str = "skip"):
+        root = Path(root)
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        if not root.is_dir():
+            raise DataError(f"image folder {root} not found")
+        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        self.samples = [(p, label) for label, c in enumerate(self.classes)
+                        for p in sorted((root / c).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not self.samples:
+            raise DataError(f"{root}: no images found (expected one sub-folder per class holding image files)")
+        self.root, self.transform, self.on_error = root, transform, on_error
+        self.skipped: set[Path] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        for j in range(len(self.samples)):
+            path, label = self.samples[(i + j) % len(self.samples)]
+            try:
+                with Image.open(path) as img:
+                    return self.transform(img), label
+            except Exception as e:  # PIL raises many types on a bad file
+                if self.on_error == "raise":
+                    raise DataError(f"unreadable image {path}: {e}") from None
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    log.warning("skipping unreadable image %s (%s); %d skipped so far", path, e, len(self.skipped))
+        raise DataError(f"{self.root}: no readable image at all")
+
+
+# --- one entry point ----------------------------------------------------------------------------
+
+def build_dataset(spec: str, split: str = "train", resolution: int = 32, channels: int = 1, hflip: bool = False,
+                  data_dir: str | Path | None = None, on_error: str = "skip") -> Dataset:
+    """`spec` is 'fashion-mnist', a path to an .npz, or an image folder (with optional split sub-folders).
+
+    For an .npz, `<stem>_<split>.npz` is used when it exists (e.g. data_test.npz beside data.npz).
+    """
+    transform = ImageTransform(resolution, channels, hflip)
+    if spec == "fashion-mnist":
+        return fashion_mnist(split, transform, data_dir)
+    path = Path(spec)
+    if path.suffix == ".npz":
+        split_path = path.with_name(f"{path.stem}_{split}.npz")
+        return npz_dataset(split_path if split_path.is_file() else path, transform)
+    if path.is_dir():
+        return ImageFolder(path / split if (path / split).is_dir() else path, transform, on_error)
+    raise DataError(f"unknown dataset {spec!r}: use 'fashion-mnist', an .npz file or an image folder")

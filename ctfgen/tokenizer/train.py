@@ -1,0 +1,262 @@
+"""Train a VQ tokenizer on images, with checkpoints, resume, TensorBoard logs and a final report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..artifacts import write_json
+from ..data.datasets import build_dataset
+from ..data.sampler import StepBatches
+from ..data.transforms import image_grid
+from ..runtime import load_checkpoint, lr_at, pick_device, rng_state, save_checkpoint, seed_everything, set_rng_state
+from .losses import PatchDiscriminator, PerceptualLoss, generator_adv_loss, hinge_d_loss
+from .model import VQTokenizer, save_tokenizer
+from .presets import preset_config
+
+log = logging.getLogger(__name__)
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class TokenizerTrainConfig:
+    out: str = "runs/default/tokenizer"
+    data: str = "fashion-mnist"
+    data_dir: str | None = None
+    preset: str = "small"
+    image_size: int | None = None  # override the preset's resolution
+    codebook_size: int | None = None  # override the preset's codebook size
+    steps: int = 1200
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    lr_decay: str = "cosine"
+    weight_decay: float = 0.0
+    recon_loss: str = "l2"  # l1 | l2 | l1+l2
+    reseed_dead: bool = True
+    reseed_every: int = 50  # steps of usage counted before unused codewords are moved
+    reseed_until: float = 0.8  # fraction of training after which codewords stay put
+    disc_weight: float = 0.0  # 0 turns the PatchGAN loss off
+    disc_start: int = 0
+    perceptual_weights: str | None = None  # a local VGG16 (+LPIPS heads) safetensors file
+    perceptual_weight: float = 1.0
+    hflip: bool = False
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    save_every: int = 500
+    log_every: int = 25
+    image_every: int = 500
+    report_limit: int | None = None  # test images in the final report (None = the whole split)
+
+
+def reconstruction_loss(kind: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    losses = {"l1": lambda: F.l1_loss(x, y), "l2": lambda: F.mse_loss(x, y),
+              "l1+l2": lambda: F.l1_loss(x, y) + F.mse_loss(x, y)}
+    if kind not in losses:
+        raise ValueError(f"unknown reconstruction loss {kind!r}; choose from {sorted(losses)}")
+    return losses[kind]()
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1,1] (peak-to-peak range 2)."""
+    mse = ((x - y) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(4.0 / mse)
+
+
+@torch.no_grad()
+def evaluate_tokenizer(model: VQTokenizer, dataset: Dataset, batch_size: int = 256, limit: int | None = None,
+                       device: torch.device | str = "cpu", progress: bool = False) -> dict:
+    """Reconstruction PSNR, codebook usage (% of codewords used) and code perplexity on a dataset."""
+    was_training = model.training
+    model.eval()
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size)
+    counts = torch.zeros(model.config.codebook_size, dtype=torch.long)
+    psnrs = []
+    for x, _ in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        x = x.to(device)
+        codes = model.encode(x)
+        psnrs.append(psnr(model.decode(codes), x).cpu())
+        counts += torch.bincount(codes.flatten().cpu(), minlength=len(counts))
+    model.train(was_training)
+    p = counts.double() / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    return {"images": n, "psnr_db": torch.cat(psnrs).mean().item(), "codebook_usage_pct": 100.0 * (counts > 0).float().mean().item(),
+            "perplexity": math.exp(entropy), "codebook_size": len(counts)}
+
+
+class TokenizerTrainer:
+    def __init__(self, cfg: TokenizerTrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.device = pick_device(cfg.device)
+        seed_everything(cfg.seed)
+        self.model_cfg = preset_config(cfg.preset, image_size=cfg.image_size, codebook_size=cfg.codebook_size)
+        ds_args = dict(resolution=self.model_cfg.image_size, channels=self.model_cfg.in_channels, data_dir=cfg.data_dir)
+        self.train_set = build_dataset(cfg.data, "train", hflip=cfg.hflip, **ds_args)
+        self.test_set = build_dataset(cfg.data, "test", **ds_args)
+        self.model = VQTokenizer(self.model_cfg).to(self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+        self.disc = self.disc_opt = None
+        if cfg.disc_weight > 0:
+            self.disc = PatchDiscriminator(self.model_cfg.in_channels).to(self.device)
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+        self.perceptual = PerceptualLoss(cfg.perceptual_weights).to(self.device) if cfg.perceptual_weights else None
+        self.usage = torch.zeros(self.model_cfg.codebook_size, dtype=torch.long, device=self.device)
+        self.reseed_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.writer = None
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        state = {"step": self.step, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                 "usage": self.usage, "rng": rng_state(), "reseed_gen": self.reseed_gen.get_state(),
+                 "config": json.dumps(asdict(self.cfg))}
+        if self.disc is not None:
+            state |= {"disc": self.disc.state_dict(), "disc_opt": self.disc_opt.state_dict()}
+        save_checkpoint(self.out / CHECKPOINT_NAME, state)
+
+    def resume(self) -> bool:
+        path = self.out / CHECKPOINT_NAME
+        if not path.is_file():
+            return False
+        state = load_checkpoint(path, self.device)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        if self.disc is not None and "disc" in state:
+            self.disc.load_state_dict(state["disc"])
+            self.disc_opt.load_state_dict(state["disc_opt"])
+        self.usage.copy_(state["usage"])
+        set_rng_state(state["rng"])
+        self.reseed_gen.set_state(state["reseed_gen"].cpu())
+        self.step = state["step"]
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # --- one step -----------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_decay)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            rec, vq = self.model(x)
+        rec = rec.float()
+        rec_loss = reconstruction_loss(cfg.recon_loss, rec, x)
+        loss = rec_loss + vq.loss
+        stats = {"loss/reconstruction": rec_loss.item(), "loss/codebook": vq.codebook_loss.item(),
+                 "loss/commitment": vq.commitment_loss.item(), "lr": lr}
+        if self.perceptual is not None:
+            p_loss = self.perceptual(rec, x)
+            loss = loss + cfg.perceptual_weight * p_loss
+            stats["loss/perceptual"] = p_loss.item()
+        gan_on = self.disc is not None and self.step >= cfg.disc_start
+        if gan_on:
+            g_loss = generator_adv_loss(self.disc(rec))
+            loss = loss + cfg.disc_weight * g_loss
+            stats["loss/generator"] = g_loss.item()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if gan_on:
+            d_loss = hinge_d_loss(self.disc(x), self.disc(rec.detach()))
+            self.disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.disc_opt.step()
+            stats["loss/discriminator"] = d_loss.item()
+        self.usage += torch.bincount(vq.codes.flatten(), minlength=len(self.usage))
+        self._maybe_reseed(vq.latents, stats)
+        stats["psnr_db"] = psnr(rec.detach(), x).mean().item()
+        return stats
+
+    def _maybe_reseed(self, latents: torch.Tensor, stats: dict) -> None:
+        cfg = self.cfg
+        if (self.step + 1) % cfg.reseed_every:
+            return
+        stats["codebook/usage_pct"] = 100.0 * (self.usage > 0).float().mean().item()
+        if cfg.reseed_dead and self.step < cfg.reseed_until * cfg.steps:
+            stats["codebook/reseeded"] = self.model.quantizer.reseed(self.usage == 0, latents, self.reseed_gen)
+        self.usage.zero_()
+
+    # --- the loop -----------------------------------------------------------------------------
+    def _log(self, stats: dict, x: torch.Tensor | None = None, rec: torch.Tensor | None = None) -> None:
+        for k, v in stats.items():
+            self.writer.add_scalar(k, v, self.step)
+
+    def _log_images(self, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.model.eval()
+            rec = self.model.decode(self.model.encode(x))
+            self.model.train()
+        grid = image_grid(torch.cat([x, rec]).cpu(), nrow=len(x))
+        import numpy as np
+        arr = np.asarray(grid)
+        self.writer.add_image("reconstructions", arr if arr.ndim == 3 else arr[..., None], self.step, dataformats="HWC")
+
+    def fit(self, resume: bool = False, progress: bool = True) -> dict:
+        from torch.utils.tensorboard import SummaryWriter
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "train_config.json", asdict(cfg))
+        if resume:
+            self.resume()
+        self.writer = SummaryWriter(str(self.out / "logs"))
+        loader = DataLoader(self.train_set, num_workers=cfg.num_workers,
+                            batch_sampler=StepBatches(len(self.train_set), cfg.batch_size, cfg.seed, self.step, cfg.steps))
+        preview = torch.stack([self.test_set[i][0] for i in range(8)]).to(self.device)
+        self.model.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train tokenizer", disable=not progress, unit="step")
+        t0, images = time.perf_counter(), 0
+        try:
+            for x, _ in loader:
+                x = x.to(self.device, non_blocking=True)
+                stats = self.train_step(x)
+                self.step += 1
+                images += len(x)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    stats["throughput/images_per_s"] = images / (time.perf_counter() - t0)
+                    self._log(stats)
+                    bar.set_postfix(loss=f"{stats['loss/reconstruction']:.4f}", psnr=f"{stats['psnr_db']:.1f}",
+                                    img_s=f"{stats['throughput/images_per_s']:.0f}")
+                if self.step % cfg.image_every == 0:
+                    self._log_images(preview)
+                if self.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            bar.close()
+            raise
+        bar.close()
+        self.save_checkpoint()
+        return self.finish(progress)
+
+    def finish(self, progress: bool = True) -> dict:
+        """Write the tokenizer artifact, a reconstruction grid and the test-split report."""
+        self.model.eval()
+        fingerprint = save_tokenizer(self.model, self.out)
+        report = evaluate_tokenizer(self.model, self.test_set, limit=self.cfg.report_limit, device=self.device, progress=progress)
+        report |= {"split": "test", "data": self.cfg.data, "steps": self.step, "fingerprint": fingerprint}
+        write_json(self.out / "report.json", report)
+        x = torch.stack([self.test_set[i][0] for i in range(16)]).to(self.device)
+        image_grid(torch.cat([x, self.model.decode(self.model.encode(x))]).cpu(), nrow=16).save(self.out / "reconstructions.png")
+        if self.writer is not None:
+            for k in ("psnr_db", "codebook_usage_pct", "perplexity"):
+                self.writer.add_scalar(f"test/{k}", report[k], self.step)
+            self.writer.close()
+        return report
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    return TokenizerTrainer(cfg).fit(resume=resume, progress=progress)

@@ -1,0 +1,433 @@
+"""One Llama-style transformer stack, used three ways.
+
+* ``coarse``:   causal, reads and predicts coarse labels (vocabulary K).
+* ``baseline``: causal, reads and predicts codewords (vocabulary V); this is LlamaGen's GPT.
+* ``refiner``:  bidirectional, reads the whole coarse grid (vocabulary K) and predicts the
+  codeword of every position at once (head over V), optionally masked to each position's cluster.
+
+The block follows LlamaGen's GPT (autoregressive/models/gpt.py): pre-norm RMSNorm, fused QKV
+attention with 2D rotary embeddings over the token grid, SwiGLU feed-forward, a class token from a
+label table with one extra "null" row (the last) for classifier-free guidance, a zero-initialised
+output head and N(0, 0.02) for every other matrix. Parameter names are our own; the mapping from
+LlamaGen's names lives in ``ctfgen.transformer.llamagen``.
+
+Input sequence layout (all roles): position 0 is the class token, position p >= 1 holds token
+p - 1, which sits at grid cell divmod(p - 1, grid_w).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ctfgen.artifacts import ArtifactError, load_artifact, save_artifact
+
+ROLES = ("coarse", "baseline", "refiner")
+ARTIFACT_KIND = "transformer"
+
+
+def find_multiple(n: int, k: int) -> int:
+    """Smallest multiple of k that is >= n."""
+    return n if n % k == 0 else n + k - n % k
+
+
+@dataclass
+class TransformerConfig:
+    """Everything needed to rebuild a model; saved verbatim as config.json."""
+
+    role: str = "baseline"
+    vocab_size: int = 16384  # input vocabulary: K for coarse/refiner, V for baseline
+    head_size: int | None = None  # output vocabulary; None means vocab_size (causal roles)
+    n_layer: int = 12
+    n_head: int = 12
+    dim: int = 768
+    multiple_of: int = 256  # SwiGLU width is rounded up to this (LlamaGen's rule)
+    ffn_dim_multiplier: float | None = None
+    num_classes: int = 1000
+    grid_h: int = 16
+    grid_w: int = 16
+    causal: bool | None = None  # None: from role (refiner is bidirectional, the others causal)
+    class_dropout_prob: float = 0.1
+    token_dropout_p: float = 0.1
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.causal is None:
+            self.causal = self.role != "refiner"
+        if self.causal != (self.role != "refiner"):
+            raise ValueError(f"role {self.role!r} needs causal={self.role != 'refiner'}")
+        if self.head_size is None:
+            if self.role == "refiner":
+                raise ValueError("a refiner needs head_size = V (its input vocabulary is K)")
+            self.head_size = self.vocab_size
+        if self.causal and self.head_size != self.vocab_size:
+            # A causal model feeds its own predictions back in, so both vocabularies must agree.
+            raise ValueError(f"causal role {self.role!r} needs head_size == vocab_size")
+        if self.dim % self.n_head != 0:
+            raise ValueError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
+        if self.head_dim % 4 != 0:
+            # 2D RoPE rotates head_dim/2 pairs, half by row and half by column.
+            raise ValueError(f"head_dim {self.head_dim} must be a multiple of 4 for 2D RoPE")
+        for name in ("vocab_size", "head_size", "n_layer", "num_classes", "grid_h", "grid_w"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def seq_len(self) -> int:
+        """Number of tokens in one image (grid_h * grid_w)."""
+        return self.grid_h * self.grid_w
+
+    @property
+    def ffn_dim(self) -> int:
+        """SwiGLU hidden width: 2/3 of 4*dim, optionally scaled, rounded up (LlamaGen)."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return find_multiple(hidden, self.multiple_of)
+
+    @property
+    def null_class(self) -> int:
+        """Label id of the unconditional ("null") class row, used for CFG."""
+        return self.num_classes
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# LlamaGen's class-conditional sizes (layers, heads, width; FFN from the rule with multiple_of 256),
+# plus small presets that train in minutes on a 2-core CPU for an 8x8 token grid.
+MODEL_SIZES: dict[str, dict[str, Any]] = {
+    "GPT-B": dict(n_layer=12, n_head=12, dim=768, multiple_of=256),
+    "GPT-L": dict(n_layer=24, n_head=16, dim=1024, multiple_of=256),
+    "GPT-XL": dict(n_layer=36, n_head=20, dim=1280, multiple_of=256),
+    "GPT-XXL": dict(n_layer=48, n_head=24, dim=1536, multiple_of=256),
+    "tiny": dict(n_layer=2, n_head=4, dim=64, multiple_of=32),
+    "small": dict(n_layer=4, n_head=4, dim=128, multiple_of=32),
+    "medium": dict(n_layer=6, n_head=8, dim=256, multiple_of=32),
+}
+
+
+def preset_config(size: str, **fields: Any) -> TransformerConfig:
+    """A config from the size registry; `fields` set role, vocab_size, grid_h, ... or override sizes."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; known: {sorted(MODEL_SIZES)}")
+    return TransformerConfig(**{**MODEL_SIZES[size], **fields})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even under bf16 autocast, as LlamaGen does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_2d_tables(grid_h: int, grid_w: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [1 + grid_h*grid_w, head_dim/2], one row per input position.
+
+    Head dims are rotated in adjacent pairs (2i, 2i+1). The first half of the pairs turn with the
+    row index, the second half with the column index, each half using frequencies
+    base^(-2j/(head_dim/2)). Row 0 (the class token) is all zeros, not the identity: LlamaGen
+    prepends zero rows, which zeroes the class token's query and key; we keep that to match its
+    checkpoints exactly.
+    """
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.float32) / half))  # [head_dim/4]
+    rows = torch.arange(grid_h, dtype=torch.float32)[:, None, None] * freqs  # [H, 1, head_dim/4]
+    cols = torch.arange(grid_w, dtype=torch.float32)[None, :, None] * freqs  # [1, W, head_dim/4]
+    angles = torch.cat([rows.expand(grid_h, grid_w, -1), cols.expand(grid_h, grid_w, -1)], dim=-1)
+    angles = angles.reshape(grid_h * grid_w, half)  # raster order, as the tokens are fed
+    zero = torch.zeros(1, half)
+    return torch.cat([zero, angles.cos()]), torch.cat([zero, angles.sin()])
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, n_head, L, head_dim] by cos/sin [L, head_dim/2], in fp32."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    a, b = xf[..., 0], xf[..., 1]
+    out = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Preallocated keys/values for causal decoding: per layer [B, n_head, max_len, head_dim].
+
+    Shapes never change during sampling (attention always spans all max_len slots, with a mask
+    hiding the unwritten ones), which keeps the step function friendly to torch.compile / CUDA
+    graphs. `pos` counts the input positions already written (class token included).
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.pos = 0
+
+    def reset(self) -> None:
+        # Stale entries need no clearing: the attention mask never reads beyond `pos`.
+        self.pos = 0
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, n_head, L, head_dim] at positions start..start+L; return the full buffers."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: position {end} > max_len {self.max_len}")
+        if k.shape[0] != self.batch_size:
+            raise ValueError(f"batch {k.shape[0]} does not match the cache's batch {self.batch_size}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer], self.v[layer]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim, self.causal = cfg.n_head, cfg.head_dim, bool(cfg.causal)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)  # [q; k; v], heads contiguous in each
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.attn_dropout_p = cfg.attn_dropout_p
+        self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dropout = self.attn_dropout_p if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=dropout)
+        else:
+            keys, values = cache.update(layer, start, k, v)
+            key_pos = torch.arange(cache.max_len, device=x.device)
+            query_pos = torch.arange(start, start + L, device=x.device)
+            mask = key_pos[None, :] <= query_pos[:, None]  # causal, and hides unwritten slots
+            y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, dropout_p=dropout)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, L, D)))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.dropout = nn.Dropout(cfg.ffn_dropout_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, start)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """`model(codes[B,T], class_labels[B]) -> logits[B, T, head_size]` (fp32).
+
+    Causal roles: logits[:, t] predict codes[:, t] from the class and codes[:, :t] (the last code
+    is never read). Refiner: logits[:, t] predict the codeword at t from the whole coarse grid.
+    During training (``model.train()``) class labels are replaced by the null id with probability
+    ``class_dropout_prob``, drawn from the global torch RNG (like nn.Dropout), so
+    ``torch.manual_seed`` makes training reproducible on CPU.
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.class_embed = nn.Embedding(config.num_classes + 1, config.dim)  # last row = null class
+        self.tok_embed = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout_p)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.head = nn.Linear(config.dim, config.head_size, bias=False)
+        cos, sin = rope_2d_tables(config.grid_h, config.grid_w, config.head_dim, config.rope_base)
+        # Recomputed from the config, so not saved with the weights.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        # A zero head makes every initial prediction uniform.
+        nn.init.zeros_(self.head.weight)
+
+    @property
+    def null_class(self) -> int:
+        return self.config.null_class
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def make_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A cache for causal decoding of one full image (class token + seq_len - 1 tokens)."""
+        p = self.head.weight
+        return KVCache(self.config.n_layer, batch_size, self.config.n_head, self.config.seq_len,
+                       self.config.head_dim, device=p.device, dtype=dtype or p.dtype)
+
+    def _class_token(self, class_labels: torch.Tensor) -> torch.Tensor:
+        if class_labels.dim() != 1:
+            raise ValueError(f"class_labels must be [B], got shape {tuple(class_labels.shape)}")
+        if self.training and self.config.class_dropout_prob > 0:
+            drop = torch.rand(class_labels.shape, device=class_labels.device) < self.config.class_dropout_prob
+            class_labels = torch.where(drop, torch.full_like(class_labels, self.null_class), class_labels)
+        return self.class_embed(class_labels)[:, None]  # [B, 1, dim]
+
+    def _run(self, h: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
+        """Blocks + norm + head over input positions start..start+L; returns fp32 logits."""
+        L = h.shape[1]
+        if start + L > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {start + L} positions exceeds 1 + grid ({self.rope_cos.shape[0]})")
+        cos, sin = self.rope_cos[start:start + L], self.rope_sin[start:start + L]
+        h = self.tok_dropout(h)
+        for i, block in enumerate(self.blocks):
+            h = block(h, cos, sin, cache, i, start)
+        if cache is not None:
+            cache.pos = start + L
+        return self.head(self.norm(h)).float()
+
+    def _check_codes(self, codes: torch.Tensor, batch: int) -> None:
+        if codes.dim() != 2 or codes.shape[0] != batch:
+            raise ValueError(f"codes must be [B={batch}, T], got shape {tuple(codes.shape)}")
+
+    def forward(self, codes: torch.Tensor, class_labels: torch.Tensor,
+                member_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-sequence logits [B, T, head_size] (training and scoring).
+
+        member_mask: refiner only, bool [K, V]; when given, logits of codewords outside each
+        position's cluster (the cluster given by its coarse code) become -inf.
+        """
+        self._check_codes(codes, class_labels.shape[0])
+        T = codes.shape[1]
+        if not 1 <= T <= self.config.seq_len:
+            raise ValueError(f"T={T} must be in 1..{self.config.seq_len} (grid {self.config.grid_h}x{self.config.grid_w})")
+        cls = self._class_token(class_labels)
+        if self.config.causal:
+            if member_mask is not None:
+                raise ValueError("member_mask applies only to the refiner")
+            h = torch.cat([cls, self.tok_embed(codes[:, :-1])], dim=1)  # the last code predicts nothing
+            return self._run(h, 0, None)
+        h = torch.cat([cls, self.tok_embed(codes)], dim=1)
+        logits = self._run(h, 0, None)[:, 1:]  # the class token's output predicts nothing
+        if member_mask is not None:
+            logits = mask_to_clusters(logits, codes, member_mask)
+        return logits
+
+    @torch.no_grad()
+    def prefill(self, class_labels: torch.Tensor, cache: KVCache, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Start causal decoding: feed the class token (and optional known prefix codes [B, n]).
+
+        Resets the cache. Returns logits [B, 1 + n, head_size]; row i predicts token i.
+        Pass null labels (``model.null_class``) in the batch for classifier-free guidance.
+        """
+        if not self.config.causal:
+            raise ValueError("prefill/step are for causal models; the refiner runs in one forward")
+        cache.reset()
+        h = self._class_token(class_labels)
+        if codes is not None:
+            self._check_codes(codes, class_labels.shape[0])
+            h = torch.cat([h, self.tok_embed(codes)], dim=1)
+        return self._run(h, 0, cache)
+
+    @torch.no_grad()
+    def step(self, codes: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed the next codes [B, n] after what the cache holds; logits [B, n, head_size].
+
+        With the cache at position p (class token + p - 1 tokens), row i predicts token p + i.
+        """
+        if not self.config.causal:
+            raise ValueError("prefill/step are for causal models; the refiner runs in one forward")
+        if cache.pos == 0:
+            raise ValueError("call prefill before step")
+        self._check_codes(codes, cache.batch_size)
+        return self._run(self.tok_embed(codes), cache.pos, cache)
+
+
+def mask_to_clusters(logits: torch.Tensor, coarse_codes: torch.Tensor, member_mask: torch.Tensor) -> torch.Tensor:
+    """Set logits [B, T, V] to -inf wherever codeword v is not in cluster coarse_codes[b, t].
+
+    member_mask: bool [K, V], member_mask[k, v] is True iff codeword v belongs to cluster k.
+    """
+    if member_mask.dtype != torch.bool or member_mask.dim() != 2 or member_mask.shape[1] != logits.shape[-1]:
+        raise ValueError(f"member_mask must be bool [K, {logits.shape[-1]}], got {member_mask.dtype} {tuple(member_mask.shape)}")
+    allowed = member_mask.to(logits.device)[coarse_codes]  # [B, T, V]
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+def build_model(config: TransformerConfig) -> Transformer:
+    """A freshly initialised model (build under ``with torch.device("meta"):`` to only count)."""
+    return Transformer(config)
+
+
+def save_model(model: Transformer, folder: str | Path) -> None:
+    """Write config.json ("kind": "transformer" + config fields) and model.safetensors."""
+    save_artifact(folder, {"kind": ARTIFACT_KIND, **model.config.to_dict()}, model.state_dict())
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Transformer:
+    """Rebuild a model saved by `save_model` (in eval mode)."""
+    raw, tensors = load_artifact(folder, ARTIFACT_KIND, device)
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    config_dict = {k: v for k, v in raw.items() if k != "kind"}
+    unknown = set(config_dict) - fields
+    if unknown:
+        raise ArtifactError(f"{folder}: unknown transformer config fields {sorted(unknown)}")
+    try:
+        config = TransformerConfig(**config_dict)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{folder}: invalid transformer config: {e}") from None
+    with torch.device(device):
+        model = Transformer(config)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{folder}: weights do not fit the config: {e}") from None
+    return model.eval()
+
+
+__all__ = [
+    "ARTIFACT_KIND", "KVCache", "MODEL_SIZES", "ROLES", "Transformer", "TransformerConfig",
+    "apply_rope", "build_model", "find_multiple", "load_model", "mask_to_clusters",
+    "preset_config", "rope_2d_tables", "save_model",
+]
