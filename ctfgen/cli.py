@@ -88,6 +88,76 @@ def cmd_import_llamagen(args: argparse.Namespace) -> None:
         print(f"GPT imported: {args.gpt_model}, {model.num_params() / 1e6:.1f}M parameters")
 
 
+# --- hierarchy stage -------------------------------------------------------------------------
+
+def _held_out_images(args: argparse.Namespace, tok, n: int):
+    from .data.datasets import build_dataset, take_images
+
+    ds = build_dataset(args.data, args.split, tok.config.image_size, tok.config.in_channels, data_dir=args.data_dir)
+    return take_images(ds, n)
+
+
+def cmd_cluster(args: argparse.Namespace) -> None:
+    from .hierarchy import build_hierarchy, save_hierarchy
+    from .tokenizer.model import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    k = args.k if args.k == "auto" else _positive_int(args.k)
+    images = _held_out_images(args, tok, args.images) if k == "auto" else None
+    h = build_hierarchy(tok, args.method, k, seed=args.seed, images=images)
+    save_hierarchy(h, args.out)
+    sizes = h.sizes
+    print(f"{args.method}: K={h.K} clusters of V={h.V} codewords (sizes {int(sizes.min())}..{int(sizes.max())}), "
+          f"inertia {h.inertia:.2f}; written to {args.out}")
+
+
+def cmd_analyze_redundancy(args: argparse.Namespace) -> None:
+    from .hierarchy import build_hierarchy, load_hierarchy, write_redundancy_report
+    from .tokenizer.model import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    hierarchies = [load_hierarchy(path, tokenizer=tok) for path in args.hierarchy]
+    hierarchies += [build_hierarchy(tok, m, _positive_int(k), seed=args.seed) for m in args.methods for k in args.ks]
+    if not hierarchies:
+        raise ValueError("nothing to analyse: give --hierarchy DIR or --methods/--ks")
+    report = write_redundancy_report(args.out, tok, _held_out_images(args, tok, args.images), hierarchies, args.seed)
+    print(f"plain reconstruction {report['plain']['psnr_vs_original']:.2f} dB; PSNR against it: "
+          f"random swap {report['random']['psnr_vs_plain']:.2f} dB, nearest codeword {report['nearest']['psnr_vs_plain']:.2f} dB")
+    for row in report["hierarchies"]:
+        print(f"  within-cluster swap, {row['method']} K={row['K']}: {row['within']['psnr_vs_plain']:.2f} dB "
+              f"(damage {row['damage_ratio']:.3f} of random)")
+    print(f"written to {args.out} (redundancy.json, redundancy.png)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"K must be a positive integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"K must be >= 1, got {value}")
+    return value
+
+
+def _add_image_source(p: argparse.ArgumentParser, n: int) -> None:
+    p.add_argument("--data", default="fashion-mnist", help="held-out images: 'fashion-mnist', an .npz or an image folder")
+    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files")
+    p.add_argument("--split", default="test")
+    p.add_argument("--images", type=int, default=n, help=f"number of held-out images (default: {n})")
+
+
+# --- generator stage -------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .training import TrainConfig, train
+
+    info = train(dataclass_from_args(TrainConfig, args), resume=args.resume, progress=not args.quiet)
+    if info.get("interrupted"):
+        print(f"interrupted at step {info['step']}; checkpoint {info['checkpoint']} (run again with --resume)")
+    elif info:
+        print_json(info)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -99,6 +169,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .tokenizer.train import TokenizerTrainConfig
+    from .training import TrainConfig
 
     parser = argparse.ArgumentParser(prog="ctfgen", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -131,6 +202,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("cluster", help="cluster the tokenizer's codebook into K coarse labels")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder")
+    p.add_argument("--method", default="kmeans", choices=["kmeans", "balanced", "agglomerative", "random"])
+    p.add_argument("--k", default="512", help="number of clusters, or 'auto' (smallest K whose within-cluster swaps "
+                   "stay within the tokenizer's own reconstruction error on held-out images; see docs/hierarchy.md)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="hierarchy folder to write")
+    _add_image_source(p, 1000)
+    p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("analyze-redundancy", help="are same-cluster tokens interchangeable? (the paper's Fig. 1b)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder")
+    p.add_argument("--hierarchy", nargs="*", default=[], help="hierarchy folders to test")
+    p.add_argument("--methods", nargs="*", default=[], help="also cluster with these methods ...")
+    p.add_argument("--ks", nargs="*", default=[], help="... at these K")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for redundancy.json and redundancy.png")
+    _add_image_source(p, 1000)
+    p.set_defaults(func=cmd_analyze_redundancy)
+
+    p = sub.add_parser("train", help="train the coarse AR model, the refiner or the baseline on extracted codes")
+    add_dataclass_args(p, TrainConfig)
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("import-llamagen", help="convert LlamaGen's released checkpoints")
     p.add_argument("--vq", help="LlamaGen VQ checkpoint (e.g. vq_ds16_c2i.pt)")

@@ -184,3 +184,9 @@ def build_dataset(spec: str, split: str = "train", resolution: int = 32, channel
     if path.is_dir():
         return ImageFolder(path / split if (path / split).is_dir() else path, transform, on_error)
     raise DataError(f"unknown dataset {spec!r}: use 'fashion-mnist', an .npz file or an image folder")
+
+
+def take_images(dataset: Dataset, n: int | None = None) -> torch.Tensor:
+    """The first `n` images of a dataset (all if None) stacked into one float[N,C,H,W] tensor."""
+    n = len(dataset) if n is None else min(n, len(dataset))
+    return torch.stack([dataset[i][0] for i in range(n)])

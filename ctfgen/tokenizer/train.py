@@ -35,9 +35,9 @@ class TokenizerTrainConfig:
     preset: str = "small"
     image_size: int | None = None  # override the preset's resolution
     codebook_size: int | None = None  # override the preset's codebook size
-    steps: int = 1200
+    steps: int = 900
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 3e-3
     warmup_steps: int = 50
     lr_decay: str = "cosine"
     weight_decay: float = 0.0

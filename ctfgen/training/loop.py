@@ -1,0 +1,521 @@
+"""One training loop for the three transformers: coarse AR, refiner and baseline AR.
+
+All three train on the extracted code array, never on pixels; coarse labels are computed on the
+fly as `hierarchy.to_coarse(codes)`:
+
+| role     | input        | target       | vocab in / head |
+|----------|--------------|--------------|-----------------|
+| coarse   | coarse codes | coarse codes | K / K           |
+| baseline | fine codes   | fine codes   | V / V           |
+| refiner  | coarse codes | fine codes   | K / V (optionally masked to each position's cluster) |
+
+The same code runs on CPU, one GPU or N processes under `torchrun` (see ctfgen.training.ddp).
+Batches depend only on (seed, step) through `batch_indices`, and the dropout RNG is re-seeded
+from (seed, step, rank) before every step, so a resumed run continues exactly where it stopped.
+See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from ..artifacts import ArtifactError, write_json
+from ..data.codes import CodeDataset
+from ..data.sampler import batch_indices
+from ..hierarchy import Hierarchy
+from ..pipeline import preview_grid, training_preview
+from ..runtime import load_checkpoint, lr_at, rng_state, save_checkpoint, seed_everything, set_rng_state
+from ..transformer.model import Transformer, TransformerConfig, build_model, load_model, mask_to_clusters, preset_config, save_model
+from . import checks
+from .ddp import DistInfo, all_reduce_sum_, barrier, env_world_size, setup_distributed, single_process, teardown_distributed
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+INFO_NAME = "train_info.json"
+CONFIG_NAME = "train_config.json"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    role: str = "coarse"  # coarse | refiner | baseline
+    size: str = "small"  # model size preset (ctfgen.transformer.MODEL_SIZES); ignored with --init
+    codes: str = ""  # extracted-code folder (required)
+    hierarchy: str | None = None  # hierarchy folder (required for coarse and refiner)
+    out: str | None = None  # None: runs/default/<role>
+    init: str | None = None  # start from this transformer folder instead of fresh weights
+    val_codes: str | None = None  # held-out code folder, scored once at the end
+    val_limit: int = 1000  # held-out items scored
+    num_classes: int | None = None  # None: from the codes' meta.json
+    steps: int = 2000
+    batch_size: int = 64  # global: over all processes and accumulation micro-batches
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    lr_decay: str = "none"  # none | cosine
+    weight_decay: float = 0.05  # on parameters with dim >= 2 only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 turns clipping off
+    ema_decay: float = 0.0  # 0 turns EMA off; when on, the EMA weights are the saved model
+    class_dropout: float = 0.1
+    dropout: float = 0.1  # token embedding, residual and FFN dropout
+    refiner_mask: bool = False  # refiner: CE over the members of the true cluster only (paper: full head)
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    save_every: int = 500
+    log_every: int = 25
+    sample_every: int = 0  # coarse/baseline: a sample grid in TensorBoard every N steps; 0 = off
+    sample_tokenizer: str | None = None  # tokenizer folder that decodes those samples
+    sample_refiner: str | None = None  # coarse role: the refiner that turns its samples into fine codes
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out or f"runs/default/{self.role}")
+
+
+# --- pieces with one job each ------------------------------------------------------------------
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the dropout RNG for one step of one rank: resuming needs no RNG history."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def role_batch(role: str, fine: torch.Tensor, hierarchy: Hierarchy | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of a role from fine codes [B, T]."""
+    if role == "baseline":
+        return fine, fine
+    assert hierarchy is not None
+    coarse = hierarchy.to_coarse(fine)
+    return (coarse, coarse) if role == "coarse" else (coarse, fine)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (dim >= 2: linear weights, embeddings, head), none on norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain fp32 elsewhere (CPU bf16 is slow and breaks exact resume tests)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+class EMA:
+    """Exponential moving average of the parameters, in fp32 beside the model."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, p in model.named_parameters():
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state.keys() != self.shadow.keys():
+            raise ArtifactError("the checkpoint's EMA weights do not match the model's parameters")
+        for name, t in state.items():
+            self.shadow[name].copy_(t)
+
+    def model(self, like: Transformer) -> Transformer:
+        """A model with the config of `like` holding the EMA weights."""
+        with torch.device(like.head.weight.device):
+            out = Transformer(like.config)
+        out.load_state_dict(self.shadow)
+        return out
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, codes: CodeDataset, role: str, hierarchy: Hierarchy | None, limit: int,
+             batch_size: int = 256) -> dict[str, float]:
+    """Mean CE and top-1 accuracy per token on the first `limit` items.
+
+    For the refiner (given the true coarse labels), also with logits masked to each position's cluster.
+    """
+    device = model.head.weight.device
+    was_training = model.training
+    model.eval()
+    n = min(limit, len(codes))
+    sums: dict[str, float] = {}
+    tokens = 0
+    for start in range(0, n, batch_size):
+        fine, labels = codes.batch(torch.arange(start, min(n, start + batch_size)))
+        inputs, targets = role_batch(role, fine.to(device), hierarchy)
+        with autocast(device):
+            logits = model(inputs, labels.to(device))
+        variants = {"": logits}
+        if role == "refiner":
+            assert hierarchy is not None
+            variants["_masked"] = mask_to_clusters(logits, inputs, hierarchy.member_mask)
+        for suffix, lg in variants.items():
+            ce = F.cross_entropy(lg.flatten(0, 1), targets.flatten(), reduction="sum").item()
+            hits = (lg.argmax(-1) == targets).sum().item()
+            sums[f"loss{suffix}"] = sums.get(f"loss{suffix}", 0.0) + ce
+            sums[f"accuracy{suffix}"] = sums.get(f"accuracy{suffix}", 0.0) + hits
+        tokens += targets.numel()
+    model.train(was_training)
+    return {"items": n, **{k: v / tokens for k, v in sums.items()}}
+
+
+class Throughput:
+    """Training tokens/s (over all processes) counted from the end of the first step, which allocates and compiles."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.start_step: int | None = None
+        self.start_time = 0.0
+
+    def tick(self, step: int) -> None:
+        if self.start_step is None:
+            self.start_step, self.start_time = step, time.perf_counter()
+
+    def rate(self, step: int) -> float | None:
+        """None until a second step has run."""
+        if self.start_step is None or step == self.start_step:
+            return None
+        return self.tokens_per_step * (step - self.start_step) / (time.perf_counter() - self.start_time)
+
+
+# --- the trainer --------------------------------------------------------------------------------
+
+class Trainer:
+    """Holds the model, optimizer, EMA and step; `fit` runs the loop. Every input check runs in __init__.
+
+    `dist_info` comes from `setup_distributed` (what `train` does); None means one process on cfg.device.
+    """
+
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None):
+        self.cfg = cfg
+        self.dist = dist_info or single_process(cfg.device)
+        self.device = self.dist.device
+        self.out = cfg.out_dir
+        checks.check_train_config(cfg, self.dist.world_size)
+        self.codes = checks.load_codes(cfg.codes)
+        checks.check_batch_fits(self.codes, cfg.batch_size)
+        self.hierarchy = checks.load_matching_hierarchy(cfg, self.codes)
+        self.val_codes = checks.load_codes(cfg.val_codes, "--val-codes") if cfg.val_codes else None
+
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        self.model = self._build_model().to(self.device)
+        if self.val_codes is not None:
+            checks.check_val_codes(self.val_codes, self.codes, self.model.config.num_classes)
+        self.member_mask = (self.hierarchy.member_mask.to(self.device)
+                            if cfg.role == "refiner" and cfg.refiner_mask else None)
+        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                     betas=(cfg.beta1, cfg.beta2), fused=self.device.type == "cuda")
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.forward_model = self._wrap(self.model)
+        self.per_rank_batch = cfg.batch_size // self.dist.world_size
+        self.step = 0
+        self.recent_losses: deque[float] = deque(maxlen=cfg.log_every)
+        self.stop_requested = False
+        self.preview = (training_preview(cfg.role, self.model, cfg.sample_tokenizer, cfg.sample_refiner, self.hierarchy,
+                                         self.device) if cfg.sample_every > 0 and self.dist.is_main else None)
+
+    # --- set-up -------------------------------------------------------------------------------
+    def _build_model(self) -> Transformer:
+        cfg = self.cfg
+        expected = checks.expected_model_fields(cfg.role, self.codes, self.hierarchy)
+        dropouts = dict(class_dropout_prob=cfg.class_dropout, token_dropout_p=cfg.dropout,
+                        resid_dropout_p=cfg.dropout, ffn_dropout_p=cfg.dropout)
+        if cfg.init is None:
+            num_classes = checks.resolve_num_classes(cfg.num_classes, self.codes)
+            fields = {name: value for name, (value, _) in expected.items()}
+            return build_model(preset_config(cfg.size, num_classes=num_classes, **fields, **dropouts))
+        init = load_model(cfg.init)
+        checks.check_model_fits(init.config, expected, f"--init model {cfg.init}")
+        if cfg.num_classes is not None and cfg.num_classes != init.config.num_classes:
+            raise ArtifactError(f"--init model {cfg.init} has num_classes={init.config.num_classes}, "
+                                f"but --num-classes is {cfg.num_classes}")
+        checks.check_labels(self.codes, init.config.num_classes, f"--init model {cfg.init}")
+        model = build_model(replace(init.config, **dropouts))
+        model.load_state_dict(init.state_dict())
+        return model.train()
+
+    def _wrap(self, model: Transformer) -> torch.nn.Module:
+        """The module the training forward goes through: optionally compiled, DDP-wrapped when distributed."""
+        wrapped: torch.nn.Module = torch.compile(model) if self.cfg.compile else model
+        if self.dist.enabled:
+            wrapped = DistributedDataParallel(wrapped, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return wrapped
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT_NAME
+
+    def _data_fingerprints(self) -> dict[str, Any]:
+        return {"codes_fingerprint": self.codes.fingerprint,
+                "hierarchy_fingerprint": self.hierarchy.fingerprint if self.hierarchy else None}
+
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes everything needed to continue exactly (atomic: a crash keeps the last good file)."""
+        if not self.dist.is_main:
+            return
+        cfg = self.cfg
+        save_checkpoint(self.checkpoint_path, {
+            "format_version": CHECKPOINT_FORMAT,
+            "step": self.step,  # also the data position: batch `step` is next
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "schedule": {"base_lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "lr_decay": cfg.lr_decay,
+                         "total_steps": cfg.steps, "lr": lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_decay)},
+            "rng": rng_state(),
+            "recent_losses": list(self.recent_losses),
+            "model_config": json.dumps(self.model.config.to_dict()),
+            "train_config": json.dumps(asdict(cfg)),
+            "data": {**self._data_fingerprints(), "world_size": self.dist.world_size},
+        })
+
+    def load_checkpoint(self) -> bool:
+        """Every rank restores OUT/checkpoint.pt if there is one; refuses one from other data or another model."""
+        path = self.checkpoint_path
+        if not path.is_file():
+            return False
+        state = load_checkpoint(path, "cpu")  # RNG states must stay on the CPU; the rest is copied in place
+        self._check_checkpoint(state, path)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ArtifactError(f"{path} was trained without EMA; cannot resume with --ema-decay {self.cfg.ema_decay}")
+            self.ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+        self.recent_losses.extend(state["recent_losses"])
+        self.step = state["step"]
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def _check_checkpoint(self, state: dict[str, Any], path: Path) -> None:
+        if state.get("format_version") != CHECKPOINT_FORMAT:
+            raise ArtifactError(f"{path}: unknown checkpoint format {state.get('format_version')!r}")
+        stored = TransformerConfig(**json.loads(state["model_config"]))
+        checks.check_model_fits(stored, checks.expected_model_fields(self.cfg.role, self.codes, self.hierarchy),
+                                f"checkpoint {path}")
+        checks.check_same_architecture(stored, self.model.config, f"checkpoint {path}")
+        for key, now in self._data_fingerprints().items():
+            if state["data"][key] != now:
+                raise ArtifactError(f"{path} was trained with {key} {state['data'][key]}, but this run has {now}")
+        changed = {k: v for k, v in json.loads(state["train_config"]).items()
+                   if asdict(self.cfg).get(k) != v and k not in self._inert_fields()}
+        if state["data"]["world_size"] != self.dist.world_size:
+            changed["world_size"] = state["data"]["world_size"]  # same batches, other dropout draws
+        if changed and self.dist.is_main:
+            log.warning("resuming with changed settings (was: %s); the run is no longer the same as one uninterrupted run",
+                        changed)
+
+    def _inert_fields(self) -> set[str]:
+        """Settings that may change on resume without changing the weights."""
+        inert = {"out", "save_every", "log_every", "device", "compile", "val_codes", "val_limit",
+                 "sample_every", "sample_tokenizer", "sample_refiner"}
+        return inert if self.cfg.lr_decay == "cosine" else inert | {"steps"}  # cosine decay ends at `steps`
+
+    # --- one step -------------------------------------------------------------------------------
+    def train_step(self) -> tuple[torch.Tensor, float, float]:
+        """One optimizer step over this rank's share of global batch `self.step`: (loss, grad norm, lr)."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_decay)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(step_seed(cfg.seed, self.step, self.dist.rank))
+        idx = batch_indices(len(self.codes), self.per_rank_batch, cfg.seed, self.step, self.dist.rank, self.dist.world_size)
+        fine, labels = self.codes.batch(idx)
+        inputs, targets = role_batch(cfg.role, fine.to(self.device), self.hierarchy)
+        labels = labels.to(self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        micro = zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum), labels.chunk(cfg.grad_accum))
+        for i, (x, t, y) in enumerate(micro):
+            # DDP all-reduces gradients only on the last micro-batch of the step.
+            sync = i == cfg.grad_accum - 1 or not self.dist.enabled
+            with nullcontext() if sync else self.forward_model.no_sync():
+                with autocast(self.device):
+                    logits = self.forward_model(x, y, self.member_mask)
+                # Equal micro-batches on every rank: mean / grad_accum, averaged over ranks by DDP,
+                # is the mean over the global batch.
+                loss = F.cross_entropy(logits.flatten(0, 1), t.flatten()) / cfg.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return loss_sum, grad_norm, lr
+
+    def _global_loss_and_stop(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """Mean loss over ranks, and whether any rank was asked to stop (so all stop at the same step)."""
+        stats = torch.stack([loss, torch.tensor(float(self.stop_requested), device=self.device)])
+        all_reduce_sum_(stats, self.dist)
+        return stats[0].item() / self.dist.world_size, bool(stats[1].item() > 0)
+
+    # --- signals --------------------------------------------------------------------------------
+    def handle_signal(self, signum: int, frame: Any = None) -> None:
+        """SIGTERM / Ctrl-C: finish the current step, save a checkpoint, return. A second one stops at once."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        log.warning("signal %d: saving a checkpoint after this step (send again to abort without saving)", signum)
+
+    @contextmanager
+    def stop_on_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # handlers can only live there
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self.handle_signal)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def fit(self, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+        """Train to `cfg.steps` (continuing OUT/checkpoint.pt with resume) and write the artifacts.
+
+        Returns train_info (see `finish`), or {"interrupted": True, ...} after SIGTERM / Ctrl-C.
+        """
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        if resume:
+            self.load_checkpoint()
+        first_step = self.step
+        writer = self._open_logs() if self.dist.is_main else None
+        speed = Throughput(cfg.batch_size * self.model.config.seq_len)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.role}", unit="step",
+                   disable=not (progress and self.dist.is_main))
+        stopped = False
+        self.model.train()
+        try:
+            with self.stop_on_signals():
+                while self.step < cfg.steps and not stopped:
+                    loss_t, grad_norm, lr = self.train_step()
+                    loss, stopped = self._global_loss_and_stop(loss_t)
+                    self.recent_losses.append(loss)
+                    speed.tick(self.step)
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        self._log(writer, bar, lr, grad_norm, speed.rate(self.step))
+                    if self.preview is not None and writer is not None and self.step % cfg.sample_every == 0:
+                        grid = np.asarray(preview_grid(self.preview).convert("RGB"))
+                        writer.add_image("samples", grid, self.step, dataformats="HWC")
+                    if self.step % cfg.save_every == 0 or stopped or self.step == cfg.steps:
+                        self.save_checkpoint()
+            bar.close()  # before the held-out evaluation
+            if stopped:
+                barrier(self.dist)
+                return {"interrupted": True, "step": self.step, "checkpoint": str(self.checkpoint_path)}
+            info = self.finish(writer, speed.rate(self.step), time.perf_counter() - t_start, first_step)
+            barrier(self.dist)
+            return info
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+
+    def _open_logs(self) -> Any:
+        from torch.utils.tensorboard import SummaryWriter  # slow import: only rank 0 needs it
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / CONFIG_NAME, asdict(self.cfg))
+        return SummaryWriter(str(self.out / "logs"))
+
+    def _log(self, writer: Any, bar: tqdm, lr: float, grad_norm: float, tokens_per_s: float | None) -> None:
+        loss = float(np.mean(self.recent_losses))
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s or 0:.0f}")
+        if writer is None:
+            return
+        scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
+        if tokens_per_s is not None:
+            scalars["train/tokens_per_s"] = tokens_per_s
+        for name, value in scalars.items():
+            writer.add_scalar(name, value, self.step)
+
+    def final_model(self) -> Transformer:
+        """The weights that become the artifact: EMA when on, else the raw weights."""
+        return (self.ema.model(self.model) if self.ema else self.model).eval()
+
+    def finish(self, writer: Any, tokens_per_s: float | None, wall_s: float, first_step: int) -> dict[str, Any]:
+        """Rank 0: write the model artifact (config.json + model.safetensors) and train_info.json."""
+        if not self.dist.is_main:
+            return {}
+        cfg = self.cfg
+        model = self.final_model()
+        save_model(model, self.out)
+        held_out = None
+        if self.val_codes is not None:
+            micro_batch = self.per_rank_batch // cfg.grad_accum  # known to fit in memory (with gradients, even)
+            held_out = {"codes": cfg.val_codes, **evaluate(model, self.val_codes, cfg.role, self.hierarchy,
+                                                          cfg.val_limit, micro_batch)}
+            for k, v in held_out.items():
+                if k not in ("codes", "items"):
+                    writer.add_scalar(f"val/{k}", v, self.step)
+        objective = "loss_masked" if cfg.role == "refiner" and cfg.refiner_mask else "loss"
+        info = {
+            "role": cfg.role,
+            "steps": self.step,
+            "resumed_from_step": first_step,
+            "global_batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum,
+            "world_size": self.dist.world_size,
+            "device": str(self.device),
+            "codes": cfg.codes,
+            "codes_fingerprint": self.codes.fingerprint,
+            "hierarchy": cfg.hierarchy,
+            "hierarchy_fingerprint": self.hierarchy.fingerprint if self.hierarchy else None,
+            "K": self.hierarchy.K if self.hierarchy else None,
+            "V": self.codes.codebook_size,
+            "num_classes": model.config.num_classes,
+            "grid": list(self.codes.grid),
+            "parameters": model.num_params(),
+            "weights": "ema" if self.ema else "raw",
+            "ema_decay": cfg.ema_decay,
+            "refiner_mask": cfg.refiner_mask if cfg.role == "refiner" else None,
+            "final_train_loss": float(np.mean(self.recent_losses)) if self.recent_losses else None,
+            "val_loss": held_out[objective] if held_out else None,
+            "held_out": held_out,
+            "tokens_per_s": tokens_per_s,
+            "wall_s": wall_s,
+        }
+        write_json(self.out / INFO_NAME, info)
+        return info
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train one model (1 process, or N under torchrun). Returns train_info on rank 0, {} on other ranks,
+    or {"interrupted": True, "step": ..., "checkpoint": ...} after SIGTERM / Ctrl-C."""
+    checks.check_train_config(cfg, env_world_size())  # fail before waiting for the other processes
+    dist_info = setup_distributed(cfg.device)
+    try:
+        return Trainer(cfg, dist_info).fit(resume=resume, progress=progress)
+    finally:
+        teardown_distributed(dist_info)
