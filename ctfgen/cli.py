@@ -159,16 +159,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .demo import DemoBudget, run_demo
 
-    run_demo(args.run, data_dir=args.data_dir, tokenizer_steps=args.tokenizer_steps, device=args.device,
-             progress=not args.quiet)
+    budget = dataclass_from_args(DemoBudget, args)
+    run_demo(args.run, data_dir=args.data_dir, budget=budget, device=args.device, progress=not args.quiet)
 
 
 # --- the parser ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     from .tokenizer.train import TokenizerTrainConfig
+    from .demo import DemoBudget
     from .training import TrainConfig
 
     parser = argparse.ArgumentParser(prog="ctfgen", description=__doc__)
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run every stage on Fashion-MNIST (reuses and resumes earlier runs)")
     p.add_argument("--run", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files")
-    p.add_argument("--tokenizer-steps", type=int, default=None, help="override the tokenizer's training budget")
+    add_dataclass_args(p, DemoBudget)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)

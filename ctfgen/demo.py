@@ -1,50 +1,107 @@
-"""The main job: every stage that exists so far on Fashion-MNIST, reusing whatever a previous run left.
+"""The main job: every stage of the pipeline on Fashion-MNIST, at a budget that fits a 2-core CPU.
 
-Each stage is skipped when its artifact is complete and resumed when it was interrupted, so a
-second `ctfgen demo` only prints where things are.
+Each stage writes one folder of the run and is skipped when that folder is complete, so a second
+`ctfgen demo` only samples; an interrupted stage resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import CONFIG_NAME, read_json
-from .data.datasets import build_dataset
+from .data.datasets import build_dataset, take_images
 from .runtime import pick_device
-from .tokenizer.extract import extract_codes
-from .tokenizer.model import load_tokenizer
-from .tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
 
-def run_demo(run_dir: str | Path = "runs/demo", data_dir: str | None = None, tokenizer_steps: int | None = None,
+@dataclass
+class DemoBudget:
+    tokenizer_steps: int = 600
+    transformer_steps: int = 400
+    transformer_size: str = "small"
+    batch_size: int = 64
+    lr: float = 1e-3
+    auto_k_images: int = 500
+
+
+def _done(folder: Path, marker: str = CONFIG_NAME) -> bool:
+    return (folder / marker).is_file()
+
+
+def _train_tokenizer(run: Path, budget: DemoBudget, data_dir: str | None, device: str, progress: bool) -> None:
+    from .tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
+    cfg = TokenizerTrainConfig(out=str(run / "tokenizer"), data_dir=data_dir, device=device, steps=budget.tokenizer_steps)
+    train_tokenizer(cfg, resume=True, progress=progress)
+
+
+def _extract(run: Path, split: str, data_dir: str | None, device: str, progress: bool) -> None:
+    from .tokenizer.extract import extract_codes
+    from .tokenizer.model import load_tokenizer
+
+    tok = load_tokenizer(run / "tokenizer", pick_device(device))
+    ds = build_dataset("fashion-mnist", split, tok.config.image_size, tok.config.in_channels, data_dir=data_dir)
+    extract_codes(tok, ds, run / f"codes-{split}", dataset_name="fashion-mnist", split=split,
+                  device=tok.codebook.device, progress=progress)
+
+
+def _cluster(run: Path, budget: DemoBudget, data_dir: str | None) -> None:
+    from .hierarchy import build_hierarchy, save_hierarchy
+    from .tokenizer.model import load_tokenizer
+
+    tok = load_tokenizer(run / "tokenizer")
+    ds = build_dataset("fashion-mnist", "test", tok.config.image_size, tok.config.in_channels, data_dir=data_dir)
+    # held-out images from the end of the test split, away from the first ones used for reports
+    images = take_images(ds, len(ds))[-budget.auto_k_images:]
+    h = build_hierarchy(tok, "kmeans", "auto", images=images)
+    save_hierarchy(h, run / "hierarchy")
+    print(f"      K = {h.K} chosen automatically ({h.V} codewords)")
+
+
+def _train_transformer(run: Path, role: str, budget: DemoBudget, device: str, progress: bool) -> None:
+    from .training import TrainConfig, train
+
+    cfg = TrainConfig(role=role, size=budget.transformer_size, codes=str(run / "codes-train"),
+                      hierarchy=None if role == "baseline" else str(run / "hierarchy"), out=str(run / role),
+                      val_codes=str(run / "codes-test"), steps=budget.transformer_steps, batch_size=budget.batch_size,
+                      lr=budget.lr, warmup_steps=min(100, budget.transformer_steps // 10), lr_decay="cosine",
+                      device=device)
+    info = train(cfg, resume=True, progress=progress)
+    if info.get("interrupted"):
+        raise KeyboardInterrupt
+
+
+def run_demo(run_dir: str | Path = "runs/demo", data_dir: str | None = None, budget: DemoBudget | None = None,
              device: str = "auto", progress: bool = True) -> dict:
-    run = Path(run_dir)
-    tok_dir = run / "tokenizer"
-    print(f"[1/2] tokenizer -> {tok_dir}")
-    if (tok_dir / CONFIG_NAME).is_file() and (tok_dir / "report.json").is_file():
-        report = read_json(tok_dir / "report.json")
-        print("      already trained; reusing it")
-    else:
-        cfg = TokenizerTrainConfig(out=str(tok_dir), data_dir=data_dir, device=device)
-        if tokenizer_steps:
-            cfg.steps = tokenizer_steps
-        report = train_tokenizer(cfg, resume=True, progress=progress)
+    run, budget = Path(run_dir), budget or DemoBudget()
+    stages = [
+        ("tokenizer", lambda: _done(run / "tokenizer", "report.json"), lambda: _train_tokenizer(run, budget, data_dir, device, progress)),
+        ("codes-train", lambda: _done(run / "codes-train", "meta.json"), lambda: _extract(run, "train", data_dir, device, progress)),
+        ("codes-test", lambda: _done(run / "codes-test", "meta.json"), lambda: _extract(run, "test", data_dir, device, progress)),
+        ("hierarchy", lambda: _done(run / "hierarchy"), lambda: _cluster(run, budget, data_dir)),
+    ] + [(role, lambda r=role: _done(run / r, "train_info.json"), lambda r=role: _train_transformer(run, r, budget, device, progress))
+         for role in ("coarse", "refiner", "baseline")]
+    for i, (name, done, work) in enumerate(stages, 1):
+        print(f"[{i}/{len(stages)}] {name} -> {run / name}")
+        if done():
+            print("      done earlier; reusing it")
+        else:
+            work()
+    return summarize(run)
 
-    tok = load_tokenizer(tok_dir, pick_device(device))
-    for split in ("train", "test"):
-        out = run / f"codes-{split}"
-        print(f"[2/2] codes ({split}) -> {out}")
-        meta_path = out / "meta.json"
-        if meta_path.is_file() and read_json(meta_path).get("tokenizer_fingerprint") == tok.fingerprint:
-            print("      already extracted; reusing them")
-            continue
-        ds = build_dataset("fashion-mnist", split, tok.config.image_size, tok.config.in_channels, data_dir=data_dir)
-        extract_codes(tok, ds, out, dataset_name="fashion-mnist", split=split, device=tok.codebook.device,
-                      progress=progress)
 
-    print(f"\ntokenizer on the Fashion-MNIST test split: PSNR {report['psnr_db']:.2f} dB, "
-          f"codebook usage {report['codebook_usage_pct']:.1f}% of {report['codebook_size']}, "
-          f"perplexity {report['perplexity']:.0f}")
-    print(f"reconstructions: {tok_dir / 'reconstructions.png'} (top: originals, bottom: reconstructions)")
-    print(f"report: {tok_dir / 'report.json'}; TensorBoard logs: tensorboard --logdir {run}")
-    return report
+def summarize(run: Path) -> dict:
+    tok = read_json(run / "tokenizer" / "report.json")
+    summary = {"tokenizer": {k: tok[k] for k in ("psnr_db", "codebook_usage_pct", "perplexity")},
+               "K": read_json(run / "hierarchy" / CONFIG_NAME)["K"]}
+    for role in ("coarse", "refiner", "baseline"):
+        info = read_json(run / role / "train_info.json")
+        summary[role] = {"train_loss": info["final_train_loss"], "held_out": info["held_out"]}
+    print(f"\ntokenizer (test split): PSNR {tok['psnr_db']:.2f} dB, codebook usage {tok['codebook_usage_pct']:.1f}% "
+          f"of {tok['codebook_size']}, perplexity {tok['perplexity']:.0f}; K = {summary['K']}")
+    for role in ("coarse", "refiner", "baseline"):
+        s = summary[role]
+        print(f"{role:>9}: train loss {s['train_loss']:.3f}, held-out loss {s['held_out']['loss']:.3f}, "
+              f"held-out token accuracy {100 * s['held_out']['accuracy']:.1f}%")
+    print(f"reconstructions: {run / 'tokenizer' / 'reconstructions.png'}; TensorBoard: tensorboard --logdir {run}")
+    return summary

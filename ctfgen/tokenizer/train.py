@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -73,6 +74,13 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse)
 
 
+def code_perplexity(counts: torch.Tensor) -> float:
+    """exp(entropy) of the code histogram: the number of equally used codewords it is worth."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    p = p[p > 0]
+    return math.exp(-(p * p.log()).sum().item())
+
+
 @torch.no_grad()
 def evaluate_tokenizer(model: VQTokenizer, dataset: Dataset, batch_size: int = 256, limit: int | None = None,
                        device: torch.device | str = "cpu", progress: bool = False) -> dict:
@@ -89,10 +97,8 @@ def evaluate_tokenizer(model: VQTokenizer, dataset: Dataset, batch_size: int = 2
         psnrs.append(psnr(model.decode(codes), x).cpu())
         counts += torch.bincount(codes.flatten().cpu(), minlength=len(counts))
     model.train(was_training)
-    p = counts.double() / counts.sum()
-    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
     return {"images": n, "psnr_db": torch.cat(psnrs).mean().item(), "codebook_usage_pct": 100.0 * (counts > 0).float().mean().item(),
-            "perplexity": math.exp(entropy), "codebook_size": len(counts)}
+            "perplexity": code_perplexity(counts), "codebook_size": len(counts)}
 
 
 class TokenizerTrainer:
@@ -184,12 +190,13 @@ class TokenizerTrainer:
         if (self.step + 1) % cfg.reseed_every:
             return
         stats["codebook/usage_pct"] = 100.0 * (self.usage > 0).float().mean().item()
+        stats["codebook/perplexity"] = code_perplexity(self.usage)
         if cfg.reseed_dead and self.step < cfg.reseed_until * cfg.steps:
             stats["codebook/reseeded"] = self.model.quantizer.reseed(self.usage == 0, latents, self.reseed_gen)
         self.usage.zero_()
 
     # --- the loop -----------------------------------------------------------------------------
-    def _log(self, stats: dict, x: torch.Tensor | None = None, rec: torch.Tensor | None = None) -> None:
+    def _log(self, stats: dict) -> None:
         for k, v in stats.items():
             self.writer.add_scalar(k, v, self.step)
 
@@ -198,9 +205,7 @@ class TokenizerTrainer:
             self.model.eval()
             rec = self.model.decode(self.model.encode(x))
             self.model.train()
-        grid = image_grid(torch.cat([x, rec]).cpu(), nrow=len(x))
-        import numpy as np
-        arr = np.asarray(grid)
+        arr = np.asarray(image_grid(torch.cat([x, rec]).cpu(), nrow=len(x)))
         self.writer.add_image("reconstructions", arr if arr.ndim == 3 else arr[..., None], self.step, dataformats="HWC")
 
     def fit(self, resume: bool = False, progress: bool = True) -> dict:
