@@ -230,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
+    from .metrics.classifier import add_classifier_args, cmd_train_classifier
+
+    p = sub.add_parser("train-classifier", help="train the dataset's own classifier (the 'domain' feature extractor)")
+    add_classifier_args(p)
+    p.set_defaults(func=cmd_train_classifier)
+
     p = sub.add_parser("import-llamagen", help="convert LlamaGen's released checkpoints")
     p.add_argument("--vq", help="LlamaGen VQ checkpoint (e.g. vq_ds16_c2i.pt)")
     p.add_argument("--gpt", help="LlamaGen class-to-image GPT checkpoint (e.g. c2i_B_256.pt)")
