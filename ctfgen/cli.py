@@ -231,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     from .metrics.classifier import add_classifier_args, cmd_train_classifier
+    from .pipeline import add_sample_args, cmd_sample
+
+    p = sub.add_parser("sample", help="sample images from a run (CTF or the baseline)")
+    add_sample_args(p)
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("train-classifier", help="train the dataset's own classifier (the 'domain' feature extractor)")
     add_classifier_args(p)

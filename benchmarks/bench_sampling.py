@@ -1,0 +1,163 @@
+"""Sampling benchmark: images/s of CTF (coarse AR + refiner) against the baseline AR model, and the
+KV cache's per-token decode time at the last position against the first.
+
+    python benchmarks/bench_sampling.py --quick            # small shape at batch 1 and 64, GPT-B shape at batch 1
+    python benchmarks/bench_sampling.py --device cuda      # also GPT-B at batch 8
+
+Random weights (speed does not depend on them; the heads are re-initialised so sampling is not
+uniform). Two shapes:
+- "small": the Fashion-MNIST shape, 8x8 grid, V=4096, K=256, 10 classes, the "small" preset for
+  the coarse model, the baseline and the refiner;
+- "GPT-B": LlamaGen's B shape, 16x16 grid, V=16384, K=512, 1000 classes, GPT-B for all three.
+"CTF/base" is the speed ratio (> 1: CTF is faster); "stage 2" is the share of CTF's time spent in the
+refiner pass and its sampling. Images/s counts token sampling (stage 1 with CFG 2.0, stage 2 without guidance, the pipeline's
+defaults), not the tokenizer's decoder, which costs the same for both methods. On a shared CPU
+the figures move with the other load: compare rows of one run, not runs on different days.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import date
+from typing import Callable
+
+import torch
+
+from ctfgen.artifacts import write_json
+from ctfgen.runtime import pick_device
+from ctfgen.sampling import StageSettings, refine, sample_baseline, sample_ctf
+from ctfgen.transformer import Transformer, build_model, preset_config
+
+SHAPES = {
+    "small": dict(size="small", grid=8, V=4096, K=256, classes=10),
+    "GPT-B": dict(size="GPT-B", grid=16, V=16384, K=512, classes=1000),
+}
+STAGE1 = StageSettings(cfg=2.0, temperature=1.1)
+STAGE2 = StageSettings(cfg=1.0, temperature=1.1)
+
+
+def random_models(shape: dict, device: torch.device) -> dict[str, Transformer]:
+    common = dict(num_classes=shape["classes"], grid_h=shape["grid"], grid_w=shape["grid"])
+    vocab = {"coarse": (shape["K"], shape["K"]), "refiner": (shape["K"], shape["V"]), "baseline": (shape["V"], shape["V"])}
+    models = {}
+    for role, (vocab_size, head_size) in vocab.items():
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = build_model(preset_config(shape["size"], role=role, vocab_size=vocab_size, head_size=head_size, **common))
+        torch.nn.init.normal_(model.head.weight, std=0.02)
+        models[role] = model.eval()
+    return models
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> float:
+    """Median wall time of fn over `repeats` runs."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def images_per_s(models: dict[str, Transformer], shape: dict, batch: int, device: torch.device,
+                 repeats: int) -> dict[str, float]:
+    labels = torch.arange(batch, device=device) % shape["classes"]
+    g = torch.Generator(device=device).manual_seed(0)
+    ctf = lambda: sample_ctf(models["coarse"], models["refiner"], labels, STAGE1, STAGE2, g)
+    baseline = lambda: sample_baseline(models["baseline"], labels, STAGE1, g)
+    coarse = torch.randint(shape["K"], (batch, shape["grid"] ** 2), generator=g, device=device)
+    stage2 = lambda: refine(models["refiner"], coarse, labels, STAGE2, g)
+    t_ctf, t_base = seconds(ctf, device, repeats), seconds(baseline, device, repeats)
+    t_stage2 = seconds(stage2, device, repeats)
+    return {"batch": batch, "ctf_images_per_s": batch / t_ctf, "baseline_images_per_s": batch / t_base,
+            "ctf_s_per_image": t_ctf / batch, "baseline_s_per_image": t_base / batch,
+            "ctf_over_baseline_speed": t_base / t_ctf, "ctf_stage2_share": t_stage2 / t_ctf}
+
+
+@torch.no_grad()
+def decode_step_times(model: Transformer, batch: int, device: torch.device, repeats: int) -> dict[str, float]:
+    """Seconds of one cached decode step at the first token position and at the last (CFG-doubled batch)."""
+    labels = torch.zeros(2 * batch, dtype=torch.long, device=device)
+    token = torch.zeros(2 * batch, 1, dtype=torch.long, device=device)
+    cache = model.make_cache(2 * batch)
+    last = model.config.seq_len - 1  # the last step feeds token seq_len - 2 at input position seq_len - 1
+
+    model.prefill(labels, cache)
+
+    def step_at(pos: int) -> float:
+        cache.pos = pos  # what the slots hold does not change the cost: attention spans all of them
+        return seconds(lambda: model.step(token, cache), device)
+
+    # Interleaved, so both positions see the same background load. The ratio uses the best of the
+    # repeats, the cost with the least interference from other work on a shared CPU.
+    first, last_times = zip(*[(step_at(1), step_at(last)) for _ in range(repeats)])
+    return {"batch": batch, "first_token_s": min(first), "last_token_s": min(last_times),
+            "first_token_median_s": statistics.median(first), "last_token_median_s": statistics.median(last_times),
+            "last_over_first": min(last_times) / min(first)}
+
+
+def bench_shape(name: str, batches: list[int], device: torch.device, repeats: int) -> dict:
+    shape = SHAPES[name]
+    models = random_models(shape, device)
+    for role in ("coarse", "baseline"):
+        decode_step_times(models[role], 1, device, 1)  # warm-up: allocation, kernels
+    result = {"shape": {"name": name, **shape},
+              "params": {role: m.num_params() for role, m in models.items()},
+              "sampling": [images_per_s(models, shape, b, device, repeats) for b in batches],
+              "decode_step": {role: decode_step_times(models[role], 1, device, 31) for role in ("coarse", "baseline")}}
+    return result
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"{'shape':7} {'batch':>5} {'CTF img/s':>10} {'base img/s':>10} {'CTF s/img':>10} {'base s/img':>10} "
+          f"{'CTF/base':>8} {'stage 2':>8}")
+    for r in results:
+        for s in r["sampling"]:
+            print(f"{r['shape']['name']:7} {s['batch']:5d} {s['ctf_images_per_s']:10.3f} {s['baseline_images_per_s']:10.3f} "
+                  f"{s['ctf_s_per_image']:10.3f} {s['baseline_s_per_image']:10.3f} {s['ctf_over_baseline_speed']:8.2f} "
+                  f"{s['ctf_stage2_share']:8.0%}")
+    print(f"\n{'shape':7} {'model':8} {'first tok ms':>12} {'last tok ms':>12} {'last/first':>10}  (best of the repeats)")
+    for r in results:
+        for role, d in r["decode_step"].items():
+            print(f"{r['shape']['name']:7} {role:8} {1e3 * d['first_token_s']:12.2f} {1e3 * d['last_token_s']:12.2f} "
+                  f"{d['last_over_first']:10.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="GPT-B at batch 1 only, one run (otherwise batch 1 and 8, median of 3)")
+    ap.add_argument("--shapes", default="small,GPT-B", help="comma-separated: small, GPT-B")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="runs/bench-sampling/bench_sampling.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    batches = {"small": [1, 64], "GPT-B": [1] if args.quick else [1, 8]}
+    repeats = {"small": 3, "GPT-B": 1 if args.quick else 3}  # median of repeats: the small shape is cheap
+    results = []
+    for name in args.shapes.split(","):
+        print(f"benchmarking the {name} shape ...", flush=True)
+        results.append(bench_shape(name, batches[name], device, repeats[name]))
+    print_table(results)
+    report = {"date": str(date.today()), "device": str(device), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+              "quick": args.quick, "stage1": vars(STAGE1), "stage2": vars(STAGE2), "results": results}
+    write_json(args.out, report)
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Sampling from the transformers: KV-cache decoding, classifier-free guidance (CFG),
+temperature / top-k / top-p, the two-stage CTF sampler and the baseline sampler.
+
+Every function takes the models and a `torch.Generator` and draws all of its randomness from
+that generator (uniforms for inverse-CDF sampling, see `draw`) (on the models' device), so the same seed gives the same tokens. The coarse AR
+model and the baseline go through the same function, `sample_causal`; CTF adds one refiner pass
+(`refine`). See docs/sampling.md.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .transformer.model import Transformer, mask_to_clusters
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """How one stage turns logits into tokens.
+
+    cfg: guidance scale s, logits = uncond + s * (cond - uncond); 1.0 = plain conditional sampling.
+    temperature: logits are divided by it before top-k / top-p.
+    top_k: keep the k most likely tokens; 0 = off.
+    top_p: keep the smallest set of tokens whose probability reaches p; 1.0 = off.
+    """
+
+    cfg: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg != 1.0
+
+    def validate(self, model: Transformer, stage: int) -> None:
+        """ValueError naming the CLI flag (--t1, --top-k2, ...) of the first bad setting."""
+        vocab = model.config.head_size
+        if not self.temperature > 0:
+            raise ValueError(f"--t{stage}: temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.top_k <= vocab:
+            raise ValueError(f"--top-k{stage}: top-k must be in 0..{vocab} (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p{stage}: top-p must be in (0, 1], got {self.top_p}")
+        if self.guided and model.config.class_dropout_prob <= 0:
+            raise ValueError(f"--cfg{stage}: guidance scale {self.cfg} needs a model trained with class-label "
+                             f"dropout, but the stage-{stage} model has class_dropout_prob=0 (use --cfg{stage} 1)")
+
+
+def check_class_labels(class_labels: torch.Tensor, num_classes: int) -> None:
+    if class_labels.dim() != 1 or class_labels.dtype.is_floating_point:
+        raise ValueError(f"class labels must be a 1-D integer tensor, got {tuple(class_labels.shape)} {class_labels.dtype}")
+    bad = class_labels[(class_labels < 0) | (class_labels >= num_classes)]
+    if bad.numel():
+        raise ValueError(f"--classes: class id {int(bad[0])} is out of range; the model knows classes 0..{num_classes - 1}")
+
+
+# --- logits -> tokens ----------------------------------------------------------------------------
+
+def apply_guidance(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Logits of a doubled batch [cond; uncond] -> uncond + scale * (cond - uncond)."""
+    cond, uncond = logits.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set all but the k largest logits of each row to -inf (k = 0: unchanged)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the most likely tokens until their probability reaches p (p = 1: unchanged)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always has 0 before it, so it stays
+    drop = torch.empty_like(mass_before, dtype=torch.bool).scatter(-1, order, mass_before >= p)  # unsort
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_tokens(logits: torch.Tensor, settings: StageSettings, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one token per row of logits [..., V] (guidance already applied); long [...]."""
+    flat = logits.reshape(-1, logits.shape[-1]) / settings.temperature
+    flat = filter_top_p(filter_top_k(flat, settings.top_k), settings.top_p)
+    return draw(flat.softmax(dim=-1), generator).view(logits.shape[:-1])
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of probs [N, V], by inverting the CDF at a uniform draw: long [N].
+
+    Same distribution as torch.multinomial(probs, 1), about 10x faster on the CPU for the refiner's
+    N = B * T rows. The CDF is summed in float64 so the boundaries stay exact over 16k codewords;
+    `right=True` never lands on a zero-probability token (its CDF equals its predecessor's).
+    """
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1).squeeze(1)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+@contextmanager
+def inference_mode(*models: Transformer) -> Iterator[None]:
+    """eval() (no class dropout, no dropout), no_grad and bf16 autocast on CUDA; restores train() after."""
+    was_training = [m.training for m in models]
+    device = models[0].head.weight.device
+    try:
+        for m in models:
+            m.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            yield
+    finally:
+        for m, training in zip(models, was_training):
+            m.train(training)
+
+
+def with_null_labels(model: Transformer, class_labels: torch.Tensor) -> torch.Tensor:
+    """[labels; null, ..., null]: the doubled batch of classifier-free guidance."""
+    return torch.cat([class_labels, torch.full_like(class_labels, model.null_class)])
+
+
+# --- the two stages -----------------------------------------------------------------------------
+
+def sample_causal(model: Transformer, class_labels: torch.Tensor, settings: StageSettings,
+                  generator: torch.Generator | None = None, *, guidance: bool | None = None,
+                  logits_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Raster-order AR sampling of one full grid per label with the KV cache: long [B, seq_len].
+
+    Used for both the coarse model (tokens are coarse labels) and the baseline (fine codes).
+    guidance: run the doubled [cond; null] batch; None means "when settings.cfg != 1".
+    logits_out: if given, receives the guided logits [B, V] each token was drawn from (for tests).
+    """
+    if not model.config.causal:
+        raise ValueError(f"sample_causal needs a causal model, got role {model.config.role!r}")
+    guided = settings.guided if guidance is None else guidance
+    device = model.head.weight.device
+    class_labels = class_labels.to(device)
+    batch, seq_len = class_labels.shape[0], model.config.seq_len
+    inputs = with_null_labels(model, class_labels) if guided else class_labels
+    codes = torch.empty(batch, seq_len, dtype=torch.long, device=device)
+    with inference_mode(model):
+        cache = model.make_cache(inputs.shape[0])
+        logits = model.prefill(inputs, cache)[:, -1]
+        for t in range(seq_len):
+            if t > 0:
+                previous = codes[:, t - 1:t]
+                logits = model.step(previous.repeat(2, 1) if guided else previous, cache)[:, -1]
+            next_logits = apply_guidance(logits, settings.cfg) if guided else logits
+            if logits_out is not None:
+                logits_out.append(next_logits)
+            codes[:, t] = sample_tokens(next_logits, settings, generator)
+    return codes
+
+
+def refine(refiner: Transformer, coarse: torch.Tensor, class_labels: torch.Tensor, settings: StageSettings,
+           generator: torch.Generator | None = None, member_mask: torch.Tensor | None = None,
+           *, guidance: bool | None = None) -> torch.Tensor:
+    """Stage 2: one refiner pass over coarse codes [B, T] -> sampled fine codes [B, T].
+
+    member_mask (bool [K, V]): restrict each position to the codewords of its cluster. The mask is
+    applied after guidance, since uncond + s * (cond - uncond) of two -inf logits is NaN.
+    """
+    if refiner.config.role != "refiner":
+        raise ValueError(f"refine needs a refiner, got role {refiner.config.role!r}")
+    guided = settings.guided if guidance is None else guidance
+    device = refiner.head.weight.device
+    coarse, class_labels = coarse.to(device), class_labels.to(device)
+    with inference_mode(refiner):
+        if guided:
+            logits = apply_guidance(refiner(coarse.repeat(2, 1), with_null_labels(refiner, class_labels)), settings.cfg)
+        else:
+            logits = refiner(coarse, class_labels)
+        if member_mask is not None:
+            logits = mask_to_clusters(logits, coarse, member_mask.to(device))
+        return sample_tokens(logits, settings, generator)
+
+
+def check_stages_fit(coarse_model: Transformer, refiner: Transformer) -> None:
+    """The refiner must read what the coarse model writes, on the same grid and classes."""
+    c, r = coarse_model.config, refiner.config
+    if c.role != "coarse" or r.role != "refiner":
+        raise ValueError(f"expected a coarse model and a refiner, got roles {c.role!r} and {r.role!r}")
+    for name in ("vocab_size", "grid_h", "grid_w", "num_classes"):
+        if getattr(c, name) != getattr(r, name):
+            raise ValueError(f"the coarse model has {name}={getattr(c, name)} but the refiner has {getattr(r, name)}")
+
+
+def sample_ctf(coarse_model: Transformer, refiner: Transformer, class_labels: torch.Tensor,
+               stage1: StageSettings, stage2: StageSettings, generator: torch.Generator | None = None,
+               member_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-stage sampling: (coarse codes [B, T], fine codes [B, T])."""
+    check_stages_fit(coarse_model, refiner)
+    check_class_labels(class_labels, coarse_model.config.num_classes)
+    stage1.validate(coarse_model, 1)
+    stage2.validate(refiner, 2)
+    coarse = sample_causal(coarse_model, class_labels, stage1, generator)
+    return coarse, refine(refiner, coarse, class_labels, stage2, generator, member_mask)
+
+
+def sample_baseline(model: Transformer, class_labels: torch.Tensor, stage1: StageSettings,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """The baseline: the same AR sampler over fine codes, no stage 2. long [B, T]."""
+    if model.config.role != "baseline":
+        raise ValueError(f"expected a baseline model, got role {model.config.role!r}")
+    check_class_labels(class_labels, model.config.num_classes)
+    stage1.validate(model, 1)
+    return sample_causal(model, class_labels, stage1, generator)
+
+
+def in_batches(fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], class_labels: torch.Tensor,
+               batch_size: int, progress: bool = True, desc: str = "sampling") -> tuple[torch.Tensor, ...]:
+    """Run fn over slices of class_labels (with a tqdm bar over batches) and concatenate its outputs."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    parts = [fn(chunk) for chunk in tqdm(class_labels.split(batch_size), desc=desc, unit="batch", disable=not progress)]
+    return tuple(torch.cat(outputs) for outputs in zip(*parts))
+
+
+__all__ = [
+    "StageSettings", "apply_guidance", "check_class_labels", "check_stages_fit", "filter_top_k", "filter_top_p",
+    "draw", "in_batches", "inference_mode", "refine", "sample_baseline", "sample_causal", "sample_ctf", "sample_tokens",
+    "with_null_labels",
+]
