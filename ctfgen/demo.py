@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import CONFIG_NAME, read_json
+from .artifacts import CONFIG_NAME, read_json, write_json
 from .data.datasets import build_dataset, take_images
 from .runtime import pick_device
 
@@ -22,6 +22,8 @@ class DemoBudget:
     batch_size: int = 64
     lr: float = 1e-3
     auto_k_images: int = 500
+    classifier_epochs: int = 1
+    samples_per_class: int = 50  # scored with the domain classifier's features
 
 
 def _done(folder: Path, marker: str = CONFIG_NAME) -> bool:
@@ -71,6 +73,42 @@ def _train_transformer(run: Path, role: str, budget: DemoBudget, device: str, pr
         raise KeyboardInterrupt
 
 
+def _train_classifier(run: Path, budget: DemoBudget, data_dir: str | None, device: str) -> None:
+    from .metrics.classifier import train_classifier
+
+    info = train_classifier(out=str(run / "classifier"), epochs=budget.classifier_epochs, data_dir=data_dir, device=device)
+    print(f"      test accuracy {100 * info.get('test_accuracy', float('nan')):.1f}%")
+
+
+def sample_and_score(run: Path, budget: DemoBudget, data_dir: str | None, device: str, progress: bool) -> dict:
+    """A sample grid per class for CTF and for the baseline, and a class-balanced set of each scored
+    in the domain classifier's feature space (FID/IS/precision/recall) plus class consistency
+    (how often the classifier names the class the sample was drawn for)."""
+    import torch
+
+    from .data.transforms import image_grid
+    from .metrics import evaluate_features, get_extractor, reference_stats
+    from .metrics.features import extract_features
+    from .pipeline import BaselinePipeline, CTFPipeline, make_generator
+
+    dev = pick_device(device)
+    extractor = get_extractor("domain", path=str(run / "classifier")).to(dev)
+    ref = reference_stats(extractor, "fashion-mnist", "test", cache_dir=run / "cache", data_dir=data_dir)
+    metrics = {}
+    for kind, pipeline in (("ctf", CTFPipeline), ("baseline", BaselinePipeline)):
+        pipe = pipeline.from_pretrained(run, dev)
+        classes = torch.arange(pipe.num_classes)
+        grid = pipe(classes.repeat_interleave(8), generator=make_generator(0, dev), progress=False)
+        image_grid(grid.pixels, nrow=8).save(run / f"samples-{kind}.png")
+        labels = classes.repeat_interleave(budget.samples_per_class)
+        out = pipe(labels, generator=make_generator(1, dev), progress=progress)
+        features, logits = extract_features(extractor, out.pixels)
+        metrics[kind] = evaluate_features(features, logits, ref, extractor.name)
+        metrics[kind]["class_consistency"] = (logits.argmax(1).cpu() == labels).float().mean().item()
+    write_json(run / "metrics.json", metrics)
+    return metrics
+
+
 def run_demo(run_dir: str | Path = "runs/demo", data_dir: str | None = None, budget: DemoBudget | None = None,
              device: str = "auto", progress: bool = True) -> dict:
     run, budget = Path(run_dir), budget or DemoBudget()
@@ -80,17 +118,22 @@ def run_demo(run_dir: str | Path = "runs/demo", data_dir: str | None = None, bud
         ("codes-test", lambda: _done(run / "codes-test", "meta.json"), lambda: _extract(run, "test", data_dir, device, progress)),
         ("hierarchy", lambda: _done(run / "hierarchy"), lambda: _cluster(run, budget, data_dir)),
     ] + [(role, lambda r=role: _done(run / r, "train_info.json"), lambda r=role: _train_transformer(run, r, budget, device, progress))
-         for role in ("coarse", "refiner", "baseline")]
+         for role in ("coarse", "refiner", "baseline")] + [
+        ("classifier", lambda: _done(run / "classifier"), lambda: _train_classifier(run, budget, data_dir, device)),
+    ]
+    total = len(stages) + 1
     for i, (name, done, work) in enumerate(stages, 1):
-        print(f"[{i}/{len(stages)}] {name} -> {run / name}")
+        print(f"[{i}/{total}] {name} -> {run / name}")
         if done():
             print("      done earlier; reusing it")
         else:
             work()
-    return summarize(run)
+    print(f"[{total}/{total}] samples -> {run}/samples-ctf.png, {run}/samples-baseline.png")
+    metrics = sample_and_score(run, budget, data_dir, device, progress)
+    return summarize(run, metrics)
 
 
-def summarize(run: Path) -> dict:
+def summarize(run: Path, metrics: dict) -> dict:
     tok = read_json(run / "tokenizer" / "report.json")
     summary = {"tokenizer": {k: tok[k] for k in ("psnr_db", "codebook_usage_pct", "perplexity")},
                "K": read_json(run / "hierarchy" / CONFIG_NAME)["K"]}
@@ -103,5 +146,13 @@ def summarize(run: Path) -> dict:
         s = summary[role]
         print(f"{role:>9}: train loss {s['train_loss']:.3f}, held-out loss {s['held_out']['loss']:.3f}, "
               f"held-out token accuracy {100 * s['held_out']['accuracy']:.1f}%")
-    print(f"reconstructions: {run / 'tokenizer' / 'reconstructions.png'}; TensorBoard: tensorboard --logdir {run}")
+    n = metrics["ctf"]["n"]
+    print(f"samples ({n} per side, class-balanced), scored with the domain classifier's features:")
+    for kind, m in metrics.items():
+        print(f"{kind:>9}: {m['fid_label']} {m['fid']:.2f}, {m['is_label']} {m['is_mean']:.2f}, precision "
+              f"{m['precision']:.2f}, recall {m['recall']:.2f}, class consistency {100 * m['class_consistency']:.1f}%")
+    summary["samples"] = metrics
+    print(f"sample grids (one row per class): {run / 'samples-ctf.png'}, {run / 'samples-baseline.png'}")
+    print(f"metrics: {run / 'metrics.json'}; reconstructions: {run / 'tokenizer' / 'reconstructions.png'}; "
+          f"TensorBoard: tensorboard --logdir {run}")
     return summary

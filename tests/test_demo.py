@@ -25,15 +25,21 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
     data = fake_fashion_mnist(tmp_path / "fm")
     run = tmp_path / "run"
     args = ["demo", "--run", str(run), "--data-dir", str(data), "--tokenizer-steps", "4", "--transformer-steps", "3",
-            "--transformer-size", "tiny", "--batch-size", "16", "--auto-k-images", "64", "--quiet"]
+            "--transformer-size", "tiny", "--batch-size", "16", "--auto-k-images", "64", "--classifier-epochs", "1",
+            "--samples-per-class", "2", "--quiet"]
     main(args)
     out = capsys.readouterr().out
-    for stage in ("tokenizer", "codes-train", "codes-test", "hierarchy", "coarse", "refiner", "baseline"):
+    for stage in ("tokenizer", "codes-train", "codes-test", "hierarchy", "coarse", "refiner", "baseline", "classifier"):
         assert f"{stage} -> {run / stage}" in out
     for role in ("coarse", "refiner", "baseline"):
         info = json.loads((run / role / "train_info.json").read_text())
         assert info["steps"] == 3 and np.isfinite(info["held_out"]["loss"])
     assert "held-out loss" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    for kind in ("ctf", "baseline"):
+        assert metrics[kind]["n"] == 20 and np.isfinite(metrics[kind]["fid"])
+        assert 0 <= metrics[kind]["class_consistency"] <= 1
+        assert (run / f"samples-{kind}.png").is_file()
 
-    main(args)  # the second run reuses every stage
-    assert capsys.readouterr().out.count("done earlier; reusing it") == 7
+    main(args)  # the second run reuses every stage and only samples
+    assert capsys.readouterr().out.count("done earlier; reusing it") == 8
