@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..artifacts import ArtifactError
-from .features import FeatureExtractor, resize_images, weights_fingerprint
+from .features import FeatureExtractor, load_weights_strict, resize_images, weights_fingerprint
 
 INPUT_SIZE = 224
 BN_EPS = 1e-3
@@ -131,14 +131,8 @@ def load_effnet_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_effnet_lite0(path: str | Path | None = None) -> EfficientNetLite0:
-    model = EfficientNetLite0()
-    state = load_effnet_state(path or package_weights_path())
-    expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
-    missing, extra = expected - set(state), set(state) - expected
-    if missing or extra:
-        raise ArtifactError(f"EfficientNet-Lite0 weights do not fit: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}")
-    model.load_state_dict(state, strict=False)
-    return model.eval()
+    path = path or package_weights_path()
+    return load_weights_strict(EfficientNetLite0(), load_effnet_state(path), f"{path}: EfficientNet-Lite0 weights do not fit")
 
 
 class EffNetExtractor(FeatureExtractor):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artifacts import fingerprint_tensors
+from ..artifacts import ArtifactError, fingerprint_tensors
 
 DEFAULT_EXTRACTOR = "effnet-lite0"
 
@@ -68,6 +68,21 @@ def resize_images(images: torch.Tensor, size: int, channels: int) -> torch.Tenso
 def weights_fingerprint(module: nn.Module) -> str:
     """Content hash of a module's weights; BatchNorm's step counters say nothing about the features."""
     return fingerprint_tensors({k: v for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")})
+
+
+def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Load a pretrained state dict, refusing missing, unexpected or mis-shaped keys (BatchNorm's
+    step counters aside: they are not weights). Returns the model in eval mode."""
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise ArtifactError(f"{source}: {len(missing)} missing keys {missing[:3]}, {len(extra)} unexpected keys {extra[:3]}")
+    wrong = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    if wrong:
+        raise ArtifactError(f"{source}: shape mismatch for {wrong[:3]}")
+    model.load_state_dict(state, strict=False)
+    return model.eval()
 
 
 def register_extractor(name: str, target: str) -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..artifacts import ArtifactError, load_tensors
-from .features import FeatureExtractor, resize_images, weights_fingerprint
+from .features import FeatureExtractor, load_weights_strict, resize_images, weights_fingerprint
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -192,18 +192,7 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_fid_inception(path: str | Path) -> FIDInceptionV3:
     """Build the network from a weights file, refusing missing, extra or mis-shaped keys."""
-    state = {k: v for k, v in read_weights_file(path).items() if not k.endswith("num_batches_tracked")}
-    model = FIDInceptionV3()
-    own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or extra:
-        raise ArtifactError(f"{path}: not an FID Inception-v3 state dict: {len(missing)} missing keys "
-                            f"{missing[:3]}, {len(extra)} unexpected keys {extra[:3]}")
-    wrong = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
-    if wrong:
-        raise ArtifactError(f"{path}: shape mismatch for {wrong[:3]}")
-    model.load_state_dict(state, strict=False)
-    return model.eval()
+    return load_weights_strict(FIDInceptionV3(), read_weights_file(path), f"{path}: not an FID Inception-v3 state dict")
 
 
 class InceptionExtractor(FeatureExtractor):
