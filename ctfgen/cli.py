@@ -237,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_args(p)
     p.set_defaults(func=cmd_sample)
 
+    from .bench import add_bench_args, cmd_bench
+    from .evaluate import add_evaluate_args, cmd_evaluate
+
+    p = sub.add_parser("evaluate", help="FID/IS/precision/recall of a PNG folder, an .npz or a run's samples")
+    add_evaluate_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bench", help="CTF against the baseline on Fashion-MNIST: quality, compute, speed (BENCHMARKS.md)")
+    add_bench_args(p)
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("train-classifier", help="train the dataset's own classifier (the 'domain' feature extractor)")
     add_classifier_args(p)
     p.set_defaults(func=cmd_train_classifier)

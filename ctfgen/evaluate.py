@@ -1,0 +1,237 @@
+"""`ctfgen evaluate`: score a set of generated images against a dataset split.
+
+The set is a folder of PNGs (searched recursively; a class comes from a numeric sub-folder name
+or from a `_classN` file-name suffix as `ctfgen sample --out-dir` writes), an .npz with `images`
+uint8 [N,H,W(,C)] (and optionally `labels` / `class_labels`), or a run folder, sampled N per class
+with a fixed seed. Every figure is labelled with its feature extractor (`metric_label`).
+
+    result = evaluate_source("runs/fm", extractors=[("domain", {"path": "runs/fm/classifier"})], kind="ctf")
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .metrics import evaluate_features, extract_features, get_extractor, metric_label, reference_stats
+from .pipeline import DEFAULTS, BaselinePipeline, CTFPipeline, load_pipeline, make_generator
+from .runtime import pick_device
+
+_CLASS_SUFFIX = re.compile(r"_class(\d+)$")
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # float [N, C, H, W] in [-1, 1]
+    labels: torch.Tensor | None  # long [N] conditioning classes, when known
+    source: dict[str, Any] = field(default_factory=dict)  # how the set was made (recorded in the JSON)
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+def uint8_to_float(array: np.ndarray) -> torch.Tensor:
+    """uint8 [N,H,W] or [N,H,W,C] -> float [N,C,H,W] in [-1, 1]."""
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4:
+        raise ValueError(f"expected images [N,H,W] or [N,H,W,C], got shape {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _label_of(path: Path, root: Path) -> int | None:
+    match = _CLASS_SUFFIX.search(path.stem)
+    if match:
+        return int(match.group(1))
+    parent = path.parent.relative_to(root).parts
+    return int(parent[-1]) if parent and parent[-1].isdigit() else None
+
+
+def _read_png(path: Path) -> np.ndarray:
+    """Grayscale files stay one channel; everything else becomes RGB."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L" if im.mode in ("L", "1", "I", "I;16") else "RGB"))
+
+
+def load_png_folder(folder: str | Path) -> ImageSet:
+    root = Path(folder)
+    paths = sorted(root.rglob("*.png"))
+    if not paths:
+        raise ValueError(f"{root} holds no .png files")
+    arrays = [_read_png(p) for p in paths]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"{root}: images of different shapes {sorted(shapes)}")
+    labels = [_label_of(p, root) for p in paths]
+    known = None if any(y is None for y in labels) else torch.tensor(labels, dtype=torch.long)
+    return ImageSet(uint8_to_float(np.stack(arrays)), known, {"type": "png-folder", "path": str(root), "files": len(paths)})
+
+
+def load_npz(path: str | Path) -> ImageSet:
+    with np.load(path) as data:
+        if "images" not in data:
+            raise ValueError(f"{path} has no 'images' array (found {sorted(data.files)})")
+        images = data["images"]
+        if images.dtype != np.uint8:
+            raise ValueError(f"{path}: 'images' must be uint8 [N,H,W(,C)], got {images.dtype}")
+        key = next((k for k in ("labels", "class_labels") if k in data), None)
+        labels = torch.from_numpy(data[key].astype(np.int64)) if key else None
+    return ImageSet(uint8_to_float(images), labels, {"type": "npz", "path": str(path), "images": len(images)})
+
+
+def sample_with(pipe: CTFPipeline | BaselinePipeline, per_class: int, seed: int = 0, batch_size: int = 64,
+                progress: bool = False, **settings: Any) -> ImageSet:
+    """A class-balanced set: `per_class` images of every class, one generator seeded with `seed`."""
+    labels = torch.arange(pipe.num_classes).repeat_interleave(per_class)
+    settings = {**DEFAULTS, **settings}
+    out = pipe(labels, generator=make_generator(seed, pipe.device), batch_size=batch_size, progress=progress, **settings)
+    source = {"type": "run", "kind": "ctf" if isinstance(pipe, CTFPipeline) else "baseline", "per_class": per_class,
+              "seed": seed, "batch_size": batch_size, "settings": settings}
+    return ImageSet(out.pixels, labels, source)
+
+
+def sample_run(run: str | Path, kind: str = "ctf", per_class: int = 100, seed: int = 0, batch_size: int = 64,
+               device: str | torch.device = "cpu", progress: bool = False, **settings: Any) -> ImageSet:
+    images = sample_with(load_pipeline(run, kind, device), per_class, seed, batch_size, progress, **settings)
+    images.source["path"] = str(run)
+    return images
+
+
+def load_source(source: str | Path, **sample_kw: Any) -> ImageSet:
+    """A run folder (has tokenizer/), an .npz, or a folder of PNGs."""
+    path = Path(source)
+    if path.suffix == ".npz":
+        return load_npz(path)
+    if (path / "tokenizer").is_dir():
+        return sample_run(path, **sample_kw)
+    if path.is_dir():
+        return load_png_folder(path)
+    raise ValueError(f"{source}: not a run folder, an .npz or a folder of PNGs")
+
+
+# --- scoring ---------------------------------------------------------------------------------------
+
+@dataclass
+class Reference:
+    dataset: str = "fashion-mnist"
+    split: str = "test"
+    n: int | None = None  # reference images (None: the whole split)
+    data_dir: str | None = None
+    cache_dir: str | None = None
+
+
+def class_consistency(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of samples the classifier assigns to the class they were conditioned on."""
+    return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+def score(images: torch.Tensor, labels: torch.Tensor | None, extractor_name: str, extractor_kw: dict[str, Any],
+          ref: Reference) -> dict[str, Any]:
+    """FID / IS / precision / recall with one extractor (+ class consistency for `domain`)."""
+    extractor = get_extractor(extractor_name, **extractor_kw)
+    stats = reference_stats(extractor, ref.dataset, ref.split, resolution=images.shape[-1], channels=images.shape[1],
+                            n=ref.n, cache_dir=ref.cache_dir, data_dir=ref.data_dir)
+    start = time.perf_counter()
+    features, logits = extract_features(extractor, images)
+    result = evaluate_features(features, logits, stats, extractor.name)
+    result["ref_images"] = stats.meta.get("count")
+    result["extract_s"] = round(time.perf_counter() - start, 2)
+    if extractor_name == "domain" and labels is not None and logits is not None:
+        result["class_consistency"] = class_consistency(logits, labels)
+        result["class_consistency_label"] = f"class consistency ({extractor.name} classifier)"
+    return result
+
+
+def evaluate_set(images: ImageSet, extractors: list[tuple[str, dict[str, Any]]], ref: Reference) -> dict[str, Any]:
+    return {name: score(images.images, images.labels, name, kw, ref) for name, kw in extractors}
+
+
+def record(result_by_extractor: dict[str, Any], images: ImageSet, ref: Reference, command: str | None = None) -> dict[str, Any]:
+    """The metrics JSON: figures plus everything needed to reproduce them."""
+    return {"command": command or " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "samples": len(images.images), "source": images.source, "reference": asdict(ref),
+            "labels": {name: {"fid": metric_label(name), "is": metric_label(name, "IS")} for name in result_by_extractor},
+            "metrics": result_by_extractor}
+
+
+def evaluate_source(source: str | Path, extractors: list[tuple[str, dict[str, Any]]], ref: Reference | None = None,
+                    out: str | Path | None = None, **sample_kw: Any) -> dict[str, Any]:
+    ref = ref or Reference()
+    images = load_source(source, **sample_kw)
+    result = record(evaluate_set(images, extractors, ref), images, ref)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+# --- the `ctfgen evaluate` command -----------------------------------------------------------------
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="a folder of PNGs, an .npz with 'images', or a run folder (sampled)")
+    p.add_argument("--out", default="metrics.json", help="metrics JSON to write (default: metrics.json)")
+    p.add_argument("--extractor", action="append", choices=("effnet-lite0", "domain", "inception"),
+                   help="feature extractor, repeatable (default: effnet-lite0)")
+    p.add_argument("--classifier", default=None, help="domain classifier folder (for --extractor domain)")
+    p.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05 file (for --extractor inception)")
+    p.add_argument("--data", default="fashion-mnist", help="reference dataset (default: fashion-mnist)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", default="test")
+    p.add_argument("--ref-images", type=int, default=None, help="reference images (default: the whole split)")
+    p.add_argument("--cache-dir", default=None, help="reference-statistics cache (default: $CTFGEN_CACHE or ~/.cache)")
+    g = p.add_argument_group("sampling a run")
+    g.add_argument("--kind", choices=("ctf", "baseline"), default="ctf")
+    g.add_argument("--per-class", type=int, default=100)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--device", default="auto")
+    for name, value in DEFAULTS.items():
+        g.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    g.add_argument("--refiner-mask", action=argparse.BooleanOptionalAction, default=True)
+
+
+def extractor_specs(names: list[str] | None, classifier: str | None, inception: str | None) -> list[tuple[str, dict[str, Any]]]:
+    specs = []
+    for name in names or ["effnet-lite0"]:
+        kw: dict[str, Any] = {}
+        if name == "domain":
+            if not classifier:
+                raise ValueError("--extractor domain needs --classifier DIR (ctfgen train-classifier)")
+            kw["path"] = classifier
+        if name == "inception":
+            if not inception:
+                raise ValueError("--extractor inception needs --inception-weights FILE")
+            kw["path"] = inception
+        specs.append((name, kw))
+    return specs
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    specs = extractor_specs(args.extractor, args.classifier, args.inception_weights)
+    ref = Reference(args.data, args.split, args.ref_images, args.data_dir, args.cache_dir)
+    settings = {name: getattr(args, name) for name in DEFAULTS}
+    result = evaluate_source(args.source, specs, ref, args.out, kind=args.kind, per_class=args.per_class, seed=args.seed,
+                             batch_size=args.batch_size, device=pick_device(args.device), refiner_mask=args.refiner_mask, **settings)
+    for name, m in result["metrics"].items():
+        line = f"{m['fid_label']}: {m['fid']:.2f}, precision {m['precision']:.3f}, recall {m['recall']:.3f}"
+        if "is_mean" in m:
+            line += f", {m['is_label']}: {m['is_mean']:.2f} +- {m['is_std']:.2f}"
+        if "class_consistency" in m:
+            line += f", class consistency {100 * m['class_consistency']:.1f}%"
+        print(line)
+    print(f"{result['samples']} images; metrics -> {args.out}")
+
+
+__all__ = ["ImageSet", "Reference", "add_evaluate_args", "class_consistency", "cmd_evaluate", "evaluate_set",
+           "evaluate_source", "extractor_specs", "load_npz", "load_png_folder", "load_source", "record", "sample_run", "sample_with",
+           "score", "uint8_to_float"]

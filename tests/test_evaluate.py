@@ -1,0 +1,120 @@
+"""`ctfgen evaluate` on PNG folders, .npz files and toy runs; `ctfgen bench` at a toy budget. CPU, synthetic data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ctfgen.bench import QUICK, add_bench_args, cmd_bench, run_bench
+from ctfgen.evaluate import Reference, add_evaluate_args, cmd_evaluate, evaluate_source, load_png_folder
+from ctfgen.hierarchy import Hierarchy, save_hierarchy
+from ctfgen.metrics.classifier import train_classifier
+from ctfgen.tokenizer.model import save_tokenizer
+from ctfgen.transformer import save_model
+from test_demo import fake_fashion_mnist
+from test_sampling import CLASSES, K, V, random_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def fm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fake_fashion_mnist(tmp_path_factory.mktemp("data") / "fm")
+
+
+@pytest.fixture(scope="module")
+def classifier(fm: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("clf") / "classifier"
+    train_classifier(out=str(out), data_dir=str(fm), epochs=1, limit=128, eval_limit=32, width=8, device="cpu")
+    return str(out)
+
+
+@pytest.fixture()
+def ref(fm: Path, tmp_path: Path) -> Reference:
+    return Reference("fashion-mnist", "test", None, str(fm), str(tmp_path / "cache"))
+
+
+def random_images(n: int, size: int = 32) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (n, size, size), dtype=np.uint8)
+
+
+def check_labelled(result: dict, n: int) -> dict:
+    m = result["metrics"]["domain"]
+    assert m["fid_label"] == "FID (domain features)" and m["is_label"] == "IS (domain features)"
+    assert np.isfinite(m["fid"]) and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
+    assert result["samples"] == m["n"] == n and result["labels"]["domain"]["fid"] == "FID (domain features)"
+    assert result["command"] and result["date"]
+    return m
+
+
+def test_png_folder_with_class_subfolders(tmp_path: Path, classifier: str, ref: Reference) -> None:
+    images = random_images(20)
+    for i, a in enumerate(images):
+        (tmp_path / "pngs" / str(i % 10)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(tmp_path / "pngs" / str(i % 10) / f"{i:03d}.png")
+    loaded = load_png_folder(tmp_path / "pngs")
+    assert loaded.images.shape == (20, 1, 32, 32) and float(loaded.images.min()) >= -1
+    out = tmp_path / "m.json"
+    result = evaluate_source(tmp_path / "pngs", [("domain", {"path": classifier})], ref, out)
+    m = check_labelled(json.loads(out.read_text()), 20)
+    assert 0 <= m["class_consistency"] <= 1 and "is_mean" in m
+    assert result["source"]["type"] == "png-folder"
+
+
+def test_npz_through_the_command(tmp_path: Path, classifier: str, ref: Reference) -> None:
+    np.savez(tmp_path / "set.npz", images=random_images(12))
+    parser = argparse.ArgumentParser()
+    add_evaluate_args(parser)
+    out = tmp_path / "m.json"
+    args = parser.parse_args([str(tmp_path / "set.npz"), "--out", str(out), "--extractor", "domain", "--classifier",
+                              classifier, "--data-dir", ref.data_dir, "--cache-dir", ref.cache_dir])
+    cmd_evaluate(args)
+    m = check_labelled(json.loads(out.read_text()), 12)
+    assert "class_consistency" not in m  # no labels in the file
+
+
+@pytest.fixture()
+def toy_run(tmp_path: Path) -> Path:
+    tok = tiny_tokenizer()
+    save_tokenizer(tok, tmp_path / "run" / "tokenizer")
+    coarse_of = torch.randperm(V, generator=torch.Generator().manual_seed(0)) % K
+    save_hierarchy(Hierarchy(coarse_of, K, tokenizer_fingerprint=tok.fingerprint), tmp_path / "run" / "hierarchy")
+    for i, role in enumerate(("coarse", "refiner", "baseline")):
+        save_model(random_model(role, seed=i), tmp_path / "run" / role)
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("kind", ["ctf", "baseline"])
+def test_toy_run_is_sampled_per_class(toy_run: Path, classifier: str, ref: Reference, kind: str) -> None:
+    result = evaluate_source(toy_run, [("domain", {"path": classifier})], ref, kind=kind, per_class=2, seed=3)
+    m = check_labelled(result, 2 * CLASSES)
+    assert result["source"]["kind"] == kind and result["source"]["seed"] == 3
+    assert 0 <= m["class_consistency"] <= 1
+
+
+def test_bench_at_toy_budget(tmp_path: Path, fm: Path) -> None:
+    budget = replace(QUICK, steps=4, checkpoints=2, batch_size=16, warmup_steps=0, curve_per_class=2, per_class=2,
+                     sweep_per_class=2, sweep_cfg=(1.0, 2.0), sweep_t1=(1.0,), sweep_t2=(1.3,), speed_images_b1=1,
+                     speed_big_batch=4, tokenizer_steps=2, classifier_limit=128, k=64)
+    out = tmp_path / "bench"
+    result = run_bench(out, budget, data_dir=str(fm), cache_dir=str(tmp_path / "cache"), command="test")
+    for name in ("BENCHMARKS.md", "bench.json", "fid_vs_step.png", "is_vs_step.png", "samples.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "bench.json").read_text())
+    assert [p["step"] for p in saved["curves"]["ctf"]] == [2, 4]
+    assert saved["compute"]["ctf"]["flops"] > 0 and saved["matched_steps"] >= 4
+    assert set(saved["final"]) == {"ctf", "baseline", "baseline (CTF's compute)"}
+    assert set(saved["speed"]) == {"1", "4"} and "FID (domain features)" in (out / "BENCHMARKS.md").read_text()
+    assert result["verdict"].startswith("CTF")
+
+
+def test_bench_command_parses(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_args(parser)
+    args = parser.parse_args(["--quick", "--out", str(tmp_path), "--steps", "10"])
+    assert args.quick and args.steps == 10 and callable(cmd_bench)
