@@ -149,9 +149,12 @@ class CTFPipeline(_Pipeline):
                  cfg2: float = DEFAULTS["cfg2"], t1: float = DEFAULTS["t1"], t2: float = DEFAULTS["t2"],
                  top_k1: int = DEFAULTS["top_k1"], top_k2: int = DEFAULTS["top_k2"], top_p1: float = DEFAULTS["top_p1"],
                  top_p2: float = DEFAULTS["top_p2"], refiner_mask: bool = True, batch_size: int = 64,
-                 generator: torch.Generator | None = None, progress: bool = True) -> PipelineOutput:
-        """Sample one image per label. refiner_mask: keep each fine code inside its coarse cluster."""
+                 generator: torch.Generator | None = None, progress: bool = True,
+                 guidance_scale: float | None = None) -> PipelineOutput:
+        """Sample one image per label. refiner_mask: keep each fine code inside its coarse cluster.
+        guidance_scale: another name for cfg1 (the stage-1 guidance the paper uses)."""
         labels = self._labels(class_labels)
+        cfg1 = cfg1 if guidance_scale is None else guidance_scale
         stage1, stage2 = StageSettings(cfg1, t1, top_k1, top_p1), StageSettings(cfg2, t2, top_k2, top_p2)
         stage1.validate(self.coarse, 1)
         stage2.validate(self.refiner, 2)
@@ -186,12 +189,14 @@ class BaselinePipeline(_Pipeline):
     def __call__(self, class_labels: int | Sequence[int] | torch.Tensor, *, cfg1: float = DEFAULTS["cfg1"],
                  t1: float = DEFAULTS["t1"], top_k1: int = DEFAULTS["top_k1"], top_p1: float = DEFAULTS["top_p1"],
                  batch_size: int = 64, generator: torch.Generator | None = None, progress: bool = True,
-                 **stage2_settings: object) -> PipelineOutput:
-        """Sample one image per label; cfg2/t2/top_k2/top_p2/refiner_mask are accepted and ignored."""
+                 guidance_scale: float | None = None, **stage2_settings: object) -> PipelineOutput:
+        """Sample one image per label; cfg2/t2/top_k2/top_p2/refiner_mask are accepted and ignored.
+        guidance_scale: another name for cfg1."""
         unknown = set(stage2_settings) - {"cfg2", "t2", "top_k2", "top_p2", "refiner_mask"}
         if unknown:
             raise TypeError(f"unexpected arguments {sorted(unknown)}")
         labels = self._labels(class_labels)
+        cfg1 = cfg1 if guidance_scale is None else guidance_scale
         stage1 = StageSettings(cfg1, t1, top_k1, top_p1)
         stage1.validate(self.model, 1)
         (fine,) = in_batches(lambda y: (sample_baseline(self.model, y, stage1, generator),),

@@ -175,6 +175,8 @@ def test_pipeline_round_trip(run_dir: Path, tmp_path_factory: pytest.TempPathFac
     pipe.save_pretrained(copy)
     again = CTFPipeline.from_pretrained(copy)([0, 2, 4], generator=gen(5), progress=False, batch_size=2)
     assert torch.equal(out.tokens, again.tokens) and torch.equal(out.coarse, again.coarse)
+    named = pipe([0, 2, 4], guidance_scale=3.0, generator=gen(5), progress=False, batch_size=2)
+    assert torch.equal(named.tokens, pipe([0, 2, 4], cfg1=3.0, generator=gen(5), progress=False, batch_size=2).tokens)
 
     base = BaselinePipeline.from_pretrained(run_dir)
     b1 = base([1, 3], generator=gen(1), progress=False, t2=0.5)  # stage-2 settings are ignored
