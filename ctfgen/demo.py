@@ -16,13 +16,15 @@ from .runtime import pick_device
 
 @dataclass
 class DemoBudget:
-    tokenizer_steps: int = 600
-    transformer_steps: int = 400
+    # sized so that every stage together fits in about 15 minutes on a 2-core CPU
+    tokenizer_steps: int = 500
+    transformer_steps: int = 300
     transformer_size: str = "small"
     batch_size: int = 64
     lr: float = 1e-3
     auto_k_images: int = 500
     classifier_epochs: int = 1
+    classifier_images: int = 20000  # training images of the domain classifier
     samples_per_class: int = 50  # scored with the domain classifier's features
 
 
@@ -76,7 +78,8 @@ def _train_transformer(run: Path, role: str, budget: DemoBudget, device: str, pr
 def _train_classifier(run: Path, budget: DemoBudget, data_dir: str | None, device: str) -> None:
     from .metrics.classifier import train_classifier
 
-    info = train_classifier(out=str(run / "classifier"), epochs=budget.classifier_epochs, data_dir=data_dir, device=device)
+    info = train_classifier(out=str(run / "classifier"), epochs=budget.classifier_epochs, limit=budget.classifier_images,
+                            data_dir=data_dir, device=device)
     print(f"      test accuracy {100 * info.get('test_accuracy', float('nan')):.1f}%")
 
 

@@ -25,7 +25,7 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
     data = fake_fashion_mnist(tmp_path / "fm")
     run = tmp_path / "run"
     args = ["demo", "--run", str(run), "--data-dir", str(data), "--tokenizer-steps", "4", "--transformer-steps", "3",
-            "--transformer-size", "tiny", "--batch-size", "16", "--auto-k-images", "64", "--classifier-epochs", "1",
+            "--transformer-size", "tiny", "--batch-size", "16", "--auto-k-images", "64", "--classifier-epochs", "1", "--classifier-images", "128",
             "--samples-per-class", "2", "--quiet"]
     main(args)
     out = capsys.readouterr().out
