@@ -15,12 +15,10 @@ from .artifacts import ArtifactError
 from .data.datasets import DataError
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """One `--field-name` flag per dataclass field, typed and defaulted from the dataclass."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `X | None`
@@ -31,9 +29,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
             parser.add_argument(flag, type=kind, default=f.default, help=f"(default: {f.default})")
 
 
-def dataclass_from_args(cls: type, args: argparse.Namespace, **extra):
+def dataclass_from_args(cls: type, args: argparse.Namespace):
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def print_json(obj) -> None:
@@ -270,6 +268,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
+    except KeyboardInterrupt:
+        print(f"ctfgen {args.command}: interrupted (a checkpoint was saved where the stage supports it; "
+              "run the same command again to resume)", file=sys.stderr)
+        raise SystemExit(130) from None
     except (DataError, ArtifactError, ValueError, FileNotFoundError) as e:
         # bad input: one clear line instead of a traceback (use -v to see where it came from)
         if args.verbose:
