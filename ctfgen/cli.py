@@ -228,27 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
+    from .bench import add_bench_args, cmd_bench
+    from .evaluate import add_evaluate_args, cmd_evaluate
     from .metrics.classifier import add_classifier_args, cmd_train_classifier
     from .pipeline import add_sample_args, cmd_sample
 
-    p = sub.add_parser("sample", help="sample images from a run (CTF or the baseline)")
-    add_sample_args(p)
-    p.set_defaults(func=cmd_sample)
-
-    from .bench import add_bench_args, cmd_bench
-    from .evaluate import add_evaluate_args, cmd_evaluate
-
-    p = sub.add_parser("evaluate", help="FID/IS/precision/recall of a PNG folder, an .npz or a run's samples")
-    add_evaluate_args(p)
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("bench", help="CTF against the baseline on Fashion-MNIST: quality, compute, speed (BENCHMARKS.md)")
-    add_bench_args(p)
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("train-classifier", help="train the dataset's own classifier (the 'domain' feature extractor)")
-    add_classifier_args(p)
-    p.set_defaults(func=cmd_train_classifier)
+    # stages whose flags live beside their library code
+    for name, help_text, add_args, func in [
+        ("sample", "sample images from a run (CTF or the baseline)", add_sample_args, cmd_sample),
+        ("evaluate", "FID/IS/precision/recall of a PNG folder, an .npz or a run's samples", add_evaluate_args, cmd_evaluate),
+        ("bench", "CTF against the baseline on Fashion-MNIST: quality, compute, speed (BENCHMARKS.md)", add_bench_args, cmd_bench),
+        ("train-classifier", "train the dataset's own classifier (the 'domain' feature extractor)", add_classifier_args,
+         cmd_train_classifier),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        add_args(p)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("import-llamagen", help="convert LlamaGen's released checkpoints")
     p.add_argument("--vq", help="LlamaGen VQ checkpoint (e.g. vq_ds16_c2i.pt)")
