@@ -354,8 +354,9 @@ def side_by_side(sets: dict[str, ImageSet], per_row: int, path: Path) -> None:
 
 
 def machine() -> str:
-    return (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}").replace("  ", " ")
+    cpu = " ".join(filter(None, (platform.machine(), platform.processor())))
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}")
 
 
 def _f(x: float | None, digits: int = 2) -> str:

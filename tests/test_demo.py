@@ -43,3 +43,10 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
 
     main(args)  # the second run reuses every stage and only samples
     assert capsys.readouterr().out.count("done earlier; reusing it") == 8
+
+    # a stage killed after its last checkpoint but before its artifacts: the next run resumes it
+    (run / "refiner" / "train_info.json").unlink()
+    main(args)
+    assert capsys.readouterr().out.count("done earlier; reusing it") == 7
+    info = json.loads((run / "refiner" / "train_info.json").read_text())
+    assert info["resumed_from_step"] == 3 and info["steps"] == 3

@@ -60,10 +60,13 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 # --- Inception Score -------------------------------------------------------------------------------
 
 def inception_score(probs: torch.Tensor | np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """Mean and std over `splits` chunks of exp(E_x[KL(p(y|x) || p(y))]), from class probabilities [N,C]."""
+    """Mean and std over `splits` random chunks of exp(E_x[KL(p(y|x) || p(y))]), from class probabilities [N,C]."""
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or len(p) < splits:
         raise ValueError(f"need probabilities [N,C] with N >= splits={splits}, got shape {p.shape}")
+    # Splits must be random subsets: sample sets are often ordered by class, and a split holding one
+    # class has a peaked marginal, which drives IS to 1. A fixed permutation keeps the score deterministic.
+    p = p[np.random.default_rng(0).permutation(len(p))]
     scores = []
     for part in np.array_split(p, splits):
         marginal = part.mean(axis=0, keepdims=True)
