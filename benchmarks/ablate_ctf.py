@@ -24,7 +24,6 @@ from pathlib import Path
 from ctfgen.bench import FULL, Compute, Sides, brief, domain_score, log, machine, prepare_artifacts, train_to
 from ctfgen.evaluate import Reference
 from ctfgen.hierarchy import build_hierarchy, load_hierarchy, save_hierarchy
-from ctfgen.pipeline import DEFAULTS
 from ctfgen.tokenizer.model import load_tokenizer
 
 
@@ -40,7 +39,7 @@ def train_ctf_for_k(k: int, folder: Path, art, budget) -> tuple[Path, Path, obje
 
 
 def score_seeds(pipe, art, ref: Reference, per_class: int, seeds: list[int], **settings) -> dict:
-    runs = [brief(domain_score(pipe, per_class, art, ref, seed, **{**DEFAULTS, **settings})[0]) for seed in seeds]
+    runs = [brief(domain_score(pipe, per_class, art, ref, seed, **settings)[0]) for seed in seeds]
     fids = [r["fid"] for r in runs]
     return {"fid_mean": statistics.mean(fids), "fid_per_seed": fids,
             "class_consistency_mean": statistics.mean(r["class_consistency"] for r in runs),
