@@ -87,27 +87,18 @@ def sample_and_score(run: Path, budget: DemoBudget, data_dir: str | None, device
     """A sample grid per class for CTF and for the baseline, and a class-balanced set of each scored
     in the domain classifier's feature space (FID/IS/precision/recall) plus class consistency
     (how often the classifier names the class the sample was drawn for)."""
-    import torch
-
     from .data.transforms import image_grid
-    from .metrics import evaluate_features, get_extractor, reference_stats
-    from .metrics.features import extract_features
-    from .pipeline import BaselinePipeline, CTFPipeline, make_generator
+    from .evaluate import Reference, sample_with, score
+    from .pipeline import load_pipeline
 
     dev = pick_device(device)
-    extractor = get_extractor("domain", path=str(run / "classifier")).to(dev)
-    ref = reference_stats(extractor, "fashion-mnist", "test", cache_dir=run / "cache", data_dir=data_dir)
+    ref = Reference("fashion-mnist", "test", data_dir=data_dir, cache_dir=str(run / "cache"))
     metrics = {}
-    for kind, pipeline in (("ctf", CTFPipeline), ("baseline", BaselinePipeline)):
-        pipe = pipeline.from_pretrained(run, dev)
-        classes = torch.arange(pipe.num_classes)
-        grid = pipe(classes.repeat_interleave(8), generator=make_generator(0, dev), progress=False)
-        image_grid(grid.pixels, nrow=8).save(run / f"samples-{kind}.png")
-        labels = classes.repeat_interleave(budget.samples_per_class)
-        out = pipe(labels, generator=make_generator(1, dev), progress=progress)
-        features, logits = extract_features(extractor, out.pixels)
-        metrics[kind] = evaluate_features(features, logits, ref, extractor.name)
-        metrics[kind]["class_consistency"] = (logits.argmax(1).cpu() == labels).float().mean().item()
+    for kind in ("ctf", "baseline"):
+        pipe = load_pipeline(run, kind, dev)
+        image_grid(sample_with(pipe, 8, seed=0).images, nrow=8).save(run / f"samples-{kind}.png")
+        samples = sample_with(pipe, budget.samples_per_class, seed=1, progress=progress)
+        metrics[kind] = score(samples.images, samples.labels, "domain", {"path": str(run / "classifier")}, ref)
     write_json(run / "metrics.json", metrics)
     return metrics
 

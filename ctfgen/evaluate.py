@@ -142,7 +142,7 @@ def score(images: torch.Tensor, labels: torch.Tensor | None, extractor_name: str
     stats = reference_stats(extractor, ref.dataset, ref.split, resolution=images.shape[-1], channels=images.shape[1],
                             n=ref.n, cache_dir=ref.cache_dir, data_dir=ref.data_dir)
     start = time.perf_counter()
-    features, logits = extract_features(extractor, images)
+    features, logits = extract_features(extractor, images, device=images.device)
     result = evaluate_features(features, logits, stats, extractor.name)
     result["ref_images"] = stats.meta.get("count")
     result["extract_s"] = round(time.perf_counter() - start, 2)
