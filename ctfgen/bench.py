@@ -428,9 +428,9 @@ def verdict(final: dict[str, dict[str, Any]]) -> str:
     ctf, base, matched = d["ctf"], d["baseline"], d["baseline (CTF's compute)"]
     label = ctf["fid_label"]
     parts = []
-    for name, other in (("the baseline at equal steps", base), ("the baseline at CTF's compute", matched)):
+    for name, other in (("the baseline's at equal steps", base), ("the baseline's at CTF's compute", matched)):
         word = "lower" if ctf["fid"] < other["fid"] else "higher"
-        parts.append(f"CTF's FID is {word} than {name}'s: {label} {ctf['fid']:.2f} vs {other['fid']:.2f}, "
+        parts.append(f"CTF's FID is {word} than {name}: {label} {ctf['fid']:.2f} vs {other['fid']:.2f}, "
                      f"IS {_f(ctf.get('is_mean'))} vs {_f(other.get('is_mean'))}, class consistency "
                      f"{100 * ctf['class_consistency']:.1f}% vs {100 * other['class_consistency']:.1f}%.")
     parts.append(f"Scored on one seed of {ctf['n']} samples; at 1000 samples, seeds alone moved FID by up to 0.9 "
