@@ -18,7 +18,6 @@ the figures move with the other load: compare rows of one run, not runs on diffe
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time

@@ -17,11 +17,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import CtfgenError
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(CtfgenError):
     """An artifact folder is missing, malformed or does not fit with another one."""
 
 

@@ -25,14 +25,22 @@ from typing import Any, Callable
 import torch
 from PIL import Image, ImageDraw
 
+from .arguments import Count, arg_type
 from .artifacts import CONFIG_NAME
+from .data.codes import CODES_KIND
 from .data.transforms import image_grid
 from .evaluate import ImageSet, Reference, sample_with, score
 from .hierarchy import load_hierarchy
+from .hierarchy.artifact import HIERARCHY_KIND
+from .metrics import get_extractor
+from .metrics.classifier import KIND as CLASSIFIER_KIND
+from .outputs import add_output_flags, is_finished, open_output, plan_output
 from .pipeline import DEFAULTS, BaselinePipeline, CTFPipeline, make_generator
 from .sampling import StageSettings, refine, sample_causal
-from .tokenizer.model import load_tokenizer
-from .transformer import build_model, load_model, save_model
+from .tokenizer.model import TOKENIZER_KIND, load_tokenizer
+from .transformer import MODEL_SIZES, build_model, load_model, save_model
+
+BENCH_KIND = "bench"  # the kind of the folder `ctfgen bench` writes (ctfgen.outputs)
 
 
 @dataclass
@@ -83,10 +91,10 @@ class Artifacts:
     classifier: str
 
 
-def _reuse_or_build(name: str, run: Path | None, out: Path, marker: str, build: Callable[[Path], None]) -> str:
+def _reuse_or_build(name: str, run: Path | None, out: Path, kind: str, build: Callable[[Path], None]) -> str:
     """RUN/name when it is complete, else OUT/name built by `build` (and reused on a second call)."""
     for folder in ([run / name] if run else []) + [out / name]:
-        if (folder / marker).is_file():
+        if is_finished(folder, kind):
             return str(folder)
     log(f"building {out / name}")
     build(out / name)
@@ -106,7 +114,7 @@ def prepare_artifacts(run: str | Path | None, out: Path, budget: BenchBudget, da
         train_tokenizer(TokenizerTrainConfig(out=str(folder), data_dir=data_dir, steps=budget.tokenizer_steps,
                                              report_limit=1000), resume=True, progress=False)
 
-    tok_dir = _reuse_or_build("tokenizer", run_dir, out, CONFIG_NAME, tokenizer)
+    tok_dir = _reuse_or_build("tokenizer", run_dir, out, TOKENIZER_KIND, tokenizer)
 
     def codes(split: str) -> Callable[[Path], None]:
         def build(folder: Path) -> None:
@@ -117,16 +125,17 @@ def prepare_artifacts(run: str | Path | None, out: Path, budget: BenchBudget, da
 
     def hierarchy(folder: Path) -> None:
         tok = load_tokenizer(tok_dir)
-        save_hierarchy(build_hierarchy(tok, "kmeans", min(budget.k, tok.config.codebook_size // 4)), folder)
+        h = build_hierarchy(tok, "kmeans", min(budget.k, tok.config.codebook_size // 4))
+        open_output(folder, HIERARCHY_KIND).write(lambda path: save_hierarchy(h, path))
 
     def classifier(folder: Path) -> None:
         train_classifier(out=str(folder), epochs=budget.classifier_epochs, limit=budget.classifier_limit,
                          data_dir=data_dir, device="cpu")
 
-    return Artifacts(tok_dir, _reuse_or_build("codes-train", run_dir, out, "meta.json", codes("train")),
-                     _reuse_or_build("codes-test", run_dir, out, "meta.json", codes("test")),
-                     _reuse_or_build("hierarchy", run_dir, out, CONFIG_NAME, hierarchy),
-                     _reuse_or_build("classifier", run_dir, out, CONFIG_NAME, classifier))
+    return Artifacts(tok_dir, _reuse_or_build("codes-train", run_dir, out, CODES_KIND, codes("train")),
+                     _reuse_or_build("codes-test", run_dir, out, CODES_KIND, codes("test")),
+                     _reuse_or_build("hierarchy", run_dir, out, HIERARCHY_KIND, hierarchy),
+                     _reuse_or_build("classifier", run_dir, out, CLASSIFIER_KIND, classifier))
 
 
 # --- training in segments, with its compute -------------------------------------------------------------
@@ -207,7 +216,7 @@ class Sides:
 def domain_score(pipe: CTFPipeline | BaselinePipeline, per_class: int, art: Artifacts, ref: Reference,
                  seed: int, **settings: Any) -> tuple[dict[str, Any], ImageSet]:
     images = sample_with(pipe, per_class, seed, **settings)
-    return score(images.images, images.labels, "domain", {"path": art.classifier}, ref), images
+    return score(images.images, images.labels, get_extractor("domain", path=art.classifier), ref), images
 
 
 def brief(m: dict[str, Any]) -> dict[str, Any]:
@@ -441,10 +450,13 @@ def verdict(final: dict[str, dict[str, Any]]) -> str:
 # --- the whole bench ----------------------------------------------------------------------------------
 
 def run_bench(out: str | Path, budget: BenchBudget = QUICK, run: str | Path | None = None, data_dir: str | None = None,
-              cache_dir: str | None = None, mode: str = "custom", command: str | None = None) -> dict[str, Any]:
+              cache_dir: str | None = None, mode: str = "custom", command: str | None = None, force: bool = False,
+              resume: bool = False) -> dict[str, Any]:
+    """The whole bench into folder `out`: a finished one is replaced only with `force`, an interrupted one
+    continues (reusing the models it trained) only with `resume` (see ctfgen.outputs)."""
     start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    output = plan_output(out, BENCH_KIND, force=force, resume=resume, resumable=True).open()
+    out = output.path
     art = prepare_artifacts(run, out, budget, data_dir)
     ref = Reference("fashion-mnist", "test", None, data_dir, cache_dir)
     settings = dict(DEFAULTS)
@@ -520,7 +532,8 @@ def run_bench(out: str | Path, budget: BenchBudget = QUICK, run: str | Path | No
     plot_curves(curves, "is_mean", "IS (domain features)", out / "is_vs_step.png")
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     write_report(result, out)
-    log(f"done in {result['wall_s'] / 60:.1f} min: {out / 'BENCHMARKS.md'}")
+    output.finish()
+    log(f"done in {result['wall_s'] / 60:.1f} min: {output.final / 'BENCHMARKS.md'}")
     return result
 
 
@@ -543,7 +556,7 @@ def final_scores(pipes: dict[str, CTFPipeline | BaselinePipeline], budget: Bench
         final[name] = {"domain": m}
         if budget.effnet_per_class > 0:
             small = sample_with(pipe, budget.effnet_per_class, budget.seed)
-            final[name]["effnet-lite0"] = score(small.images, small.labels, "effnet-lite0", {},
+            final[name]["effnet-lite0"] = score(small.images, small.labels, get_extractor("effnet-lite0"),
                                                 replace(ref, n=budget.effnet_ref_images))
     return final, sets
 
@@ -572,8 +585,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", default=None, help="reuse RUN/{tokenizer,codes-train,codes-test,hierarchy,classifier} when present")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files (default: the Debian package's)")
     p.add_argument("--cache-dir", default=None, help="reference-statistics cache")
-    p.add_argument("--steps", type=int, default=None, help="override the budget's training steps")
-    p.add_argument("--size", default=None, help="override the stage-1 (and refiner) size")
+    p.add_argument("--steps", type=arg_type(Count), default=None, help="override the budget's training steps")
+    p.add_argument("--size", default=None, choices=sorted(MODEL_SIZES), help="override the stage-1 (and refiner) size")
+    add_output_flags(p, resumable=True)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -583,7 +597,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.size is not None:
         budget = replace(budget, size=args.size, refiner_size=args.size)
     out = args.out or ("runs/bench-quick" if args.quick else "runs/bench")
-    result = run_bench(out, budget, args.run, args.data_dir, args.cache_dir, mode="quick" if args.quick else "full")
+    result = run_bench(out, budget, args.run, args.data_dir, args.cache_dir, mode="quick" if args.quick else "full",
+                       force=args.force, resume=args.resume)
     print(result["verdict"])
     print(f"report -> {Path(out) / 'BENCHMARKS.md'}")
 

@@ -1,35 +1,43 @@
 """The main job: every stage of the pipeline on Fashion-MNIST, at a budget that fits a 2-core CPU.
 
-Each stage writes one folder of the run and is skipped when that folder is complete, so a second
-`ctfgen demo` only samples; an interrupted stage resumes from its checkpoint.
+Each stage writes one folder of the run and is skipped when that folder is complete (saying so when
+it was made with other settings than the flags ask for), so a second `ctfgen demo` only samples; an
+interrupted stage resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Callable
 
+from .arguments import Count, OneOf, Positive, check_fields
 from .artifacts import CONFIG_NAME, read_json, write_json
+from .data.codes import CODES_KIND
 from .data.datasets import build_dataset, take_images
+from .hierarchy.artifact import HIERARCHY_KIND
+from .metrics.classifier import KIND as CLASSIFIER_KIND
+from .outputs import is_finished, open_output, open_run_folder
 from .runtime import pick_device
+from .tokenizer.model import TOKENIZER_KIND
+from .transformer.model import ARTIFACT_KIND, MODEL_SIZES
 
 
 @dataclass
 class DemoBudget:
     # sized so that every stage together fits in about 15 minutes on a 2-core CPU
-    tokenizer_steps: int = 500
-    transformer_steps: int = 300
-    transformer_size: str = "small"
-    batch_size: int = 64
-    lr: float = 1e-3
-    auto_k_images: int = 500
-    classifier_epochs: int = 1
-    classifier_images: int = 20000  # training images of the domain classifier
-    samples_per_class: int = 50  # scored with the domain classifier's features
+    tokenizer_steps: Count = 500
+    transformer_steps: Count = 300
+    transformer_size: Annotated[str, OneOf(*MODEL_SIZES)] = "small"
+    batch_size: Count = 64
+    lr: Positive = 1e-3
+    auto_k_images: Count = 500
+    classifier_epochs: Count = 1
+    classifier_images: Count = 20000  # training images of the domain classifier
+    samples_per_class: Count = 50  # scored with the domain classifier's features
 
-
-def _done(folder: Path, marker: str = CONFIG_NAME) -> bool:
-    return (folder / marker).is_file()
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def _train_tokenizer(run: Path, budget: DemoBudget, data_dir: str | None, device: str, progress: bool) -> None:
@@ -58,7 +66,7 @@ def _cluster(run: Path, budget: DemoBudget, data_dir: str | None) -> None:
     # held-out images from the end of the test split, away from the first ones used for reports
     images = take_images(ds, len(ds))[-budget.auto_k_images:]
     h = build_hierarchy(tok, "kmeans", "auto", images=images)
-    save_hierarchy(h, run / "hierarchy")
+    open_output(run / "hierarchy", HIERARCHY_KIND).write(lambda folder: save_hierarchy(h, folder))
     print(f"      K = {h.K} chosen automatically ({h.V} codewords)")
 
 
@@ -70,9 +78,7 @@ def _train_transformer(run: Path, role: str, budget: DemoBudget, device: str, pr
                       val_codes=str(run / "codes-test"), steps=budget.transformer_steps, batch_size=budget.batch_size,
                       lr=budget.lr, warmup_steps=min(100, budget.transformer_steps // 10), lr_decay="cosine",
                       device=device)
-    info = train(cfg, resume=True, progress=progress)
-    if info.get("interrupted"):
-        raise KeyboardInterrupt
+    train(cfg, resume=True, progress=progress)
 
 
 def _train_classifier(run: Path, budget: DemoBudget, data_dir: str | None, device: str) -> None:
@@ -89,39 +95,71 @@ def sample_and_score(run: Path, budget: DemoBudget, data_dir: str | None, device
     (how often the classifier names the class the sample was drawn for)."""
     from .data.transforms import image_grid
     from .evaluate import Reference, sample_with, score
+    from .metrics import get_extractor
     from .pipeline import load_pipeline
 
     dev = pick_device(device)
     ref = Reference("fashion-mnist", "test", data_dir=data_dir, cache_dir=str(run / "cache"))
+    extractor = get_extractor("domain", path=str(run / "classifier"))
     metrics = {}
     for kind in ("ctf", "baseline"):
         pipe = load_pipeline(run, kind, dev)
         image_grid(sample_with(pipe, 8, seed=0).images, nrow=8).save(run / f"samples-{kind}.png")
         samples = sample_with(pipe, budget.samples_per_class, seed=1, progress=progress)
-        metrics[kind] = score(samples.images, samples.labels, "domain", {"path": str(run / "classifier")}, ref)
+        metrics[kind] = score(samples.images, samples.labels, extractor, ref)
     write_json(run / "metrics.json", metrics)
     return metrics
 
 
+@dataclass
+class Stage:
+    name: str  # its folder in the run
+    kind: str  # what that folder holds when finished (ctfgen.outputs)
+    work: Callable[[], None]
+    settings: dict[str, Any] = field(default_factory=dict)  # budget flags, as the stage records them
+    recorded: Callable[[Path], dict[str, Any]] = lambda folder: _read(folder / "train_config.json")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return read_json(path) if path.is_file() else {}
+
+
+def reuse_note(stage: Stage, folder: Path) -> str:
+    """What a reused stage was made with, where that differs from the flags given."""
+    recorded = stage.recorded(folder)
+    differs = {k: v for k, v in stage.settings.items() if k in recorded and recorded[k] != v}
+    if not differs:
+        return ""
+    made = ", ".join(f"{k}={recorded[k]}" for k in differs)
+    asked = ", ".join(f"{k}={v}" for k, v in differs.items())
+    return f" (made with {made}; the flags ask for {asked}: delete {folder} or use another --run to redo it)"
+
+
 def run_demo(run_dir: str | Path = "runs/demo", data_dir: str | None = None, budget: DemoBudget | None = None,
              device: str = "auto", progress: bool = True) -> dict:
-    run, budget = Path(run_dir), budget or DemoBudget()
+    run, budget = open_run_folder(run_dir), budget or DemoBudget()
+    transformer = {"steps": budget.transformer_steps, "size": budget.transformer_size, "batch_size": budget.batch_size,
+                   "lr": budget.lr}
     stages = [
-        ("tokenizer", lambda: _done(run / "tokenizer", "report.json"), lambda: _train_tokenizer(run, budget, data_dir, device, progress)),
-        ("codes-train", lambda: _done(run / "codes-train", "meta.json"), lambda: _extract(run, "train", data_dir, device, progress)),
-        ("codes-test", lambda: _done(run / "codes-test", "meta.json"), lambda: _extract(run, "test", data_dir, device, progress)),
-        ("hierarchy", lambda: _done(run / "hierarchy"), lambda: _cluster(run, budget, data_dir)),
-    ] + [(role, lambda r=role: _done(run / r, "train_info.json"), lambda r=role: _train_transformer(run, r, budget, device, progress))
+        Stage("tokenizer", TOKENIZER_KIND, lambda: _train_tokenizer(run, budget, data_dir, device, progress),
+              {"steps": budget.tokenizer_steps}),
+        Stage("codes-train", CODES_KIND, lambda: _extract(run, "train", data_dir, device, progress)),
+        Stage("codes-test", CODES_KIND, lambda: _extract(run, "test", data_dir, device, progress)),
+        Stage("hierarchy", HIERARCHY_KIND, lambda: _cluster(run, budget, data_dir)),
+    ] + [Stage(role, ARTIFACT_KIND, lambda r=role: _train_transformer(run, r, budget, device, progress), transformer)
          for role in ("coarse", "refiner", "baseline")] + [
-        ("classifier", lambda: _done(run / "classifier"), lambda: _train_classifier(run, budget, data_dir, device)),
+        Stage("classifier", CLASSIFIER_KIND, lambda: _train_classifier(run, budget, data_dir, device),
+              {"epochs": budget.classifier_epochs, "limit": budget.classifier_images},
+              lambda folder: _read(folder / CONFIG_NAME).get("train", {})),
     ]
     total = len(stages) + 1
-    for i, (name, done, work) in enumerate(stages, 1):
-        print(f"[{i}/{total}] {name} -> {run / name}")
-        if done():
-            print("      done earlier; reusing it")
+    for i, stage in enumerate(stages, 1):
+        folder = run / stage.name
+        print(f"[{i}/{total}] {stage.name} -> {folder}")
+        if is_finished(folder, stage.kind):
+            print("      done earlier; reusing it" + reuse_note(stage, folder))
         else:
-            work()
+            stage.work()
     print(f"[{total}/{total}] samples -> {run}/samples-ctf.png, {run}/samples-baseline.png")
     metrics = sample_and_score(run, budget, data_dir, device, progress)
     return summarize(run, metrics)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
+import logging
 import re
 import sys
 import time
@@ -24,10 +24,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .metrics import evaluate_features, extract_features, get_extractor, metric_label, reference_stats
-from .pipeline import DEFAULTS, BaselinePipeline, CTFPipeline, load_pipeline, make_generator
+from .arguments import Count, arg_type
+from .artifacts import write_json
+from .errors import CtfgenError
+from .metrics import FeatureExtractor, evaluate_features, extract_features, get_extractor, metric_label, reference_stats
+from .outputs import check_output_file
+from .pipeline import DEFAULTS, SETTING_TYPES, BaselinePipeline, CTFPipeline, load_pipeline, make_generator
 from .runtime import pick_device
 
+log = logging.getLogger(__name__)
 _CLASS_SUFFIX = re.compile(r"_class(\d+)$")
 
 
@@ -45,7 +50,7 @@ def uint8_to_float(array: np.ndarray) -> torch.Tensor:
     if array.ndim == 3:
         array = array[..., None]
     if array.ndim != 4:
-        raise ValueError(f"expected images [N,H,W] or [N,H,W,C], got shape {array.shape}")
+        raise CtfgenError(f"expected images [N,H,W] or [N,H,W,C], got shape {array.shape}")
     return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
@@ -63,29 +68,49 @@ def _read_png(path: Path) -> np.ndarray:
         return np.asarray(im.convert("L" if im.mode in ("L", "1", "I", "I;16") else "RGB"))
 
 
-def load_png_folder(folder: str | Path) -> ImageSet:
+def load_png_folder(folder: str | Path, on_error: str = "skip") -> ImageSet:
+    """Every .png under `folder`; an unreadable file is skipped with a warning (on_error="skip") or is an error."""
+    if on_error not in ("skip", "raise"):
+        raise CtfgenError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     root = Path(folder)
-    paths = sorted(root.rglob("*.png"))
-    if not paths:
-        raise ValueError(f"{root} holds no .png files")
-    arrays = [_read_png(p) for p in paths]
+    paths, arrays, skipped = [], [], []
+    for path in sorted(root.rglob("*.png")):
+        try:
+            arrays.append(_read_png(path))
+            paths.append(path)
+        except (OSError, ValueError) as e:  # PIL: UnidentifiedImageError (an OSError), truncated data, bad modes
+            if on_error == "raise":
+                raise CtfgenError(f"unreadable image {path}: {e} (--on-error skip leaves such files out)") from None
+            skipped.append(path)
+    if skipped:
+        log.warning("skipped %d unreadable .png file(s) in %s, e.g. %s", len(skipped), root, skipped[0])
+    if not arrays:
+        raise CtfgenError(f"{root} holds no readable .png files")
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
-        raise ValueError(f"{root}: images of different shapes {sorted(shapes)}")
+        raise CtfgenError(f"{root}: images of different shapes {sorted(shapes)}")
     labels = [_label_of(p, root) for p in paths]
     known = None if any(y is None for y in labels) else torch.tensor(labels, dtype=torch.long)
-    return ImageSet(uint8_to_float(np.stack(arrays)), known, {"type": "png-folder", "path": str(root), "files": len(paths)})
+    return ImageSet(uint8_to_float(np.stack(arrays)), known, {"type": "png-folder", "path": str(root), "files": len(paths),
+                                                              "skipped": len(skipped)})
 
 
 def load_npz(path: str | Path) -> ImageSet:
-    with np.load(path) as data:
-        if "images" not in data:
-            raise ValueError(f"{path} has no 'images' array (found {sorted(data.files)})")
-        images = data["images"]
-        if images.dtype != np.uint8:
-            raise ValueError(f"{path}: 'images' must be uint8 [N,H,W(,C)], got {images.dtype}")
-        key = next((k for k in ("labels", "class_labels") if k in data), None)
-        labels = torch.from_numpy(data[key].astype(np.int64)) if key else None
+    if not Path(path).is_file():
+        raise CtfgenError(f"{path} not found")
+    try:
+        with np.load(path) as data:
+            if "images" not in data:
+                raise CtfgenError(f"{path} has no 'images' array (found {sorted(data.files)})")
+            images = data["images"]
+            if images.dtype != np.uint8:
+                raise CtfgenError(f"{path}: 'images' must be uint8 [N,H,W(,C)], got {images.dtype}")
+            key = next((k for k in ("labels", "class_labels") if k in data), None)
+            labels = torch.from_numpy(data[key].astype(np.int64)) if key else None
+    except CtfgenError:
+        raise
+    except Exception as e:  # a damaged archive: zipfile, numpy and pickle-refusal errors of several types
+        raise CtfgenError(f"{path} is not a readable .npz ({type(e).__name__}: {e})") from None
     return ImageSet(uint8_to_float(images), labels, {"type": "npz", "path": str(path), "images": len(images)})
 
 
@@ -107,16 +132,16 @@ def sample_run(run: str | Path, kind: str = "ctf", per_class: int = 100, seed: i
     return images
 
 
-def load_source(source: str | Path, **sample_kw: Any) -> ImageSet:
-    """A run folder (has tokenizer/), an .npz, or a folder of PNGs."""
+def load_source(source: str | Path, on_error: str = "skip", **sample_kw: Any) -> ImageSet:
+    """A run folder (has tokenizer/), an .npz, or a folder of PNGs (`on_error` for its unreadable files)."""
     path = Path(source)
     if path.suffix == ".npz":
         return load_npz(path)
     if (path / "tokenizer").is_dir():
         return sample_run(path, **sample_kw)
     if path.is_dir():
-        return load_png_folder(path)
-    raise ValueError(f"{source}: not a run folder, an .npz or a folder of PNGs")
+        return load_png_folder(path, on_error)
+    raise CtfgenError(f"{source}: not a run folder, an .npz or a folder of PNGs")
 
 
 # --- scoring ---------------------------------------------------------------------------------------
@@ -135,10 +160,8 @@ def class_consistency(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(dim=1) == labels).float().mean().item()
 
 
-def score(images: torch.Tensor, labels: torch.Tensor | None, extractor_name: str, extractor_kw: dict[str, Any],
-          ref: Reference) -> dict[str, Any]:
-    """FID / IS / precision / recall with one extractor (+ class consistency for `domain`)."""
-    extractor = get_extractor(extractor_name, **extractor_kw)
+def score(images: torch.Tensor, labels: torch.Tensor | None, extractor: FeatureExtractor, ref: Reference) -> dict[str, Any]:
+    """FID / IS / precision / recall with one extractor (`get_extractor`), + class consistency for `domain`."""
     stats = reference_stats(extractor, ref.dataset, ref.split, resolution=images.shape[-1], channels=images.shape[1],
                             n=ref.n, cache_dir=ref.cache_dir, data_dir=ref.data_dir)
     start = time.perf_counter()
@@ -146,14 +169,14 @@ def score(images: torch.Tensor, labels: torch.Tensor | None, extractor_name: str
     result = evaluate_features(features, logits, stats, extractor.name)
     result["ref_images"] = stats.meta.get("count")
     result["extract_s"] = round(time.perf_counter() - start, 2)
-    if extractor_name == "domain" and labels is not None and logits is not None:
+    if extractor.name == "domain" and labels is not None and logits is not None:
         result["class_consistency"] = class_consistency(logits, labels)
         result["class_consistency_label"] = f"class consistency ({extractor.name} classifier)"
     return result
 
 
-def evaluate_set(images: ImageSet, extractors: list[tuple[str, dict[str, Any]]], ref: Reference) -> dict[str, Any]:
-    return {name: score(images.images, images.labels, name, kw, ref) for name, kw in extractors}
+def evaluate_set(images: ImageSet, extractors: dict[str, FeatureExtractor], ref: Reference) -> dict[str, Any]:
+    return {name: score(images.images, images.labels, extractor, ref) for name, extractor in extractors.items()}
 
 
 def record(result_by_extractor: dict[str, Any], images: ImageSet, ref: Reference, command: str | None = None) -> dict[str, Any]:
@@ -165,13 +188,16 @@ def record(result_by_extractor: dict[str, Any], images: ImageSet, ref: Reference
 
 
 def evaluate_source(source: str | Path, extractors: list[tuple[str, dict[str, Any]]], ref: Reference | None = None,
-                    out: str | Path | None = None, **sample_kw: Any) -> dict[str, Any]:
+                    out: str | Path | None = None, on_error: str = "skip", **sample_kw: Any) -> dict[str, Any]:
     ref = ref or Reference()
-    images = load_source(source, **sample_kw)
-    result = record(evaluate_set(images, extractors, ref), images, ref)
+    # the output and the extractors' weights are checked before the (possibly long) sampling
+    out = check_output_file(out) if out is not None else None
+    built = {name: get_extractor(name, **kw) for name, kw in extractors}
+    images = load_source(source, on_error, **sample_kw)
+    result = record(evaluate_set(images, built, ref), images, ref)
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, result)
     return result
 
 
@@ -187,16 +213,18 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="fashion-mnist", help="reference dataset (default: fashion-mnist)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", default="test")
-    p.add_argument("--ref-images", type=int, default=None, help="reference images (default: the whole split)")
+    p.add_argument("--ref-images", type=arg_type(Count), default=None, help="reference images (default: the whole split)")
+    p.add_argument("--on-error", choices=("skip", "raise"), default="skip",
+                   help="unreadable .png files in SOURCE: leave them out with a warning, or stop (default: skip)")
     p.add_argument("--cache-dir", default=None, help="reference-statistics cache (default: $CTFGEN_CACHE or ~/.cache)")
     g = p.add_argument_group("sampling a run")
     g.add_argument("--kind", choices=("ctf", "baseline"), default="ctf")
-    g.add_argument("--per-class", type=int, default=100)
+    g.add_argument("--per-class", type=arg_type(Count), default=100)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--batch-size", type=arg_type(Count), default=64)
     g.add_argument("--device", default="auto")
     for name, value in DEFAULTS.items():
-        g.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        g.add_argument(f"--{name.replace('_', '-')}", type=arg_type(SETTING_TYPES[name]), default=value)
     g.add_argument("--refiner-mask", action=argparse.BooleanOptionalAction, default=True)
 
 
@@ -206,11 +234,11 @@ def extractor_specs(names: list[str] | None, classifier: str | None, inception: 
         kw: dict[str, Any] = {}
         if name == "domain":
             if not classifier:
-                raise ValueError("--extractor domain needs --classifier DIR (ctfgen train-classifier)")
+                raise CtfgenError("--extractor domain needs --classifier DIR (ctfgen train-classifier)")
             kw["path"] = classifier
         if name == "inception":
             if not inception:
-                raise ValueError("--extractor inception needs --inception-weights FILE")
+                raise CtfgenError("--extractor inception needs --inception-weights FILE")
             kw["path"] = inception
         specs.append((name, kw))
     return specs
@@ -220,7 +248,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     specs = extractor_specs(args.extractor, args.classifier, args.inception_weights)
     ref = Reference(args.data, args.split, args.ref_images, args.data_dir, args.cache_dir)
     settings = {name: getattr(args, name) for name in DEFAULTS}
-    result = evaluate_source(args.source, specs, ref, args.out, kind=args.kind, per_class=args.per_class, seed=args.seed,
+    result = evaluate_source(args.source, specs, ref, args.out, args.on_error, kind=args.kind, per_class=args.per_class, seed=args.seed,
                              batch_size=args.batch_size, device=pick_device(args.device), refiner_mask=args.refiner_mask, **settings)
     for name, m in result["metrics"].items():
         line = f"{m['fid_label']}: {m['fid']:.2f}, precision {m['precision']:.3f}, recall {m['recall']:.3f}"

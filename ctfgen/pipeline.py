@@ -14,15 +14,18 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .arguments import AtLeast, Between, Count, NonNegative, Positive, arg_type
 from .artifacts import CONFIG_NAME, ArtifactError, read_json
 from .data.transforms import image_grid, to_uint8
+from .errors import CtfgenError
 from .hierarchy import Hierarchy, check_compatible, load_hierarchy, save_hierarchy
+from .outputs import add_output_flags, check_output_file, plan_output
 from .runtime import pick_device
 from .sampling import StageSettings, check_class_labels, in_batches, sample_baseline, sample_ctf
 from .tokenizer.model import VQTokenizer, load_tokenizer, save_tokenizer
@@ -33,6 +36,10 @@ TRAIN_INFO_NAME = "train_info.json"  # written by ctfgen.training next to each m
 # ctfgen's defaults: the paper's best settings for the B model (CFG 2.0, t1 = t2 = 1.1, no top-k);
 # the paper leaves stage-2 guidance open, so it is off by default.
 DEFAULTS = dict(cfg1=2.0, cfg2=1.0, t1=1.1, t2=1.1, top_k1=0, top_k2=0, top_p1=1.0, top_p2=1.0)
+# what each setting may be (the model-dependent bounds, such as top-k <= vocabulary, are checked on loading)
+_SETTING_KINDS = {"cfg": Annotated[float, AtLeast(0.0)], "t": Positive, "top_k": NonNegative,
+                  "top_p": Annotated[float, Between(0.0, 1.0, lo_open=True)]}
+SETTING_TYPES = {name: _SETTING_KINDS[name.rstrip("12")] for name in DEFAULTS}
 
 
 @dataclass
@@ -52,7 +59,7 @@ def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Gener
 def as_labels(class_labels: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
     labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels)
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"class labels must be integers, got {labels.dtype}")
+        raise CtfgenError(f"class labels must be integers, got {labels.dtype}")
     return labels.long().cpu().view(-1)
 
 
@@ -209,88 +216,69 @@ PIPELINES: dict[str, type[CTFPipeline] | type[BaselinePipeline]] = {"ctf": CTFPi
 
 def load_pipeline(run_dir: str | Path, kind: str = "ctf", device: str | torch.device = "cpu") -> CTFPipeline | BaselinePipeline:
     if kind not in PIPELINES:
-        raise ValueError(f"--kind must be one of {sorted(PIPELINES)}, got {kind!r}")
+        raise CtfgenError(f"--kind must be one of {sorted(PIPELINES)}, got {kind!r}")
     if not (Path(run_dir) / "tokenizer" / CONFIG_NAME).is_file():
         raise ArtifactError(f"{run_dir} has no tokenizer/ folder; is it a ctfgen run folder?")
     return PIPELINES[kind].from_pretrained(run_dir, device)
 
 
-# --- sample grids while training (ctfgen.training's --sample-every) --------------------------------
-
-def training_preview(role: str, model: Transformer, tokenizer_dir: str | None, refiner_dir: str | None,
-                     hierarchy: Hierarchy | None, device: torch.device) -> CTFPipeline | BaselinePipeline:
-    """A pipeline around the model being trained (coarse or baseline), checked once before training starts."""
-    if role == "refiner":
-        raise ValueError("--sample-every: sample grids are for the coarse and baseline roles (the refiner needs a coarse model)")
-    if not tokenizer_dir:
-        raise ValueError("--sample-every needs --sample-tokenizer DIR to turn tokens into pixels")
-    tokenizer = load_tokenizer(tokenizer_dir, device)
-    if role == "baseline":
-        return BaselinePipeline(tokenizer, model)
-    if not refiner_dir or hierarchy is None:
-        raise ValueError("--sample-every for the coarse role needs --sample-refiner DIR (and the run's --hierarchy)")
-    return CTFPipeline(tokenizer, hierarchy, model, load_model(refiner_dir, device))
-
-
-def preview_grid(pipe: CTFPipeline | BaselinePipeline, per_class: int = 4, max_classes: int = 8, seed: int = 0) -> Image.Image:
-    """One row per class, a fixed seed (so rows are comparable across steps), no guidance, t = 1."""
-    labels = torch.arange(min(pipe.num_classes, max_classes)).repeat_interleave(per_class)
-    out = pipe(labels, cfg1=1.0, cfg2=1.0, t1=1.0, t2=1.0, generator=make_generator(seed, pipe.device), progress=False)
-    return image_grid(out.pixels, nrow=per_class)
-
-
 # --- the `ctfgen sample` command ----------------------------------------------------------------
+
+SAMPLES_KIND = "samples"  # the kind of the folder `ctfgen sample --out-dir` writes (ctfgen.outputs)
+
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder (tokenizer/, hierarchy/, coarse/, refiner/, baseline/)")
     p.add_argument("--kind", choices=sorted(PIPELINES), default="ctf")
-    p.add_argument("--classes", type=int, nargs="+", default=[0], help="class ids (default: 0)")
-    p.add_argument("--per-class", type=int, default=8, help="images per class (default: 8)")
+    p.add_argument("--classes", type=arg_type(NonNegative), nargs="+", default=[0], help="class ids (default: 0)")
+    p.add_argument("--per-class", type=arg_type(Count), default=8, help="images per class (default: 8)")
     p.add_argument("--out", default=None, help="grid PNG, one row per class (default: RUN/samples-KIND.png)")
-    p.add_argument("--out-dir", default=None, help="also write one PNG per image here")
+    p.add_argument("--out-dir", default=None, help="also write one PNG per image into this folder")
     p.add_argument("--tokens", default=None, help="also write the tokens (and coarse labels, class labels) to this .npz")
     for stage, what in ((1, "stage 1 (coarse AR / baseline)"), (2, "stage 2 (refiner)")):
-        p.add_argument(f"--cfg{stage}", type=float, default=DEFAULTS[f"cfg{stage}"],
-                       help=f"{what} guidance scale, 1 = off (default: {DEFAULTS[f'cfg{stage}']})")
-        p.add_argument(f"--t{stage}", type=float, default=DEFAULTS[f"t{stage}"],
-                       help=f"{what} temperature (default: {DEFAULTS[f't{stage}']})")
-        p.add_argument(f"--top-k{stage}", type=int, default=DEFAULTS[f"top_k{stage}"], help=f"{what} top-k, 0 = off")
-        p.add_argument(f"--top-p{stage}", type=float, default=DEFAULTS[f"top_p{stage}"], help=f"{what} top-p, 1 = off")
+        for name, text in (("cfg", "guidance scale, 1 = off"), ("t", "temperature"), ("top_k", "top-k, 0 = off"),
+                           ("top_p", "top-p, 1 = off")):
+            key = f"{name}{stage}"
+            p.add_argument(f"--{key.replace('_', '-')}", type=arg_type(SETTING_TYPES[key]), default=DEFAULTS[key],
+                           help=f"{what} {text} (default: {DEFAULTS[key]})")
     p.add_argument("--refiner-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="keep each fine code inside its coarse cluster (default: on)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=arg_type(Count), default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_flags(p)  # --force: replace a finished --out-dir
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    if args.per_class < 1:
-        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
+    # every output is checked before the models load and sample
+    grid_path = check_output_file(args.out or Path(args.run) / f"samples-{args.kind}.png")
+    tokens_path = check_output_file(args.tokens) if args.tokens else None
+    png_folder = plan_output(args.out_dir, SAMPLES_KIND, force=args.force) if args.out_dir else None
     device = pick_device(args.device)
     pipe = load_pipeline(args.run, args.kind, device)
     labels = torch.tensor(args.classes).repeat_interleave(args.per_class)
-    out = pipe(labels, cfg1=args.cfg1, cfg2=args.cfg2, t1=args.t1, t2=args.t2, top_k1=args.top_k1,
-               top_k2=args.top_k2, top_p1=args.top_p1, top_p2=args.top_p2, refiner_mask=args.refiner_mask,
-               batch_size=args.batch_size, generator=make_generator(args.seed, device), progress=not args.quiet)
-    grid_path = Path(args.out or Path(args.run) / f"samples-{args.kind}.png")
+    settings = {name: getattr(args, name) for name in DEFAULTS}
+    out = pipe(labels, **settings, refiner_mask=args.refiner_mask, batch_size=args.batch_size,
+               generator=make_generator(args.seed, device), progress=not args.quiet)
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(out.pixels, nrow=args.per_class).save(grid_path)
     print(f"{len(out.images)} samples ({args.kind}) -> {grid_path}")
-    if args.out_dir:
-        folder = Path(args.out_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, (im, y) in enumerate(zip(out.images, out.class_labels.tolist())):
-            im.save(folder / f"{i:05d}_class{y}.png")
-        print(f"one PNG per image -> {folder}")
-    if args.tokens:
+    if png_folder:
+        def save_pngs(folder: Path) -> None:
+            for i, (im, y) in enumerate(zip(out.images, out.class_labels.tolist())):
+                im.save(folder / f"{i:05d}_class{y}.png")
+
+        png_folder.write(save_pngs)
+        print(f"one PNG per image -> {args.out_dir}")
+    if tokens_path:
         arrays = {"tokens": out.tokens.numpy(), "class_labels": out.class_labels.numpy()}
         if out.coarse is not None:
             arrays["coarse"] = out.coarse.numpy()
-        Path(args.tokens).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.tokens, **arrays)
-        print(f"tokens -> {args.tokens}")
+        tokens_path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tokens_path, **arrays)
+        print(f"tokens -> {tokens_path}")
 
 
-__all__ = ["BaselinePipeline", "CTFPipeline", "DEFAULTS", "PipelineOutput", "add_sample_args", "cmd_sample",
-           "load_pipeline", "make_generator", "preview_grid", "training_preview"]
+__all__ = ["BaselinePipeline", "CTFPipeline", "DEFAULTS", "SETTING_TYPES", "PipelineOutput", "add_sample_args", "cmd_sample",
+           "load_pipeline", "make_generator"]

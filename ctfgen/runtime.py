@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import math
+import pickle
 import random
+import re
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +18,9 @@ import numpy as np
 import torch
 
 from .artifacts import ArtifactError, atomic_write_bytes
+from .errors import CtfgenError
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -19,7 +28,7 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available")
+        raise CtfgenError("--device cuda was asked for but CUDA is not available")
     return device
 
 
@@ -36,7 +45,7 @@ def lr_at(step: int, base: float, warmup: int, total: int, decay: str = "cosine"
     if decay == "none" or total <= warmup:
         return base
     if decay != "cosine":
-        raise ValueError(f"unknown lr decay {decay!r} (use 'none' or 'cosine')")
+        raise CtfgenError(f"unknown lr decay {decay!r} (use 'none' or 'cosine')")
     t = min(1.0, (step - warmup) / (total - warmup))
     return base * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
@@ -67,7 +76,59 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    return load_torch_file(path, device)
+
+
+def load_torch_file(path: str | Path, device: str | torch.device = "cpu", allowed: tuple[type, ...] = ()) -> Any:
+    """torch.load with weights_only=True: tensors and plain containers, plus the classes in `allowed`;
+    a file that would run any other pickled code is refused with a one-line ArtifactError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found")
+    safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise ArtifactError(f"checkpoint {path} cannot be read: {e}") from None
+        with safe(list(allowed)) if safe and allowed else contextlib.nullcontext():
+            return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise ArtifactError(f"{path} holds the Python object {found.group(1)}; refusing to unpickle it (ctfgen "
+                                "loads weights only, with weights_only=True; save the state dict alone)") from None
+        raise ArtifactError(f"{path} is not a torch checkpoint (its pickle data cannot be read)") from None
+    except Exception as e:  # a truncated or foreign file: torch raises several types
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{path} cannot be read as a torch checkpoint: {first_line}") from None
+
+
+class StopRequest:
+    """SIGTERM or Ctrl-C asks a training loop to stop after its current step; a second one stops at once.
+
+    Use it around the loop (`with StopRequest() as stop:`) and look at `stop.signum` after each step.
+    Handlers can only be installed in the main thread; elsewhere nothing is installed.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object = None) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s: stopping after this step with a checkpoint (send it again to stop at once, without one)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self) -> StopRequest:
+        self.signum = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+            for s in self.SIGNALS:
+                signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from .errors import CtfgenError
 from .transformer.model import Transformer, mask_to_clusters
 
 
@@ -42,22 +43,22 @@ class StageSettings:
         """ValueError naming the CLI flag (--t1, --top-k2, ...) of the first bad setting."""
         vocab = model.config.head_size
         if not self.temperature > 0:
-            raise ValueError(f"--t{stage}: temperature must be > 0, got {self.temperature}")
+            raise CtfgenError(f"--t{stage}: temperature must be > 0, got {self.temperature}")
         if not 0 <= self.top_k <= vocab:
-            raise ValueError(f"--top-k{stage}: top-k must be in 0..{vocab} (0 = off), got {self.top_k}")
+            raise CtfgenError(f"--top-k{stage}: top-k must be in 0..{vocab} (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p{stage}: top-p must be in (0, 1], got {self.top_p}")
+            raise CtfgenError(f"--top-p{stage}: top-p must be in (0, 1], got {self.top_p}")
         if self.guided and model.config.class_dropout_prob <= 0:
-            raise ValueError(f"--cfg{stage}: guidance scale {self.cfg} needs a model trained with class-label "
-                             f"dropout, but the stage-{stage} model has class_dropout_prob=0 (use --cfg{stage} 1)")
+            raise CtfgenError(f"--cfg{stage}: guidance scale {self.cfg} needs a model trained with class-label "
+                              f"dropout, but the stage-{stage} model has class_dropout_prob=0 (use --cfg{stage} 1)")
 
 
 def check_class_labels(class_labels: torch.Tensor, num_classes: int) -> None:
     if class_labels.dim() != 1 or class_labels.dtype.is_floating_point:
-        raise ValueError(f"class labels must be a 1-D integer tensor, got {tuple(class_labels.shape)} {class_labels.dtype}")
+        raise CtfgenError(f"class labels must be a 1-D integer tensor, got {tuple(class_labels.shape)} {class_labels.dtype}")
     bad = class_labels[(class_labels < 0) | (class_labels >= num_classes)]
     if bad.numel():
-        raise ValueError(f"--classes: class id {int(bad[0])} is out of range; the model knows classes 0..{num_classes - 1}")
+        raise CtfgenError(f"--classes: class id {int(bad[0])} is out of range; the model knows classes 0..{num_classes - 1}")
 
 
 # --- logits -> tokens ----------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def sample_causal(model: Transformer, class_labels: torch.Tensor, settings: Stag
     logits_out: if given, receives the guided logits [B, V] each token was drawn from (for tests).
     """
     if not model.config.causal:
-        raise ValueError(f"sample_causal needs a causal model, got role {model.config.role!r}")
+        raise CtfgenError(f"sample_causal needs a causal model, got role {model.config.role!r}")
     guided = settings.guided if guidance is None else guidance
     device = model.head.weight.device
     class_labels = class_labels.to(device)
@@ -170,7 +171,7 @@ def refine(refiner: Transformer, coarse: torch.Tensor, class_labels: torch.Tenso
     applied after guidance, since uncond + s * (cond - uncond) of two -inf logits is NaN.
     """
     if refiner.config.role != "refiner":
-        raise ValueError(f"refine needs a refiner, got role {refiner.config.role!r}")
+        raise CtfgenError(f"refine needs a refiner, got role {refiner.config.role!r}")
     guided = settings.guided if guidance is None else guidance
     device = refiner.head.weight.device
     coarse, class_labels = coarse.to(device), class_labels.to(device)
@@ -188,10 +189,10 @@ def check_stages_fit(coarse_model: Transformer, refiner: Transformer) -> None:
     """The refiner must read what the coarse model writes, on the same grid and classes."""
     c, r = coarse_model.config, refiner.config
     if c.role != "coarse" or r.role != "refiner":
-        raise ValueError(f"expected a coarse model and a refiner, got roles {c.role!r} and {r.role!r}")
+        raise CtfgenError(f"expected a coarse model and a refiner, got roles {c.role!r} and {r.role!r}")
     for name in ("vocab_size", "grid_h", "grid_w", "num_classes"):
         if getattr(c, name) != getattr(r, name):
-            raise ValueError(f"the coarse model has {name}={getattr(c, name)} but the refiner has {getattr(r, name)}")
+            raise CtfgenError(f"the coarse model has {name}={getattr(c, name)} but the refiner has {getattr(r, name)}")
 
 
 def sample_ctf(coarse_model: Transformer, refiner: Transformer, class_labels: torch.Tensor,
@@ -210,7 +211,7 @@ def sample_baseline(model: Transformer, class_labels: torch.Tensor, stage1: Stag
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """The baseline: the same AR sampler over fine codes, no stage 2. long [B, T]."""
     if model.config.role != "baseline":
-        raise ValueError(f"expected a baseline model, got role {model.config.role!r}")
+        raise CtfgenError(f"expected a baseline model, got role {model.config.role!r}")
     check_class_labels(class_labels, model.config.num_classes)
     stage1.validate(model, 1)
     return sample_causal(model, class_labels, stage1, generator)
@@ -220,7 +221,7 @@ def in_batches(fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], class_lab
                batch_size: int, progress: bool = True, desc: str = "sampling") -> tuple[torch.Tensor, ...]:
     """Run fn over slices of class_labels (with a tqdm bar over batches) and concatenate its outputs."""
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise CtfgenError(f"--batch-size must be >= 1, got {batch_size}")
     parts = [fn(chunk) for chunk in tqdm(class_labels.split(batch_size), desc=desc, unit="batch", disable=not progress)]
     return tuple(torch.cat(outputs) for outputs in zip(*parts))
 

@@ -45,8 +45,12 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert capsys.readouterr().out.count("done earlier; reusing it") == 8
 
     # a stage killed after its last checkpoint but before its artifacts: the next run resumes it
+    status = json.loads((run / "refiner" / "status.json").read_text())
+    (run / "refiner" / "status.json").write_text(json.dumps({**status, "finished": False}))
     (run / "refiner" / "train_info.json").unlink()
-    main(args)
-    assert capsys.readouterr().out.count("done earlier; reusing it") == 7
+    main(args[:-1] + ["--tokenizer-steps", "5", "--quiet"])
+    out = capsys.readouterr().out
+    assert out.count("done earlier; reusing it") == 7
+    assert "made with steps=4; the flags ask for steps=5" in out  # a reused stage says when its budget differs
     info = json.loads((run / "refiner" / "train_info.json").read_text())
     assert info["resumed_from_step"] == 3 and info["steps"] == 3

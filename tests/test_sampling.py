@@ -244,7 +244,7 @@ def test_training_writes_sample_grids(run_dir: Path, tmp_path: Path) -> None:
                   device="cpu", sample_every=1, sample_tokenizer=str(run_dir / "tokenizer"))
     with pytest.raises(ValueError, match="--sample-refiner"):
         train(TrainConfig(role="coarse", out=str(tmp_path / "bad"), **common), progress=False)
-    out = tmp_path / "coarse"
+    out = tmp_path / "coarse-trained"  # tmp_path/coarse is the run's finished model, which train refuses to overwrite
     train(TrainConfig(role="coarse", out=str(out), sample_refiner=str(run_dir / "refiner"), **common), progress=False)
     events = EventAccumulator(str(out / "logs"), size_guidance={"images": 0})
     events.Reload()

@@ -22,6 +22,7 @@ from ctfgen.artifacts import ArtifactError, load_tensors
 from ctfgen.hierarchy import Hierarchy, save_hierarchy
 from ctfgen.runtime import load_checkpoint
 from ctfgen.training import CHECKPOINT_NAME, INFO_NAME, Trainer, TrainConfig, train
+from ctfgen.errors import Stopped
 from ctfgen.training.ddp import setup_distributed, teardown_distributed
 from ctfgen.transformer import load_model, preset_config, save_model, build_model
 
@@ -164,7 +165,7 @@ def test_resume_is_bit_identical(data, tmp_path):
     assert_state_equal(weights(tmp_path / "once"), weights(tmp_path / "twice"))
 
 
-def test_sigterm_saves_a_checkpoint_and_returns(data, tmp_path, monkeypatch):
+def test_sigterm_saves_a_checkpoint_and_stops(data, tmp_path, monkeypatch):
     cfg = make_cfg(data, tmp_path, steps=6)
     plain_step = Trainer.train_step
 
@@ -176,8 +177,10 @@ def test_sigterm_saves_a_checkpoint_and_returns(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_step", step_then_sigterm)
     before = signal.getsignal(signal.SIGTERM)
-    result = train(cfg, progress=False)
-    assert result == {"interrupted": True, "step": 3, "checkpoint": str(tmp_path / CHECKPOINT_NAME)}
+    with pytest.raises(Stopped) as stopped:
+        train(cfg, progress=False)
+    assert (stopped.value.signum, stopped.value.step) == (signal.SIGTERM, 3)
+    assert stopped.value.exit_code == 143 and stopped.value.checkpoint == str(tmp_path / CHECKPOINT_NAME)
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 3
     assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / INFO_NAME).exists()
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is uninstalled

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import CtfgenError
 from .transforms import ImageTransform
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
-class DataError(ValueError):
+class DataError(CtfgenError):
     """A dataset file is missing, truncated or malformed."""
 
 
@@ -67,7 +68,7 @@ def fashion_mnist_root(root: str | Path | None = None) -> Path:
 def load_fashion_mnist_arrays(root: str | Path | None = None, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """uint8 images [N,28,28] and labels [N] of the 60k/10k split."""
     if split not in ("train", "test"):
-        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+        raise CtfgenError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
     root = fashion_mnist_root(root)
     prefix = "train" if split == "train" else "t10k"
     images = _read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"), 2051, 3)
@@ -137,7 +138,7 @@ class ImageFolder(Dataset):
     def __init__(self, root: str | Path, transform: ImageTransform, on_error: str = "skip"):
         root = Path(root)
         if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+            raise CtfgenError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         if not root.is_dir():
             raise DataError(f"image folder {root} not found")
         self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())

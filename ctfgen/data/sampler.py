@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import CtfgenError
+
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """Indices of this rank's share of the global batch number `step`.
@@ -13,7 +15,7 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int, rank: int = 0, 
     """
     global_batch = batch_size * world_size
     if n < global_batch:
-        raise ValueError(f"dataset of {n} items is smaller than the global batch of {global_batch}")
+        raise CtfgenError(f"dataset of {n} items is smaller than the global batch of {global_batch}")
     per_epoch = n // global_batch
     epoch, pos = divmod(step, per_epoch)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

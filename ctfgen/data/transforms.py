@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import CtfgenError
+
 
 class ImageTransform:
     """PIL image -> float[C,H,W] in [-1,1] at `resolution` x `resolution`.
@@ -18,7 +20,7 @@ class ImageTransform:
 
     def __init__(self, resolution: int, channels: int = 3, hflip: bool = False):
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+            raise CtfgenError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         self.resolution, self.channels, self.hflip = resolution, channels, hflip
 
     def __call__(self, img: Image.Image) -> torch.Tensor:

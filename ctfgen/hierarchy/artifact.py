@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..artifacts import ArtifactError, fingerprint_tensors, load_artifact, save_artifact
+from ..errors import CtfgenError
 from .cluster import Clustering
 
 log = logging.getLogger(__name__)
@@ -37,14 +38,14 @@ class Hierarchy:
                  iterations: int | None = None, tokenizer_fingerprint: str | None = None):
         coarse_of = torch.as_tensor(coarse_of)
         if coarse_of.dim() != 1 or coarse_of.dtype.is_floating_point or coarse_of.dtype == torch.bool or len(coarse_of) == 0:
-            raise ValueError(f"coarse_of must be a non-empty 1-D integer tensor, got {tuple(coarse_of.shape)} {coarse_of.dtype}")
+            raise CtfgenError(f"coarse_of must be a non-empty 1-D integer tensor, got {tuple(coarse_of.shape)} {coarse_of.dtype}")
         coarse_of = coarse_of.detach().long().cpu().contiguous()
         K = int(coarse_of.max()) + 1 if K is None else int(K)
         if coarse_of.min() < 0 or coarse_of.max() >= K:
-            raise ValueError(f"coarse labels must lie in [0, {K}), got [{int(coarse_of.min())}, {int(coarse_of.max())}]")
+            raise CtfgenError(f"coarse labels must lie in [0, {K}), got [{int(coarse_of.min())}, {int(coarse_of.max())}]")
         sizes = torch.bincount(coarse_of, minlength=K)
         if (sizes == 0).any():
-            raise ValueError(f"{int((sizes == 0).sum())} of the {K} clusters are empty; every coarse label needs a member")
+            raise CtfgenError(f"{int((sizes == 0).sum())} of the {K} clusters are empty; every coarse label needs a member")
         self.coarse_of = coarse_of
         self.K, self.V = K, len(coarse_of)
         self.sizes = sizes
@@ -72,7 +73,7 @@ class Hierarchy:
     def to_coarse(self, codes: torch.Tensor) -> torch.Tensor:
         """Fine codes of any shape, on any device -> their coarse labels (same shape and device)."""
         if codes.dtype.is_floating_point or codes.dtype == torch.bool:
-            raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+            raise CtfgenError(f"codes must be an integer tensor, got {codes.dtype}")
         table = self._by_device.get(codes.device)
         if table is None:
             table = self._by_device[codes.device] = self.coarse_of.to(codes.device)

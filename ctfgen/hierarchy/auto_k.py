@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..errors import CtfgenError
 from ..tokenizer.model import VQTokenizer
 from .artifact import Hierarchy
 from .cluster import Clustering, cluster_codebook
@@ -68,7 +69,7 @@ def noise_floor_curve(tokenizer: VQTokenizer, images: torch.Tensor, ks: list[int
     """Within-cluster swap damage for each K in `ks` (in the order given), plus the tokenizer's
     reconstruction MSE and the random-swap MSE. With `tolerance`, stops at the first K that meets it."""
     if images.dim() != 4 or len(images) == 0:
-        raise ValueError(f"expected a non-empty image batch [N,C,H,W], got {tuple(images.shape)}")
+        raise CtfgenError(f"expected a non-empty image batch [N,C,H,W], got {tuple(images.shape)}")
     tokenizer = tokenizer.eval()
     images = images.to(next(tokenizer.parameters()).device)
     codes = torch.cat([tokenizer.encode(part) for part in images.split(batch_size)])
@@ -99,10 +100,10 @@ def choose_k(tokenizer: VQTokenizer, images: torch.Tensor, tolerance: float = DE
     decodes only as often as needed. If none passes, returns the largest candidate with met=False.
     """
     if tolerance <= 0:
-        raise ValueError(f"tolerance must be positive, got {tolerance}")
+        raise CtfgenError(f"tolerance must be positive, got {tolerance}")
     ks = sorted(candidates or candidate_ks(tokenizer.config.codebook_size))
     if not ks:
-        raise ValueError(f"no candidate K for a codebook of {tokenizer.config.codebook_size}")
+        raise CtfgenError(f"no candidate K for a codebook of {tokenizer.config.codebook_size}")
     curve, clusterings, recon_mse, random_mse = noise_floor_curve(tokenizer, images, ks, method, seed, tolerance, **params)
     met = curve[-1]["within_mse"] <= tolerance * recon_mse
     return AutoK(curve[-1]["K"], tolerance, recon_mse, random_mse, curve, met, clusterings[-1])

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..errors import CtfgenError
 from ..tokenizer.model import VQTokenizer, load_tokenizer
 from .artifact import Hierarchy
 from .auto_k import DEFAULT_TOLERANCE, choose_k
@@ -28,13 +29,13 @@ def build_hierarchy(tokenizer_dir_or_model: str | Path | VQTokenizer, method: st
         tokenizer = load_tokenizer(tokenizer)
     if k == "auto":
         if images is None:
-            raise ValueError("k='auto' measures swap damage on images: pass images=float[N,C,H,W] in [-1,1]")
+            raise CtfgenError("k='auto' measures swap damage on images: pass images=float[N,C,H,W] in [-1,1]")
         auto = choose_k(tokenizer, images, tolerance, method, seed, **params)
         assert auto.clustering is not None
         h = Hierarchy.from_clustering(auto.clustering, seed, tokenizer.fingerprint)
         h.params["k_selection"] = auto.to_dict()
         return h
     if isinstance(k, str):
-        raise ValueError(f"k must be an integer or 'auto', got {k!r}")
+        raise CtfgenError(f"k must be an integer or 'auto', got {k!r}")
     clustering = cluster_codebook(tokenizer.codebook.detach().float().cpu(), method, k, seed=seed, **params)
     return Hierarchy.from_clustering(clustering, seed, tokenizer.fingerprint)

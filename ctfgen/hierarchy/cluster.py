@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import CtfgenError
+
 # chunk of the (points x centres) distance matrix held at once: 4M floats = 16 MiB
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -48,18 +50,18 @@ class Clustering:
 def _check_input(x: torch.Tensor, k: int) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"expected an (N, D) tensor of points, got {shape}")
+        raise CtfgenError(f"expected an (N, D) tensor of points, got {shape}")
     if not x.is_floating_point():
-        raise ValueError(f"expected floating-point points, got {x.dtype}")
+        raise CtfgenError(f"expected floating-point points, got {x.dtype}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"K must be an integer, got {k!r}")
+        raise CtfgenError(f"K must be an integer, got {k!r}")
     n = x.shape[0]
     if k < 1:
-        raise ValueError(f"K must be at least 1, got {k}")
+        raise CtfgenError(f"K must be at least 1, got {k}")
     if k > n:
-        raise ValueError(f"K={k} is larger than the number of points V={n}")
+        raise CtfgenError(f"K={k} is larger than the number of points V={n}")
     if not torch.isfinite(x).all():
-        raise ValueError("the points contain NaN or infinite values")
+        raise CtfgenError("the points contain NaN or infinite values")
     return x if x.dtype == torch.float64 else x.float()
 
 
@@ -218,7 +220,7 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, max_iter: int = 100, tol: flo
     if backend == "faiss":
         return _kmeans_faiss(_prepare(x, normalize), k, seed, params)
     if backend != "torch":
-        raise ValueError(f"unknown k-means backend {backend!r} (use 'torch' or 'faiss')")
+        raise CtfgenError(f"unknown k-means backend {backend!r} (use 'torch' or 'faiss')")
     x = _prepare(x, normalize)
     centres = _initial_centres(x, k, _generator(seed, x.device), init_sample)
     labels, history, iterations = _lloyd(x, centres, max_iter, tol)
@@ -229,7 +231,7 @@ def _kmeans_faiss(x: torch.Tensor, k: int, seed: int, params: dict) -> Clusterin
     try:
         import faiss  # optional: pip install ctfgen[faiss]
     except ImportError:
-        raise ValueError("backend='faiss' needs faiss (pip install faiss-cpu); the default backend is 'torch'") from None
+        raise CtfgenError("backend='faiss' needs faiss (pip install faiss-cpu); the default backend is 'torch'") from None
     xs = x.detach().float().cpu().numpy()
     km = faiss.Kmeans(xs.shape[1], k, niter=params["max_iter"], seed=int(seed), verbose=False)
     km.train(xs)
@@ -289,7 +291,7 @@ def balanced(x: torch.Tensor, k: int, seed: int = 0, max_iter: int = 50, tol: fl
     x = _check_input(x, k)
     n = len(x)
     if n % k:
-        raise ValueError(f"balanced clustering needs K to divide V: {n} codewords do not split into {k} equal clusters")
+        raise CtfgenError(f"balanced clustering needs K to divide V: {n} codewords do not split into {k} equal clusters")
     x = _prepare(x, normalize)
     gen = _generator(seed, x.device)
     centres = _initial_centres(x, k, gen, init_sample)
@@ -400,8 +402,8 @@ def _scipy_linkage_merges(x: np.ndarray, metric: str) -> list[tuple[float, int, 
     try:
         from scipy.cluster.hierarchy import linkage
     except ImportError:
-        raise ValueError(f"agglomerative clustering with metric={metric!r} needs scipy (pip install scipy); "
-                         "metric='cosine' needs nothing extra") from None
+        raise CtfgenError(f"agglomerative clustering with metric={metric!r} needs scipy (pip install scipy); "
+                          "metric='cosine' needs nothing extra") from None
     z = linkage(x.astype(np.float64), method="average", metric=metric)
     # scipy names a merged cluster n+i; map it to the smallest original index it holds (its slot)
     n = len(x)
@@ -427,7 +429,7 @@ def agglomerative(x: torch.Tensor, k: int, seed: int = 0, metric: str = "cosine"
     pts = _prepare(x, normalize)
     if metric == "cosine":
         if not normalize:
-            raise ValueError("metric='cosine' works on unit vectors; keep normalize=True")
+            raise CtfgenError("metric='cosine' works on unit vectors; keep normalize=True")
         merges = _average_linkage_cosine(F.normalize(x.detach().double().cpu(), dim=1))  # unit in float64: exact cosines
     else:
         merges = _scipy_linkage_merges(pts.detach().double().cpu().numpy(), metric)
@@ -461,5 +463,5 @@ METHODS: dict[str, Callable[..., Clustering]] = {
 def cluster_codebook(codebook: torch.Tensor, method: str = "kmeans", k: int = 512, seed: int = 0, **params: Any) -> Clustering:
     """Cluster the V codewords (V x D) into k groups with the named method."""
     if method not in METHODS:
-        raise ValueError(f"unknown clustering method {method!r}; choose from {sorted(METHODS)}")
+        raise CtfgenError(f"unknown clustering method {method!r}; choose from {sorted(METHODS)}")
     return METHODS[method](codebook.detach(), k, seed=seed, **params)

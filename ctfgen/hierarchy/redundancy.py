@@ -21,12 +21,14 @@ import torch
 
 from ..artifacts import write_json
 from ..data.transforms import image_grid
+from ..errors import CtfgenError
 from ..tokenizer.model import VQTokenizer
 from .artifact import Hierarchy, check_compatible
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # images float[B,C,H,W] in [-1,1] -> features [B, ...]
 
 PSNR_CAP_DB = 100.0  # identical images would give +inf; JSON has no inf, so PSNR is capped here
+REPORT_KIND = "redundancy-report"  # the kind of the folder `ctfgen analyze-redundancy` writes (ctfgen.outputs)
 REPORT_NAME = "redundancy.json"
 PANEL_NAME = "redundancy.png"
 
@@ -137,7 +139,7 @@ def analyze_redundancy(tokenizer: VQTokenizer, images: torch.Tensor, hierarchies
     swap's MSE (0: swaps inside clusters are free, 1: as bad as random).
     """
     if images.dim() != 4 or len(images) == 0:
-        raise ValueError(f"expected a non-empty image batch [N,C,H,W], got {tuple(images.shape)}")
+        raise CtfgenError(f"expected a non-empty image batch [N,C,H,W], got {tuple(images.shape)}")
     for h in hierarchies:
         check_compatible(h, fingerprint=tokenizer.fingerprint, codebook_size=tokenizer.config.codebook_size)
     tokenizer = tokenizer.eval()

@@ -12,12 +12,15 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arguments import AtLeast, Count, OneOf, Positive, add_dataclass_args, check_fields, dataclass_from_args
 from ..artifacts import ArtifactError, load_artifact, save_artifact
+from ..outputs import add_output_flags, plan_output
 from ..runtime import lr_at, pick_device, seed_everything
 from .features import FeatureExtractor, resize_images, weights_fingerprint
 
@@ -66,27 +69,30 @@ class DomainClassifier(nn.Module):
 
 @dataclass
 class ClassifierTrainConfig:
-    dataset: str = "fashion-mnist"
+    data: str = "fashion-mnist"  # 'fashion-mnist', an .npz or an image folder
     out: str = "runs/classifier"
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 5e-4
-    width: int = 32
-    resolution: int = 32
-    channels: int = 1
-    hflip: bool = True
-    limit: int | None = None  # use only the first `limit` training images (tests, quick runs)
-    eval_limit: int | None = None
+    epochs: Count = 3
+    batch_size: Count = 128
+    lr: Positive = 3e-3
+    weight_decay: Annotated[float, AtLeast(0.0)] = 5e-4
+    width: Count = 32  # channels of the first stage
+    resolution: Annotated[int, AtLeast(8)] = 32  # three 2x poolings
+    channels: Annotated[int, OneOf(1, 3)] = 1
+    hflip: bool = True  # mirror half of each batch
+    limit: Annotated[int | None, AtLeast(1)] = None  # train on the first `limit` images only (tests, quick runs)
+    eval_limit: Annotated[int | None, AtLeast(1)] = None  # test images scored (None: the whole split)
     seed: int = 0
     device: str = "auto"
-    data_dir: str | None = None
+    data_dir: str | None = None  # folder of the Fashion-MNIST idx files
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def _load_split(cfg: ClassifierTrainConfig, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     from ..data.datasets import build_dataset
 
-    ds = build_dataset(cfg.dataset, split, resolution=cfg.resolution, channels=cfg.channels, data_dir=cfg.data_dir)
+    ds = build_dataset(cfg.data, split, resolution=cfg.resolution, channels=cfg.channels, data_dir=cfg.data_dir)
     n = len(ds) if limit is None else min(limit, len(ds))
     items = [ds[i] for i in range(n)]
     images = torch.stack([x for x, _ in items])
@@ -109,9 +115,11 @@ def accuracy(model: DomainClassifier, images: torch.Tensor, labels: torch.Tensor
     return correct / max(len(images), 1)
 
 
-def train_classifier(cfg: ClassifierTrainConfig | None = None, **overrides) -> dict:
-    """Train on the train split, measure test accuracy, write the artifact folder; returns its config."""
+def train_classifier(cfg: ClassifierTrainConfig | None = None, *, force: bool = False, **overrides) -> dict:
+    """Train on the train split, measure test accuracy, write the artifact folder; returns its config.
+    A finished classifier folder is replaced only with `force` (see ctfgen.outputs)."""
     cfg = ClassifierTrainConfig(**{**asdict(cfg or ClassifierTrainConfig()), **overrides})
+    output = plan_output(cfg.out, KIND, force=force)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     start = time.perf_counter()
@@ -140,11 +148,11 @@ def train_classifier(cfg: ClassifierTrainConfig | None = None, **overrides) -> d
     train_seconds = time.perf_counter() - start
     test_images, test_labels, _ = _load_split(cfg, "test", cfg.eval_limit)
     model.cpu()
-    config = {"kind": KIND, "model": asdict(model.config), "classes": classes, "dataset": cfg.dataset,
+    config = {"kind": KIND, "model": asdict(model.config), "classes": classes, "dataset": cfg.data,
               "train": {k: v for k, v in asdict(cfg).items() if k != "out"}, "train_images": len(images),
               "test_accuracy": accuracy(model, test_images, test_labels), "test_images": len(test_images),
               "train_seconds": round(train_seconds, 1)}
-    save_artifact(cfg.out, config, model.state_dict())
+    output.write(lambda folder: save_artifact(folder, config, model.state_dict()))
     return config
 
 
@@ -187,24 +195,11 @@ def build_domain_extractor(path: str | Path | None = None) -> DomainExtractor:
 # --- CLI (registered by ctfgen.cli) ------------------------------------------------------------------------
 
 def add_classifier_args(parser: argparse.ArgumentParser) -> None:
-    d = ClassifierTrainConfig()
-    parser.add_argument("--data", dest="dataset", default=d.dataset, help="'fashion-mnist', an .npz or an image folder")
-    parser.add_argument("--out", required=True, help="artifact folder to write")
-    parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--width", type=int, default=d.width)
-    parser.add_argument("--resolution", type=int, default=d.resolution)
-    parser.add_argument("--channels", type=int, choices=(1, 3), default=d.channels)
-    parser.add_argument("--no-hflip", dest="hflip", action="store_false")
-    parser.add_argument("--limit", type=int, default=None, help="train on the first N images only")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--device", default=d.device)
-    parser.add_argument("--data-dir", default=None)
+    add_dataclass_args(parser, ClassifierTrainConfig)
+    add_output_flags(parser)
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> None:
-    fields = ClassifierTrainConfig.__dataclass_fields__
-    config = train_classifier(ClassifierTrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    config = train_classifier(dataclass_from_args(ClassifierTrainConfig, args), force=args.force)
     print(f"test accuracy {config['test_accuracy']:.4f} on {config['test_images']} images; "
           f"trained in {config['train_seconds']:.0f} s; written to {args.out}")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..artifacts import ArtifactError, fingerprint_tensors
+from ..errors import CtfgenError
 
 DEFAULT_EXTRACTOR = "effnet-lite0"
 
@@ -52,13 +53,13 @@ class FeatureExtractor(nn.Module):
 def resize_images(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
     """[-1,1] images -> `channels` channels at size x size (bilinear; antialiased when shrinking)."""
     if images.dim() != 4:
-        raise ValueError(f"expected images float[N,C,H,W], got shape {tuple(images.shape)}")
+        raise CtfgenError(f"expected images float[N,C,H,W], got shape {tuple(images.shape)}")
     if images.shape[1] == 1 and channels == 3:
         images = images.expand(-1, 3, -1, -1)
     elif images.shape[1] == 3 and channels == 1:
         images = images.mean(dim=1, keepdim=True)
     elif images.shape[1] != channels:
-        raise ValueError(f"cannot convert {images.shape[1]}-channel images to {channels} channels")
+        raise CtfgenError(f"cannot convert {images.shape[1]}-channel images to {channels} channels")
     if images.shape[-2:] != (size, size):
         shrink = images.shape[-1] > size or images.shape[-2] > size
         images = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
@@ -97,7 +98,7 @@ def extractor_names() -> list[str]:
 def get_extractor(name: str = DEFAULT_EXTRACTOR, **kwargs) -> FeatureExtractor:
     """Build an extractor by name, e.g. get_extractor("domain", path="runs/x/classifier")."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown feature extractor {name!r}; choose from {extractor_names()}")
+        raise CtfgenError(f"unknown feature extractor {name!r}; choose from {extractor_names()}")
     module_name, factory_name = _REGISTRY[name].split(":")
     factory: Callable[..., FeatureExtractor] = getattr(importlib.import_module(module_name), factory_name)
     return factory(**kwargs).eval()

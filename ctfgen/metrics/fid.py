@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..artifacts import ArtifactError, load_tensors, read_json, save_tensors, write_json
+from ..errors import CtfgenError
 from .features import FeatureExtractor, extract_features, metric_label
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def feature_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.n
     """Mean and covariance (float64) of features [N,F]."""
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"need at least 2 feature vectors [N,F], got shape {x.shape}")
+        raise CtfgenError(f"need at least 2 feature vectors [N,F], got shape {x.shape}")
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
@@ -48,7 +49,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics do not match: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
+        raise CtfgenError(f"statistics do not match: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
     root1 = _psd_sqrt(sigma1)
     middle = root1 @ sigma2 @ root1
     eigen = np.linalg.eigvalsh((middle + middle.T) / 2)
@@ -63,7 +64,7 @@ def inception_score(probs: torch.Tensor | np.ndarray, splits: int = 10) -> tuple
     """Mean and std over `splits` random chunks of exp(E_x[KL(p(y|x) || p(y))]), from class probabilities [N,C]."""
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or len(p) < splits:
-        raise ValueError(f"need probabilities [N,C] with N >= splits={splits}, got shape {p.shape}")
+        raise CtfgenError(f"need probabilities [N,C] with N >= splits={splits}, got shape {p.shape}")
     # Splits must be random subsets: sample sets are often ordered by class, and a split holding one
     # class has a peaked marginal, which drives IS to 1. A fixed permutation keeps the score deterministic.
     p = p[np.random.default_rng(0).permutation(len(p))]
@@ -86,7 +87,7 @@ def _map_row_chunks(a: torch.Tensor, b: torch.Tensor, fn, chunk: int) -> list[to
 def knn_radii(features: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
     """Distance from each point to its k-th nearest neighbour in the same set (itself excluded)."""
     if len(features) <= k:
-        raise ValueError(f"need more than k={k} points for k-NN radii, got {len(features)}")
+        raise CtfgenError(f"need more than k={k} points for k-NN radii, got {len(features)}")
     parts = _map_row_chunks(features, features, lambda d: d.kthvalue(k + 1, dim=1).values, chunk)
     return torch.cat(parts)
 

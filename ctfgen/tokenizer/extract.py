@@ -11,19 +11,24 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..artifacts import write_json
+from ..outputs import open_output
 from ..data.codes import CODES_KIND, code_dtype
+from ..errors import CtfgenError
 from .model import VQTokenizer
 
 
 @torch.no_grad()
 def extract_codes(tokenizer: VQTokenizer, dataset: Dataset, out: str | Path, *, hflip_copies: bool = False,
                   batch_size: int = 256, num_workers: int = 0, dataset_name: str = "", split: str = "",
-                  device: str | torch.device = "cpu", progress: bool = True) -> dict:
-    """Write codes.npy / labels.npy / meta.json to `out`; returns the meta dict."""
+                  device: str | torch.device = "cpu", progress: bool = True, force: bool = False) -> dict:
+    """Write codes.npy / labels.npy / meta.json to `out`; returns the meta dict.
+
+    A finished codes folder is replaced only with `force` (see ctfgen.outputs); an interrupted one is redone.
+    """
     if len(dataset) == 0:
-        raise ValueError("the dataset is empty: nothing to extract")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+        raise CtfgenError("the dataset is empty: nothing to extract")
+    output = open_output(out, CODES_KIND, force=force)
+    out = output.path
     cfg = tokenizer.config
     views = ["original", "hflip"] if hflip_copies else ["original"]
     n = len(dataset)
@@ -37,7 +42,7 @@ def extract_codes(tokenizer: VQTokenizer, dataset: Dataset, out: str | Path, *, 
     for x, y in tqdm(loader, desc="extract", disable=not progress, unit="batch"):
         x = x.to(device)
         if list(x.shape[-2:]) != [cfg.image_size, cfg.image_size]:
-            raise ValueError(f"images are {tuple(x.shape[-2:])} but the tokenizer was trained at {cfg.image_size} px")
+            raise CtfgenError(f"images are {tuple(x.shape[-2:])} but the tokenizer was trained at {cfg.image_size} px")
         for v, view in enumerate(views):
             rows = slice(v * n + start, v * n + start + len(x))
             codes[rows] = tokenizer.encode(x.flip(-1) if view == "hflip" else x).cpu().numpy()
@@ -53,4 +58,5 @@ def extract_codes(tokenizer: VQTokenizer, dataset: Dataset, out: str | Path, *, 
             "views": views, "num_classes": len(classes) if classes else int(labels.max()) + 1,
             "classes": list(classes) if classes else None}
     write_json(out / "meta.json", meta)
+    output.finish()
     return meta

@@ -8,11 +8,11 @@ silently dropped weight.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 
-from .model import VQConfig, VQTokenizer, save_tokenizer
+from ..errors import CtfgenError
+from .model import VQConfig, VQTokenizer
 
 # (LlamaGen name pattern, ctfgen name); applied to each key, first match wins
 _RENAMES = [
@@ -60,12 +60,12 @@ def convert_state_dict(llamagen: dict[str, torch.Tensor], model: VQTokenizer) ->
             unknown.append(key)
             continue
         if target[new].shape != value.shape:
-            raise ValueError(f"LlamaGen key {key} has shape {tuple(value.shape)}, ctfgen's {new} expects {tuple(target[new].shape)}")
+            raise CtfgenError(f"LlamaGen key {key} has shape {tuple(value.shape)}, ctfgen's {new} expects {tuple(target[new].shape)}")
         out[new] = value.to(target[new].dtype)
     missing = sorted(set(target) - set(out))
     if unknown or missing:
-        raise ValueError(f"checkpoint does not match the VQ layout: unmapped LlamaGen keys {unknown[:5]}"
-                         f"{'...' if len(unknown) > 5 else ''}, ctfgen weights left without a value {missing[:5]}")
+        raise CtfgenError(f"checkpoint does not match the VQ layout: unmapped LlamaGen keys {unknown[:5]}"
+                          f"{'...' if len(unknown) > 5 else ''}, ctfgen weights left without a value {missing[:5]}")
     return out
 
 
@@ -85,14 +85,7 @@ def infer_config(state: dict[str, torch.Tensor], image_size: int = 256) -> VQCon
 def import_llamagen_vq(ckpt: dict, image_size: int = 256) -> VQTokenizer:
     state = unwrap_checkpoint(ckpt)
     if "quantize.embedding.weight" not in state or "encoder.conv_in.weight" not in state:
-        raise ValueError("not a LlamaGen VQ checkpoint: no quantize.embedding.weight / encoder.conv_in.weight")
+        raise CtfgenError("not a LlamaGen VQ checkpoint: no quantize.embedding.weight / encoder.conv_in.weight")
     model = VQTokenizer(infer_config(state, image_size))
     model.load_state_dict(convert_state_dict(state, model))
     return model.eval()
-
-
-def import_llamagen_vq_file(path: str | Path, out: str | Path, image_size: int = 256) -> VQTokenizer:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = import_llamagen_vq(ckpt, image_size)
-    save_tokenizer(model, out)
-    return model

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..artifacts import fingerprint_tensors, load_artifact, save_artifact
+from ..errors import CtfgenError
 from .quantizer import VectorQuantizer
 
 
@@ -44,12 +45,12 @@ class VQConfig:
 
     def validate(self) -> None:
         if self.image_size % self.downsample:
-            raise ValueError(f"image_size {self.image_size} is not divisible by the downsample factor {self.downsample}")
+            raise CtfgenError(f"image_size {self.image_size} is not divisible by the downsample factor {self.downsample}")
         for c in {self.base_channels * m for m in self.channel_mult}:
             if c % self.norm_groups:
-                raise ValueError(f"{c} channels do not split into {self.norm_groups} norm groups")
+                raise CtfgenError(f"{c} channels do not split into {self.norm_groups} norm groups")
         if self.codebook_size < 2 or self.codebook_dim < 1:
-            raise ValueError("the codebook needs at least 2 codewords of dimension >= 1")
+            raise CtfgenError("the codebook needs at least 2 codewords of dimension >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -228,16 +229,16 @@ class VQTokenizer(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """long[B,h,w] -> float[B,C,H,W], clamped to [-1,1]."""
         if codes.dim() != 3 or codes.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"decode expects integer codes of shape [B,h,w], got {tuple(codes.shape)} {codes.dtype}")
+            raise CtfgenError(f"decode expects integer codes of shape [B,h,w], got {tuple(codes.shape)} {codes.dtype}")
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.config.codebook_size):
-            raise ValueError(f"codes must lie in [0, {self.config.codebook_size}), got [{codes.min()}, {codes.max()}]")
+            raise CtfgenError(f"codes must lie in [0, {self.config.codebook_size}), got [{codes.min()}, {codes.max()}]")
         z_q = self.quantizer.embed(codes.long())
         return self.decode_latent(z_q).clamp(-1, 1)
 
     def _check_images(self, x: torch.Tensor) -> None:
         c, s = self.config.in_channels, self.config.downsample
         if x.dim() != 4 or x.shape[1] != c or x.shape[2] % s or x.shape[3] % s:
-            raise ValueError(f"expected images [B,{c},H,W] with H and W divisible by {s}, got {tuple(x.shape)}")
+            raise CtfgenError(f"expected images [B,{c},H,W] with H and W divisible by {s}, got {tuple(x.shape)}")
 
 
 TOKENIZER_KIND = "vq-tokenizer"

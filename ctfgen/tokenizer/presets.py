@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import CtfgenError
 from .model import VQConfig
 
 PRESETS: dict[str, dict] = {
@@ -22,5 +23,5 @@ PRESETS: dict[str, dict] = {
 
 def preset_config(name: str, **overrides) -> VQConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown tokenizer preset {name!r}; choose from {sorted(PRESETS)}")
+        raise CtfgenError(f"unknown tokenizer preset {name!r}; choose from {sorted(PRESETS)}")
     return VQConfig(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})

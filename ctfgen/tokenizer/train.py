@@ -8,6 +8,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -15,14 +16,18 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..arguments import AtLeast, Between, Count, NonNegative, OneOf, Positive, check_fields
 from ..artifacts import write_json
 from ..data.datasets import build_dataset
 from ..data.sampler import StepBatches
 from ..data.transforms import image_grid
-from ..runtime import load_checkpoint, lr_at, pick_device, rng_state, save_checkpoint, seed_everything, set_rng_state
+from ..errors import CtfgenError, Stopped
+from ..outputs import Output, plan_output
+from ..runtime import (StopRequest, load_checkpoint, lr_at, pick_device, rng_state, save_checkpoint, seed_everything,
+                       set_rng_state)
 from .losses import PatchDiscriminator, PerceptualLoss, generator_adv_loss, hinge_d_loss
-from .model import VQTokenizer, save_tokenizer
-from .presets import preset_config
+from .model import TOKENIZER_KIND, VQTokenizer, save_tokenizer
+from .presets import PRESETS, preset_config
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -33,38 +38,41 @@ class TokenizerTrainConfig:
     out: str = "runs/default/tokenizer"
     data: str = "fashion-mnist"
     data_dir: str | None = None
-    preset: str = "small"
-    image_size: int | None = None  # override the preset's resolution
-    codebook_size: int | None = None  # override the preset's codebook size
-    steps: int = 900
-    batch_size: int = 128
-    lr: float = 3e-3
-    warmup_steps: int = 50
-    lr_decay: str = "cosine"
-    weight_decay: float = 0.0
-    recon_loss: str = "l2"  # l1 | l2 | l1+l2
+    preset: Annotated[str, OneOf(*PRESETS)] = "small"
+    image_size: Annotated[int | None, AtLeast(8)] = None  # override the preset's resolution
+    codebook_size: Annotated[int | None, AtLeast(2)] = None  # override the preset's codebook size
+    steps: Count = 900
+    batch_size: Count = 128
+    lr: Positive = 3e-3
+    warmup_steps: NonNegative = 50
+    lr_decay: Annotated[str, OneOf("none", "cosine")] = "cosine"
+    weight_decay: Annotated[float, AtLeast(0.0)] = 0.0
+    recon_loss: Annotated[str, OneOf("l1", "l2", "l1+l2")] = "l2"
     reseed_dead: bool = True
-    reseed_every: int = 50  # steps of usage counted before unused codewords are moved
-    reseed_until: float = 0.8  # fraction of training after which codewords stay put
-    disc_weight: float = 0.0  # 0 turns the PatchGAN loss off
-    disc_start: int = 0
+    reseed_every: Count = 50  # steps of usage counted before unused codewords are moved
+    reseed_until: Annotated[float, Between(0.0, 1.0)] = 0.8  # fraction of training after which codewords stay put
+    disc_weight: Annotated[float, AtLeast(0.0)] = 0.0  # 0 turns the PatchGAN loss off
+    disc_start: NonNegative = 0
     perceptual_weights: str | None = None  # a local VGG16 (+LPIPS heads) safetensors file
-    perceptual_weight: float = 1.0
+    perceptual_weight: Annotated[float, AtLeast(0.0)] = 1.0
     hflip: bool = False
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0
-    save_every: int = 500
-    log_every: int = 25
-    image_every: int = 500
-    report_limit: int | None = None  # test images in the final report (None = the whole split)
+    num_workers: NonNegative = 0
+    save_every: Count = 500
+    log_every: Count = 25
+    image_every: Count = 500
+    report_limit: Annotated[int | None, AtLeast(1)] = None  # test images in the final report (None = the whole split)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def reconstruction_loss(kind: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     losses = {"l1": lambda: F.l1_loss(x, y), "l2": lambda: F.mse_loss(x, y),
               "l1+l2": lambda: F.l1_loss(x, y) + F.mse_loss(x, y)}
     if kind not in losses:
-        raise ValueError(f"unknown reconstruction loss {kind!r}; choose from {sorted(losses)}")
+        raise CtfgenError(f"unknown reconstruction loss {kind!r}; choose from {sorted(losses)}")
     return losses[kind]()
 
 
@@ -102,9 +110,11 @@ def evaluate_tokenizer(model: VQTokenizer, dataset: Dataset, batch_size: int = 2
 
 
 class TokenizerTrainer:
-    def __init__(self, cfg: TokenizerTrainConfig):
+    """`work_dir` is where it writes (`train_tokenizer` passes the folder ctfgen.outputs chose); None means cfg.out."""
+
+    def __init__(self, cfg: TokenizerTrainConfig, work_dir: Path | None = None):
         self.cfg = cfg
-        self.out = Path(cfg.out)
+        self.out = work_dir or Path(cfg.out)
         self.device = pick_device(cfg.device)
         seed_everything(cfg.seed)
         self.model_cfg = preset_config(cfg.preset, image_size=cfg.image_size, codebook_size=cfg.codebook_size)
@@ -208,10 +218,13 @@ class TokenizerTrainer:
         arr = np.asarray(image_grid(torch.cat([x, rec]).cpu(), nrow=len(x)))
         self.writer.add_image("reconstructions", arr if arr.ndim == 3 else arr[..., None], self.step, dataformats="HWC")
 
-    def fit(self, resume: bool = False, progress: bool = True) -> dict:
+    def fit(self, resume: bool = False, progress: bool = True, output: Output | None = None) -> dict:
+        """Train to cfg.steps and write the artifact. SIGTERM / Ctrl-C: saves a checkpoint and raises `Stopped`."""
         from torch.utils.tensorboard import SummaryWriter
 
         cfg = self.cfg
+        if output is not None:
+            output.open()
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / "train_config.json", asdict(cfg))
         if resume:
@@ -223,7 +236,7 @@ class TokenizerTrainer:
         self.model.train()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train tokenizer", disable=not progress, unit="step")
         t0, images = time.perf_counter(), 0
-        try:
+        with StopRequest() as stop:
             for x, _ in loader:
                 x = x.to(self.device, non_blocking=True)
                 stats = self.train_step(x)
@@ -237,15 +250,18 @@ class TokenizerTrainer:
                                     img_s=f"{stats['throughput/images_per_s']:.0f}")
                 if self.step % cfg.image_every == 0:
                     self._log_images(preview)
-                if self.step % cfg.save_every == 0:
+                if self.step % cfg.save_every == 0 or stop.signum is not None:
                     self.save_checkpoint()
-        except KeyboardInterrupt:
-            self.save_checkpoint()
-            bar.close()
-            raise
+                if stop.signum is not None:
+                    bar.close()
+                    self.writer.close()
+                    raise Stopped(stop.signum, self.step, str(self.out / CHECKPOINT_NAME))
         bar.close()
         self.save_checkpoint()
-        return self.finish(progress)
+        report = self.finish(progress)
+        if output is not None:
+            output.finish()
+        return report
 
     def finish(self, progress: bool = True) -> dict:
         """Write the tokenizer artifact, a reconstruction grid and the test-split report."""
@@ -263,5 +279,8 @@ class TokenizerTrainer:
         return report
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    return TokenizerTrainer(cfg).fit(resume=resume, progress=progress)
+def train_tokenizer(cfg: TokenizerTrainConfig, resume: bool = False, force: bool = False, progress: bool = True) -> dict:
+    """Train and write a tokenizer folder; a finished one is replaced only with `force`, an unfinished
+    one continues only with `resume` (see ctfgen.outputs)."""
+    output = plan_output(cfg.out, TOKENIZER_KIND, force=force, resume=resume, resumable=True)
+    return TokenizerTrainer(cfg, work_dir=output.path).fit(resume=output.resumed, progress=progress, output=output)

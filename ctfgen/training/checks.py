@@ -6,59 +6,54 @@ codes, a hierarchy, a model or a checkpoint that belong to different tokenizers 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..artifacts import ArtifactError
 from ..data.codes import CodeDataset
+from ..errors import CtfgenError
 from ..hierarchy import Hierarchy, check_compatible, load_hierarchy
-from ..transformer.model import MODEL_SIZES, ROLES, TransformerConfig
-
-if TYPE_CHECKING:
-    from .loop import TrainConfig
+from ..transformer.model import MODEL_SIZES, TransformerConfig
+from .config import TrainConfig
 
 ROLES_WITH_HIERARCHY = ("coarse", "refiner")
-LR_DECAYS = ("none", "cosine")
 # Fields that may change between a checkpoint and its resumed run: they shape no weight.
 REGULARISATION_FIELDS = ("class_dropout_prob", "token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p")
 
 
 def check_train_config(cfg: TrainConfig, world_size: int) -> None:
-    """Values that are wrong whatever the data (ValueError)."""
-    if cfg.role not in ROLES:
-        raise ValueError(f"--role must be one of {ROLES}, got {cfg.role!r}")
+    """Settings that are wrong together, whatever the data (each field's own range is checked by TrainConfig)."""
     if cfg.init is None and cfg.size not in MODEL_SIZES:
-        raise ValueError(f"--size {cfg.size!r} is not a known preset; known: {sorted(MODEL_SIZES)}")
+        raise CtfgenError(f"--size {cfg.size!r} is not a known preset; known: {sorted(MODEL_SIZES)}")
     if not cfg.codes:
-        raise ValueError("--codes is required: the folder written by `ctfgen extract`")
+        raise CtfgenError("--codes is required: the folder written by `ctfgen extract`")
     if cfg.role in ROLES_WITH_HIERARCHY and not cfg.hierarchy:
-        raise ValueError(f"the {cfg.role} model trains on coarse labels: give --hierarchy (the folder written by clustering)")
+        raise CtfgenError(f"the {cfg.role} model trains on coarse labels: give --hierarchy (the folder written by clustering)")
     if cfg.refiner_mask and cfg.role != "refiner":
-        raise ValueError(f"--refiner-mask applies to the refiner only, not to --role {cfg.role}")
-    if cfg.lr_decay not in LR_DECAYS:
-        raise ValueError(f"--lr-decay must be one of {LR_DECAYS}, got {cfg.lr_decay!r}")
-    for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every", "val_limit"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.ema_decay < 1.0:
-        raise ValueError(f"--ema-decay must be in [0, 1) (0 turns EMA off), got {cfg.ema_decay}")
+        raise CtfgenError(f"--refiner-mask applies to the refiner only, not to --role {cfg.role}")
+    if cfg.sample_every and cfg.role == "refiner":
+        raise CtfgenError("--sample-every: sample grids are for the coarse and baseline roles (the refiner needs a coarse model)")
+    if cfg.sample_every and not cfg.sample_tokenizer:
+        raise CtfgenError("--sample-every needs --sample-tokenizer DIR to turn tokens into pixels")
+    if cfg.sample_every and cfg.role == "coarse" and not cfg.sample_refiner:
+        raise CtfgenError("--sample-every for the coarse role needs --sample-refiner DIR")
     per_step = world_size * cfg.grad_accum
     if cfg.batch_size % per_step:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by world size {world_size} x "
-                         f"grad accumulation {cfg.grad_accum} = {per_step}")
+        raise CtfgenError(f"--batch-size {cfg.batch_size} is not divisible by world size {world_size} x "
+                          f"grad accumulation {cfg.grad_accum} = {per_step}")
 
 
 def load_codes(folder: str, what: str = "--codes") -> CodeDataset:
     codes = CodeDataset(folder)
     if len(codes) == 0:
-        raise ValueError(f"{what} {folder} holds no code grids: nothing to train or evaluate on")
+        raise CtfgenError(f"{what} {folder} holds no code grids: nothing to train or evaluate on")
     return codes
 
 
 def check_batch_fits(codes: CodeDataset, batch_size: int) -> None:
     if len(codes) < batch_size:
-        raise ValueError(f"--codes {codes.folder} holds {len(codes)} items, fewer than one global batch of {batch_size}")
+        raise CtfgenError(f"--codes {codes.folder} holds {len(codes)} items, fewer than one global batch of {batch_size}")
 
 
 def load_matching_hierarchy(cfg: TrainConfig, codes: CodeDataset) -> Hierarchy | None:
@@ -81,10 +76,10 @@ def check_labels(codes: CodeDataset, num_classes: int, source: str) -> None:
     """Every class label must have its own row in the model's class table (the last row is the null class)."""
     labels = np.asarray(codes.labels)
     if labels.min() < 0:
-        raise ValueError(f"{codes.folder}: class labels must be >= 0, found {int(labels.min())}")
+        raise CtfgenError(f"{codes.folder}: class labels must be >= 0, found {int(labels.min())}")
     if labels.max() >= num_classes:
-        raise ValueError(f"{codes.folder}: class labels go up to {int(labels.max())}, but the model has "
-                         f"num_classes={num_classes} (from {source})")
+        raise CtfgenError(f"{codes.folder}: class labels go up to {int(labels.max())}, but the model has "
+                          f"num_classes={num_classes} (from {source})")
 
 
 def check_val_codes(val: CodeDataset, train: CodeDataset, num_classes: int) -> None:

@@ -21,13 +21,12 @@ import json
 import logging
 import math
 import signal
-import threading
 import time
 from collections import deque
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from contextlib import nullcontext
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,12 +37,17 @@ from tqdm.auto import tqdm
 from ..artifacts import ArtifactError, write_json
 from ..data.codes import CodeDataset
 from ..data.sampler import batch_indices
+from ..errors import Stopped
 from ..hierarchy import Hierarchy
-from ..pipeline import preview_grid, training_preview
-from ..runtime import load_checkpoint, lr_at, rng_state, save_checkpoint, seed_everything, set_rng_state
-from ..transformer.model import Transformer, TransformerConfig, build_model, load_model, mask_to_clusters, preset_config, save_model
+from ..outputs import Output, plan_output
+from ..runtime import (StopRequest, load_checkpoint, lr_at, rng_state, save_checkpoint, seed_everything,
+                       set_rng_state)
+from ..transformer.model import (ARTIFACT_KIND, Transformer, TransformerConfig, build_model, load_model, mask_to_clusters,
+                                 preset_config, save_model)
 from . import checks
+from .config import TrainConfig
 from .ddp import DistInfo, all_reduce_sum_, barrier, env_world_size, setup_distributed, single_process, teardown_distributed
+from .preview import Preview
 
 log = logging.getLogger(__name__)
 
@@ -51,45 +55,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 INFO_NAME = "train_info.json"
 CONFIG_NAME = "train_config.json"
 CHECKPOINT_FORMAT = 1
-
-
-@dataclass
-class TrainConfig:
-    role: str = "coarse"  # coarse | refiner | baseline
-    size: str = "small"  # model size preset (ctfgen.transformer.MODEL_SIZES); ignored with --init
-    codes: str = ""  # extracted-code folder (required)
-    hierarchy: str | None = None  # hierarchy folder (required for coarse and refiner)
-    out: str | None = None  # None: runs/default/<role>
-    init: str | None = None  # start from this transformer folder instead of fresh weights
-    val_codes: str | None = None  # held-out code folder, scored once at the end
-    val_limit: int = 1000  # held-out items scored
-    num_classes: int | None = None  # None: from the codes' meta.json
-    steps: int = 2000
-    batch_size: int = 64  # global: over all processes and accumulation micro-batches
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    lr_decay: str = "none"  # none | cosine
-    weight_decay: float = 0.05  # on parameters with dim >= 2 only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 turns clipping off
-    ema_decay: float = 0.0  # 0 turns EMA off; when on, the EMA weights are the saved model
-    class_dropout: float = 0.1
-    dropout: float = 0.1  # token embedding, residual and FFN dropout
-    refiner_mask: bool = False  # refiner: CE over the members of the true cluster only (paper: full head)
-    seed: int = 0
-    device: str = "auto"
-    compile: bool = False
-    save_every: int = 500
-    log_every: int = 25
-    sample_every: int = 0  # coarse/baseline: a sample grid in TensorBoard every N steps; 0 = off
-    sample_tokenizer: str | None = None  # tokenizer folder that decodes those samples
-    sample_refiner: str | None = None  # coarse role: the refiner that turns its samples into fine codes
-
-    @property
-    def out_dir(self) -> Path:
-        return Path(self.out or f"runs/default/{self.role}")
 
 
 # --- pieces with one job each ------------------------------------------------------------------
@@ -206,13 +171,14 @@ class Trainer:
     """Holds the model, optimizer, EMA and step; `fit` runs the loop. Every input check runs in __init__.
 
     `dist_info` comes from `setup_distributed` (what `train` does); None means one process on cfg.device.
+    `work_dir` is where it writes (`train` passes the folder ctfgen.outputs chose); None means cfg.out_dir.
     """
 
-    def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None):
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None, work_dir: Path | None = None):
         self.cfg = cfg
         self.dist = dist_info or single_process(cfg.device)
         self.device = self.dist.device
-        self.out = cfg.out_dir
+        self.out = work_dir or cfg.out_dir
         checks.check_train_config(cfg, self.dist.world_size)
         self.codes = checks.load_codes(cfg.codes)
         checks.check_batch_fits(self.codes, cfg.batch_size)
@@ -232,9 +198,9 @@ class Trainer:
         self.per_rank_batch = cfg.batch_size // self.dist.world_size
         self.step = 0
         self.recent_losses: deque[float] = deque(maxlen=cfg.log_every)
-        self.stop_requested = False
-        self.preview = (training_preview(cfg.role, self.model, cfg.sample_tokenizer, cfg.sample_refiner, self.hierarchy,
-                                         self.device) if cfg.sample_every > 0 and self.dist.is_main else None)
+        self.stop = StopRequest()
+        self.preview = (Preview(self.model, cfg.sample_tokenizer, cfg.sample_refiner, self.hierarchy, self.device)
+                        if cfg.sample_every > 0 and self.dist.is_main else None)
 
     # --- set-up -------------------------------------------------------------------------------
     def _build_model(self) -> Transformer:
@@ -372,42 +338,23 @@ class Trainer:
 
     def _global_loss_and_stop(self, loss: torch.Tensor) -> tuple[float, bool]:
         """Mean loss over ranks, and whether any rank was asked to stop (so all stop at the same step)."""
-        stats = torch.stack([loss, torch.tensor(float(self.stop_requested), device=self.device)])
+        stats = torch.stack([loss, torch.tensor(float(self.stop.signum is not None), device=self.device)])
         all_reduce_sum_(stats, self.dist)
         return stats[0].item() / self.dist.world_size, bool(stats[1].item() > 0)
 
-    # --- signals --------------------------------------------------------------------------------
-    def handle_signal(self, signum: int, frame: Any = None) -> None:
-        """SIGTERM / Ctrl-C: finish the current step, save a checkpoint, return. A second one stops at once."""
-        if self.stop_requested:
-            raise KeyboardInterrupt
-        self.stop_requested = True
-        log.warning("signal %d: saving a checkpoint after this step (send again to abort without saving)", signum)
-
-    @contextmanager
-    def stop_on_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():  # handlers can only live there
-            yield
-            return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in previous:
-            signal.signal(s, self.handle_signal)
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
     # --- the loop -------------------------------------------------------------------------------
-    def fit(self, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    def fit(self, resume: bool = False, progress: bool = True, output: Output | None = None) -> dict[str, Any]:
         """Train to `cfg.steps` (continuing OUT/checkpoint.pt with resume) and write the artifacts.
 
-        Returns train_info (see `finish`), or {"interrupted": True, ...} after SIGTERM / Ctrl-C.
+        Returns train_info (see `finish`). SIGTERM / Ctrl-C: saves a checkpoint and raises `Stopped`.
+        `output` (from `plan_output`) is opened before the first write and finished after the last.
         """
         cfg = self.cfg
         t_start = time.perf_counter()
         if resume:
             self.load_checkpoint()
+        if output is not None and self.dist.is_main:
+            output.open()
         first_step = self.step
         writer = self._open_logs() if self.dist.is_main else None
         speed = Throughput(cfg.batch_size * self.model.config.seq_len)
@@ -416,7 +363,7 @@ class Trainer:
         stopped = False
         self.model.train()
         try:
-            with self.stop_on_signals():
+            with self.stop:
                 while self.step < cfg.steps and not stopped:
                     loss_t, grad_norm, lr = self.train_step()
                     loss, stopped = self._global_loss_and_stop(loss_t)
@@ -426,15 +373,16 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         self._log(writer, bar, lr, grad_norm, speed.rate(self.step))
                     if self.preview is not None and writer is not None and self.step % cfg.sample_every == 0:
-                        grid = np.asarray(preview_grid(self.preview).convert("RGB"))
-                        writer.add_image("samples", grid, self.step, dataformats="HWC")
+                        writer.add_image("samples", self.preview.grid(), self.step, dataformats="HWC")
                     if self.step % cfg.save_every == 0 or stopped or self.step == cfg.steps:
                         self.save_checkpoint()
             bar.close()  # before the held-out evaluation
             if stopped:
                 barrier(self.dist)
-                return {"interrupted": True, "step": self.step, "checkpoint": str(self.checkpoint_path)}
+                raise Stopped(self.stop.signum or signal.SIGTERM, self.step, str(self.checkpoint_path))
             info = self.finish(writer, speed.rate(self.step), time.perf_counter() - t_start, first_step)
+            if output is not None and self.dist.is_main:
+                output.finish()
             barrier(self.dist)
             return info
         finally:
@@ -510,12 +458,18 @@ class Trainer:
         return info
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train one model (1 process, or N under torchrun). Returns train_info on rank 0, {} on other ranks,
-    or {"interrupted": True, "step": ..., "checkpoint": ...} after SIGTERM / Ctrl-C."""
+def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train one model (1 process, or N under torchrun). Returns train_info on rank 0, {} on other ranks.
+
+    The output folder follows ctfgen.outputs: a finished model is replaced only with `force`, an unfinished
+    run continues only with `resume`. SIGTERM / Ctrl-C: saves a checkpoint and raises `Stopped`.
+    """
     checks.check_train_config(cfg, env_world_size())  # fail before waiting for the other processes
+    # Every process reads the folder before they meet in setup_distributed; only rank 0 writes to it after.
+    output = plan_output(cfg.out_dir, ARTIFACT_KIND, force=force, resume=resume, resumable=True)
     dist_info = setup_distributed(cfg.device)
     try:
-        return Trainer(cfg, dist_info).fit(resume=resume, progress=progress)
+        trainer = Trainer(cfg, dist_info, work_dir=output.path)
+        return trainer.fit(resume=output.resumed, progress=progress, output=output)
     finally:
         teardown_distributed(dist_info)

@@ -17,6 +17,8 @@ import torch
 
 from ctfgen.transformer.model import Transformer, TransformerConfig, build_model, preset_config
 
+from ..errors import CtfgenError
+
 # LlamaGen name -> ctfgen name, for the weights outside the block stack.
 GLOBAL_KEYS: dict[str, str] = {
     "cls_embedding.embedding_table.weight": "class_embed.weight",
@@ -61,13 +63,13 @@ def unwrap_llamagen_checkpoint(checkpoint: Mapping[str, object]) -> dict[str, to
     out: dict[str, torch.Tensor] = {}
     for name, value in state.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"checkpoint entry {name!r} is a {type(value).__name__}, not a tensor; "
-                             "pass the state dict (or a dict holding it under 'model')")
+            raise CtfgenError(f"checkpoint entry {name!r} is a {type(value).__name__}, not a tensor; "
+                              "pass the state dict (or a dict holding it under 'model')")
         stripped = name
         while stripped.startswith(_PREFIXES):
             stripped = stripped.split(".", 1)[1]
         if stripped in out:
-            raise ValueError(f"two checkpoint entries map to {stripped!r}")
+            raise CtfgenError(f"two checkpoint entries map to {stripped!r}")
         out[stripped] = value
     return out
 
@@ -80,7 +82,7 @@ def convert_llamagen_state_dict(checkpoint: Mapping[str, object], n_layer: int) 
     unknown = sorted(set(weights) - set(table))
     missing = sorted(set(table) - set(weights))
     if unknown or missing:
-        raise ValueError(
+        raise CtfgenError(
             f"not a LlamaGen c2i GPT with {n_layer} layers: unmapped keys {unknown[:8]}"
             f"{' ...' if len(unknown) > 8 else ''}, missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     return {table[k]: v for k, v in weights.items()}
@@ -99,14 +101,14 @@ def import_llamagen_gpt(state_dict: Mapping[str, object], model_name: str = "GPT
         config = preset_config(model_name, role="baseline", vocab_size=vocab_size, num_classes=num_classes,
                                grid_h=grid, grid_w=grid)
     if config.role != "baseline":
-        raise ValueError(f"LlamaGen GPTs are baseline models, not {config.role!r}")
+        raise CtfgenError(f"LlamaGen GPTs are baseline models, not {config.role!r}")
     weights = convert_llamagen_state_dict(state_dict, config.n_layer)
     model = build_model(config)
     expected = model.state_dict()
     for name, tensor in weights.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape "
-                             f"{tuple(expected[name].shape)} (check model_name, num_classes, vocab_size)")
+            raise CtfgenError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape "
+                              f"{tuple(expected[name].shape)} (check model_name, num_classes, vocab_size)")
     model.load_state_dict(weights, strict=True)
     return model.eval()
 

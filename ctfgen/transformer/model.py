@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from ctfgen.artifacts import ArtifactError, load_artifact, save_artifact
 
+from ..errors import CtfgenError
+
 ROLES = ("coarse", "baseline", "refiner")
 ARTIFACT_KIND = "transformer"
 
@@ -64,26 +66,26 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+            raise CtfgenError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.causal is None:
             self.causal = self.role != "refiner"
         if self.causal != (self.role != "refiner"):
-            raise ValueError(f"role {self.role!r} needs causal={self.role != 'refiner'}")
+            raise CtfgenError(f"role {self.role!r} needs causal={self.role != 'refiner'}")
         if self.head_size is None:
             if self.role == "refiner":
-                raise ValueError("a refiner needs head_size = V (its input vocabulary is K)")
+                raise CtfgenError("a refiner needs head_size = V (its input vocabulary is K)")
             self.head_size = self.vocab_size
         if self.causal and self.head_size != self.vocab_size:
             # A causal model feeds its own predictions back in, so both vocabularies must agree.
-            raise ValueError(f"causal role {self.role!r} needs head_size == vocab_size")
+            raise CtfgenError(f"causal role {self.role!r} needs head_size == vocab_size")
         if self.dim % self.n_head != 0:
-            raise ValueError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
+            raise CtfgenError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
         if self.head_dim % 4 != 0:
             # 2D RoPE rotates head_dim/2 pairs, half by row and half by column.
-            raise ValueError(f"head_dim {self.head_dim} must be a multiple of 4 for 2D RoPE")
+            raise CtfgenError(f"head_dim {self.head_dim} must be a multiple of 4 for 2D RoPE")
         for name in ("vocab_size", "head_size", "n_layer", "num_classes", "grid_h", "grid_w"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive")
+                raise CtfgenError(f"{name} must be positive")
 
     @property
     def head_dim(self) -> int:
@@ -127,7 +129,7 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
 def preset_config(size: str, **fields: Any) -> TransformerConfig:
     """A config from the size registry; `fields` set role, vocab_size, grid_h, ... or override sizes."""
     if size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {size!r}; known: {sorted(MODEL_SIZES)}")
+        raise CtfgenError(f"unknown model size {size!r}; known: {sorted(MODEL_SIZES)}")
     return TransformerConfig(**{**MODEL_SIZES[size], **fields})
 
 
@@ -196,9 +198,9 @@ class KVCache:
         """Write k/v [B, n_head, L, head_dim] at positions start..start+L; return the full buffers."""
         end = start + k.shape[2]
         if end > self.max_len:
-            raise ValueError(f"KV cache overflow: position {end} > max_len {self.max_len}")
+            raise CtfgenError(f"KV cache overflow: position {end} > max_len {self.max_len}")
         if k.shape[0] != self.batch_size:
-            raise ValueError(f"batch {k.shape[0]} does not match the cache's batch {self.batch_size}")
+            raise CtfgenError(f"batch {k.shape[0]} does not match the cache's batch {self.batch_size}")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer], self.v[layer]
@@ -308,7 +310,7 @@ class Transformer(nn.Module):
 
     def _class_token(self, class_labels: torch.Tensor) -> torch.Tensor:
         if class_labels.dim() != 1:
-            raise ValueError(f"class_labels must be [B], got shape {tuple(class_labels.shape)}")
+            raise CtfgenError(f"class_labels must be [B], got shape {tuple(class_labels.shape)}")
         if self.training and self.config.class_dropout_prob > 0:
             drop = torch.rand(class_labels.shape, device=class_labels.device) < self.config.class_dropout_prob
             class_labels = torch.where(drop, torch.full_like(class_labels, self.null_class), class_labels)
@@ -318,7 +320,7 @@ class Transformer(nn.Module):
         """Blocks + norm + head over input positions start..start+L; returns fp32 logits."""
         L = h.shape[1]
         if start + L > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence of {start + L} positions exceeds 1 + grid ({self.rope_cos.shape[0]})")
+            raise CtfgenError(f"sequence of {start + L} positions exceeds 1 + grid ({self.rope_cos.shape[0]})")
         cos, sin = self.rope_cos[start:start + L], self.rope_sin[start:start + L]
         h = self.tok_dropout(h)
         for i, block in enumerate(self.blocks):
@@ -329,7 +331,7 @@ class Transformer(nn.Module):
 
     def _check_codes(self, codes: torch.Tensor, batch: int) -> None:
         if codes.dim() != 2 or codes.shape[0] != batch:
-            raise ValueError(f"codes must be [B={batch}, T], got shape {tuple(codes.shape)}")
+            raise CtfgenError(f"codes must be [B={batch}, T], got shape {tuple(codes.shape)}")
 
     def forward(self, codes: torch.Tensor, class_labels: torch.Tensor,
                 member_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -341,11 +343,11 @@ class Transformer(nn.Module):
         self._check_codes(codes, class_labels.shape[0])
         T = codes.shape[1]
         if not 1 <= T <= self.config.seq_len:
-            raise ValueError(f"T={T} must be in 1..{self.config.seq_len} (grid {self.config.grid_h}x{self.config.grid_w})")
+            raise CtfgenError(f"T={T} must be in 1..{self.config.seq_len} (grid {self.config.grid_h}x{self.config.grid_w})")
         cls = self._class_token(class_labels)
         if self.config.causal:
             if member_mask is not None:
-                raise ValueError("member_mask applies only to the refiner")
+                raise CtfgenError("member_mask applies only to the refiner")
             h = torch.cat([cls, self.tok_embed(codes[:, :-1])], dim=1)  # the last code predicts nothing
             return self._run(h, 0, None)
         h = torch.cat([cls, self.tok_embed(codes)], dim=1)
@@ -362,7 +364,7 @@ class Transformer(nn.Module):
         Pass null labels (``model.null_class``) in the batch for classifier-free guidance.
         """
         if not self.config.causal:
-            raise ValueError("prefill/step are for causal models; the refiner runs in one forward")
+            raise CtfgenError("prefill/step are for causal models; the refiner runs in one forward")
         cache.reset()
         h = self._class_token(class_labels)
         if codes is not None:
@@ -377,9 +379,9 @@ class Transformer(nn.Module):
         With the cache at position p (class token + p - 1 tokens), row i predicts token p + i.
         """
         if not self.config.causal:
-            raise ValueError("prefill/step are for causal models; the refiner runs in one forward")
+            raise CtfgenError("prefill/step are for causal models; the refiner runs in one forward")
         if cache.pos == 0:
-            raise ValueError("call prefill before step")
+            raise CtfgenError("call prefill before step")
         self._check_codes(codes, cache.batch_size)
         return self._run(self.tok_embed(codes), cache.pos, cache)
 
@@ -390,7 +392,7 @@ def mask_to_clusters(logits: torch.Tensor, coarse_codes: torch.Tensor, member_ma
     member_mask: bool [K, V], member_mask[k, v] is True iff codeword v belongs to cluster k.
     """
     if member_mask.dtype != torch.bool or member_mask.dim() != 2 or member_mask.shape[1] != logits.shape[-1]:
-        raise ValueError(f"member_mask must be bool [K, {logits.shape[-1]}], got {member_mask.dtype} {tuple(member_mask.shape)}")
+        raise CtfgenError(f"member_mask must be bool [K, {logits.shape[-1]}], got {member_mask.dtype} {tuple(member_mask.shape)}")
     allowed = member_mask.to(logits.device)[coarse_codes]  # [B, T, V]
     return logits.masked_fill(~allowed, float("-inf"))
 
