@@ -29,6 +29,7 @@ from .arguments import Count, arg_type
 from .artifacts import CONFIG_NAME
 from .data.codes import CODES_KIND
 from .data.transforms import image_grid
+from .errors import CtfgenError
 from .evaluate import ImageSet, Reference, sample_with, score
 from .hierarchy import load_hierarchy
 from .hierarchy.artifact import HIERARCHY_KIND
@@ -591,6 +592,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.run and not Path(args.run).is_dir():  # a mistyped --run would silently mean "build everything"
+        raise CtfgenError(f"--run {args.run} is not a folder")
     budget = QUICK if args.quick else FULL
     if args.steps is not None:
         budget = replace(budget, steps=args.steps)

@@ -140,6 +140,7 @@ CASES = {
     "demo --samples-per-class 0": DEMO + ["--samples-per-class", "0", "--run", "{root}/new"],
     "bench --steps 0": BENCH + ["--steps", "0", "--out", "{root}/new"],
     "bench --size bogus": BENCH + ["--size", "bogus", "--out", "{root}/new"],
+    "bench --run that is missing": BENCH + ["--run", "{root}/missing", "--out", "{root}/new"],
     # empty selections
     "cluster --images 0": CLUSTER + ["--k", "auto", "--images", "0", "--out", "{root}/new"],
     "analyze-redundancy --images 0": REDUNDANCY + ["--images", "0", "--out", "{root}/new"],
