@@ -1,4 +1,4 @@
-"""`ctfgen bench`: CTF against the baseline on Fashion-MNIST, same tokenizer, same hierarchy.
+"""`ctfgen bench`: CTF against the baseline on Fashion-MNIST (or `--data`), same tokenizer, same hierarchy.
 
 Both sides train at the same stage-1 size, batch and steps, in segments (train to s1, score,
 resume to s2, score, ...) so FID can be plotted against the step; a constant learning rate makes
@@ -27,10 +27,12 @@ from PIL import Image, ImageDraw
 
 from .arguments import Count, arg_type
 from .artifacts import CONFIG_NAME
-from .data.codes import CODES_KIND
+from .data.codes import CODES_KIND, CodeDataset
+from .data.datasets import Subset, balanced_subset, build_dataset, dataset_labels, take_images
 from .data.transforms import image_grid
 from .errors import CtfgenError
 from .evaluate import ImageSet, Reference, sample_with, score
+from .experiments import floor_sets, nll_split
 from .hierarchy import load_hierarchy
 from .hierarchy.artifact import HIERARCHY_KIND
 from .metrics import get_extractor
@@ -68,6 +70,7 @@ class BenchBudget:
     classifier_epochs: int = 2
     classifier_limit: int | None = 20000
     k: int = 512
+    nll_items: int = 2000  # test code grids in the likelihood split
     seed: int = 0
 
 
@@ -102,8 +105,8 @@ def _reuse_or_build(name: str, run: Path | None, out: Path, kind: str, build: Ca
     return str(out / name)
 
 
-def prepare_artifacts(run: str | Path | None, out: Path, budget: BenchBudget, data_dir: str | None) -> Artifacts:
-    from .data.datasets import build_dataset
+def prepare_artifacts(run: str | Path | None, out: Path, budget: BenchBudget, data_dir: str | None,
+                      data: str = "fashion-mnist") -> Artifacts:
     from .hierarchy import build_hierarchy, save_hierarchy
     from .metrics.classifier import train_classifier
     from .tokenizer.extract import extract_codes
@@ -112,7 +115,7 @@ def prepare_artifacts(run: str | Path | None, out: Path, budget: BenchBudget, da
     run_dir = Path(run) if run else None
 
     def tokenizer(folder: Path) -> None:
-        train_tokenizer(TokenizerTrainConfig(out=str(folder), data_dir=data_dir, steps=budget.tokenizer_steps,
+        train_tokenizer(TokenizerTrainConfig(out=str(folder), data=data, data_dir=data_dir, steps=budget.tokenizer_steps,
                                              report_limit=1000), resume=True, progress=False)
 
     tok_dir = _reuse_or_build("tokenizer", run_dir, out, TOKENIZER_KIND, tokenizer)
@@ -120,8 +123,8 @@ def prepare_artifacts(run: str | Path | None, out: Path, budget: BenchBudget, da
     def codes(split: str) -> Callable[[Path], None]:
         def build(folder: Path) -> None:
             tok = load_tokenizer(tok_dir)
-            ds = build_dataset("fashion-mnist", split, tok.config.image_size, tok.config.in_channels, data_dir=data_dir)
-            extract_codes(tok, ds, folder, dataset_name="fashion-mnist", split=split, progress=False)
+            ds = build_dataset(data, split, tok.config.image_size, tok.config.in_channels, data_dir=data_dir)
+            extract_codes(tok, ds, folder, dataset_name=data, split=split, progress=False)
         return build
 
     def hierarchy(folder: Path) -> None:
@@ -130,7 +133,7 @@ def prepare_artifacts(run: str | Path | None, out: Path, budget: BenchBudget, da
         open_output(folder, HIERARCHY_KIND).write(lambda path: save_hierarchy(h, path))
 
     def classifier(folder: Path) -> None:
-        train_classifier(out=str(folder), epochs=budget.classifier_epochs, limit=budget.classifier_limit,
+        train_classifier(out=str(folder), data=data, epochs=budget.classifier_epochs, limit=budget.classifier_limit,
                          data_dir=data_dir, device="cpu")
 
     return Artifacts(tok_dir, _reuse_or_build("codes-train", run_dir, out, CODES_KIND, codes("train")),
@@ -379,7 +382,7 @@ def _f(x: float | None, digits: int = 2) -> str:
 
 def write_report(result: dict[str, Any], out: Path) -> Path:
     r, fid, is_ = result, result["labels"]["fid"], result["labels"]["is"]
-    lines = [f"# CTF against the baseline on Fashion-MNIST ({r['mode']})", "",
+    lines = [f"# CTF against the baseline on {r.get('data', 'fashion-mnist')} ({r['mode']})", "",
              f"- command: `{r['command']}`", f"- machine: {r['machine']}", f"- date: {r['date']}",
              f"- wall time: {r['wall_s'] / 60:.1f} min", f"- artifacts: {json.dumps(r['artifacts'])}",
              f"- budget: {json.dumps(r['budget'])}", f"- sampling: {json.dumps(r['settings'])}; seed {r['budget']['seed']}, same seeds for every side",
@@ -407,6 +410,20 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
             cc = f"{100 * m['class_consistency']:.1f}%" if "class_consistency" in m else "-"
             lines.append(f"| {name} | {ext} | {m['n']} | {m['fid_label']} {m['fid']:.2f} | "
                          f"{m.get('is_label', 'IS')} {_f(m.get('is_mean'))} | {m['precision']:.3f} | {m['recall']:.3f} | {cc} |")
+    lines += ["", "## Floors (real test images, class-balanced, as many as a final set)", "",
+              "What a perfect generator on these tokens would score (reconstruction), what a perfect stage 1 would "
+              "give with this refiner (true coarse + refiner) and with no stage-2 model at all (true coarse + a "
+              "uniformly random member of each cluster).", "",
+              f"| floor | n | {fid} | {is_} | precision | recall | class consistency |", "|---|---|---|---|---|---|---|"]
+    for name, m in r["floors"].items():
+        lines.append(f"| {name} | {m['n']} | {_f(m['fid'])} | {_f(m.get('is_mean'))} | {_f(m['precision'], 3)} | "
+                     f"{_f(m['recall'], 3)} | {_f(100 * m['class_consistency'], 1)}% |")
+    lines += ["", f"## Likelihood split (nats per token, {next(iter(r['nll'].values()))['items']} test code grids)", "",
+              "CTF: coarse model loss + masked refiner loss given the true coarse grid (its exact NLL). Baseline: "
+              "-log of its mass on the true cluster + the rest.", "",
+              "| side | coarse | within cluster | NLL |", "|---|---|---|---|"]
+    for name, v in r["nll"].items():
+        lines.append(f"| {name} | {v['coarse']:.3f} | {v['within']:.3f} | {v['nll']:.3f} |")
     lines += ["", "## Sampling speed (token sampling + decoder, CFG on, one run, interleaved)", "",
               "| batch | pipeline | images/s | stage 1 ms/img | stage 2 ms/img | decoder ms/img | stage-2 share | vs baseline |",
               "|---|---|---|---|---|---|---|---|"]
@@ -452,14 +469,15 @@ def verdict(final: dict[str, dict[str, Any]]) -> str:
 
 def run_bench(out: str | Path, budget: BenchBudget = QUICK, run: str | Path | None = None, data_dir: str | None = None,
               cache_dir: str | None = None, mode: str = "custom", command: str | None = None, force: bool = False,
-              resume: bool = False) -> dict[str, Any]:
-    """The whole bench into folder `out`: a finished one is replaced only with `force`, an interrupted one
-    continues (reusing the models it trained) only with `resume` (see ctfgen.outputs)."""
+              resume: bool = False, data: str = "fashion-mnist") -> dict[str, Any]:
+    """The whole bench on `data` ('fashion-mnist', an .npz or an image folder) into folder `out`: a finished
+    one is replaced only with `force`, an interrupted one continues (reusing the models it trained) only with
+    `resume` (see ctfgen.outputs)."""
     start = time.perf_counter()
     output = plan_output(out, BENCH_KIND, force=force, resume=resume, resumable=True).open()
     out = output.path
-    art = prepare_artifacts(run, out, budget, data_dir)
-    ref = Reference("fashion-mnist", "test", None, data_dir, cache_dir)
+    art = prepare_artifacts(run, out, budget, data_dir, data)
+    ref = Reference(data, "test", None, data_dir, cache_dir)
     settings = dict(DEFAULTS)
     compute = {"coarse": Compute(), "refiner": Compute(), "baseline": Compute()}
     curves: dict[str, list[dict[str, Any]]] = {"ctf": [], "baseline": []}
@@ -502,6 +520,14 @@ def run_bench(out: str | Path, budget: BenchBudget = QUICK, run: str | Path | No
     final, sets = final_scores(pipes, budget, art, ref)
     side_by_side(sets, min(8, budget.per_class), out / "samples.png")
 
+    log("likelihood split and floors")
+    nll = nll_split(CodeDataset(art.codes_test), sides.hierarchy, coarse=pipes["ctf"].coarse, refiner=pipes["ctf"].refiner,
+                    limit=budget.nll_items)
+    for name in ("baseline", "baseline (CTF's compute)"):
+        nll[name] = nll_split(CodeDataset(art.codes_test), sides.hierarchy, baseline=pipes[name].model,
+                              limit=budget.nll_items)["baseline"]
+    floors = score_floors(sides, pipes["ctf"].refiner, budget, art, ref, data_dir)
+
     log("sampling speed")
     speed = {str(b): measure_speed({"ctf": pipes["ctf"], "baseline": pipes["baseline"]}, b,
                                    budget.speed_images_b1 if b == 1 else b, budget.speed_repeats, settings)
@@ -523,11 +549,11 @@ def run_bench(out: str | Path, budget: BenchBudget = QUICK, run: str | Path | No
         "baseline (CTF's compute)": _compute_row(matched, None, "baseline AR, same run"),
         "slim refiner (extra)": _compute_row(slim, None, "refiner, half depth")}
     result = {
-        "mode": mode, "command": command or " ".join(sys.argv), "machine": machine(),
+        "mode": mode, "data": data, "command": command or " ".join(sys.argv), "machine": machine(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "budget": asdict(budget), "settings": settings,
         "artifacts": asdict(art), "labels": {"fid": "FID (domain features)", "is": "IS (domain features)"},
         "compute": compute_out, "flop_ratio": flop_ratio, "matched_steps": matched_steps, "curves": curves,
-        "final": final, "speed": speed, "variants": variants, "sweep": sweep, "verdict": verdict(final),
+        "final": final, "nll": nll, "floors": floors, "speed": speed, "variants": variants, "sweep": sweep, "verdict": verdict(final),
         "wall_s": time.perf_counter() - start}
     plot_curves(curves, "fid", "FID (domain features)", out / "fid_vs_step.png")
     plot_curves(curves, "is_mean", "IS (domain features)", out / "is_vs_step.png")
@@ -544,6 +570,21 @@ def _compute_row(a: Compute, b: Compute | None, models: str) -> dict[str, Any]:
             "matmul_parameters": sum(c.matmul_parameters for c in parts),
             "cpu_s": sum(c.cpu_s for c in parts), "wall_s": sum(c.wall_s for c in parts),
             "tokens": sum(c.tokens for c in parts), "flops": sum(c.flops for c in parts)}
+
+
+def score_floors(sides: Sides, refiner: torch.nn.Module, budget: BenchBudget, art: Artifacts, ref: Reference,
+                 data_dir: str | None) -> dict[str, dict[str, Any]]:
+    """The floors (ctfgen.experiments.floors) on a class-balanced set of test images as large as the final sets."""
+    ds = build_dataset(ref.dataset, ref.split, sides.tokenizer.config.image_size, sides.tokenizer.config.in_channels,
+                       data_dir=data_dir)
+    labels = dataset_labels(ds)
+    n = min(len(ds), budget.per_class * len(set(labels.tolist())))
+    ds = Subset(ds, balanced_subset(labels, n, budget.seed))
+    images = take_images(ds)
+    sets = floor_sets(sides.tokenizer, sides.hierarchy, images, torch.from_numpy(ds.labels), refiner=refiner,
+                      settings=StageSettings(temperature=DEFAULTS["t2"]), seed=budget.seed)
+    extractor = get_extractor("domain", path=art.classifier)
+    return {name: brief(score(x, torch.from_numpy(ds.labels), extractor, ref)) for name, x in sets.items()}
 
 
 def final_scores(pipes: dict[str, CTFPipeline | BaselinePipeline], budget: BenchBudget, art: Artifacts,
@@ -584,6 +625,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="the 10-minute budget (tiny models, 300 steps, domain features)")
     p.add_argument("--out", default=None, help="output folder (default: runs/bench or runs/bench-quick)")
     p.add_argument("--run", default=None, help="reuse RUN/{tokenizer,codes-train,codes-test,hierarchy,classifier} when present")
+    p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist', an .npz or an image folder with one "
+                   "sub-folder per class (a set without a test split gets a seeded, class-balanced 10%% hold-out)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files (default: the Debian package's)")
     p.add_argument("--cache-dir", default=None, help="reference-statistics cache")
     p.add_argument("--steps", type=arg_type(Count), default=None, help="override the budget's training steps")
@@ -601,7 +644,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         budget = replace(budget, size=args.size, refiner_size=args.size)
     out = args.out or ("runs/bench-quick" if args.quick else "runs/bench")
     result = run_bench(out, budget, args.run, args.data_dir, args.cache_dir, mode="quick" if args.quick else "full",
-                       force=args.force, resume=args.resume)
+                       force=args.force, resume=args.resume, data=args.data)
     print(result["verdict"])
     print(f"report -> {Path(out) / 'BENCHMARKS.md'}")
 

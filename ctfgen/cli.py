@@ -158,7 +158,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DemoBudget, run_demo
 
     budget = dataclass_from_args(DemoBudget, args)
-    run_demo(args.run, data_dir=args.data_dir, budget=budget, device=args.device, progress=not args.quiet)
+    run_demo(args.run, data_dir=args.data_dir, budget=budget, device=args.device, progress=not args.quiet, data=args.data)
 
 
 # --- the parser ------------------------------------------------------------------------------
@@ -172,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and a traceback with every error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="run every stage on Fashion-MNIST (reuses and resumes earlier runs)")
+    p = sub.add_parser("demo", help="run every stage on Fashion-MNIST or --data (reuses and resumes earlier runs)")
     p.add_argument("--run", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist', an .npz or an image folder with one "
+                   "sub-folder per class (a set without a test split gets a seeded, class-balanced 10%% hold-out)")
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files")
     add_dataclass_args(p, DemoBudget)
     p.add_argument("--device", default="auto")
@@ -240,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, add_args, func in [
         ("sample", "sample images from a run (CTF or the baseline)", add_sample_args, cmd_sample),
         ("evaluate", "FID/IS/precision/recall of a PNG folder, an .npz or a run's samples", add_evaluate_args, cmd_evaluate),
-        ("bench", "CTF against the baseline on Fashion-MNIST: quality, compute, speed (BENCHMARKS.md)", add_bench_args, cmd_bench),
+        ("bench", "CTF against the baseline on Fashion-MNIST or --data: quality, compute, speed (BENCHMARKS.md)", add_bench_args, cmd_bench),
         ("train-classifier", "train the dataset's own classifier (the 'domain' feature extractor)", add_classifier_args,
          cmd_train_classifier),
     ]:

@@ -1,4 +1,4 @@
-"""The main job: every stage of the pipeline on Fashion-MNIST, at a budget that fits a 2-core CPU.
+"""The main job: every stage of the pipeline on Fashion-MNIST (or `--data`), at a budget that fits a 2-core CPU.
 
 Each stage writes one folder of the run and is skipped when that folder is complete (saying so when
 it was made with other settings than the flags ask for), so a second `ctfgen demo` only samples; an
@@ -40,77 +40,6 @@ class DemoBudget:
         check_fields(self)
 
 
-def _train_tokenizer(run: Path, budget: DemoBudget, data_dir: str | None, device: str, progress: bool) -> None:
-    from .tokenizer.train import TokenizerTrainConfig, train_tokenizer
-
-    cfg = TokenizerTrainConfig(out=str(run / "tokenizer"), data_dir=data_dir, device=device, steps=budget.tokenizer_steps)
-    train_tokenizer(cfg, resume=True, progress=progress)
-
-
-def _extract(run: Path, split: str, data_dir: str | None, device: str, progress: bool) -> None:
-    from .tokenizer.extract import extract_codes
-    from .tokenizer.model import load_tokenizer
-
-    tok = load_tokenizer(run / "tokenizer", pick_device(device))
-    ds = build_dataset("fashion-mnist", split, tok.config.image_size, tok.config.in_channels, data_dir=data_dir)
-    extract_codes(tok, ds, run / f"codes-{split}", dataset_name="fashion-mnist", split=split,
-                  device=tok.codebook.device, progress=progress)
-
-
-def _cluster(run: Path, budget: DemoBudget, data_dir: str | None) -> None:
-    from .hierarchy import build_hierarchy, save_hierarchy
-    from .tokenizer.model import load_tokenizer
-
-    tok = load_tokenizer(run / "tokenizer")
-    ds = build_dataset("fashion-mnist", "test", tok.config.image_size, tok.config.in_channels, data_dir=data_dir)
-    # held-out images from the end of the test split, away from the first ones used for reports
-    images = take_images(ds, len(ds))[-budget.auto_k_images:]
-    h = build_hierarchy(tok, "kmeans", "auto", images=images)
-    open_output(run / "hierarchy", HIERARCHY_KIND).write(lambda folder: save_hierarchy(h, folder))
-    print(f"      K = {h.K} chosen automatically ({h.V} codewords)")
-
-
-def _train_transformer(run: Path, role: str, budget: DemoBudget, device: str, progress: bool) -> None:
-    from .training import TrainConfig, train
-
-    cfg = TrainConfig(role=role, size=budget.transformer_size, codes=str(run / "codes-train"),
-                      hierarchy=None if role == "baseline" else str(run / "hierarchy"), out=str(run / role),
-                      val_codes=str(run / "codes-test"), steps=budget.transformer_steps, batch_size=budget.batch_size,
-                      lr=budget.lr, warmup_steps=min(100, budget.transformer_steps // 10), lr_decay="cosine",
-                      device=device)
-    train(cfg, resume=True, progress=progress)
-
-
-def _train_classifier(run: Path, budget: DemoBudget, data_dir: str | None, device: str) -> None:
-    from .metrics.classifier import train_classifier
-
-    info = train_classifier(out=str(run / "classifier"), epochs=budget.classifier_epochs, limit=budget.classifier_images,
-                            data_dir=data_dir, device=device)
-    print(f"      test accuracy {100 * info.get('test_accuracy', float('nan')):.1f}%")
-
-
-def sample_and_score(run: Path, budget: DemoBudget, data_dir: str | None, device: str, progress: bool) -> dict:
-    """A sample grid per class for CTF and for the baseline, and a class-balanced set of each scored
-    in the domain classifier's feature space (FID/IS/precision/recall) plus class consistency
-    (how often the classifier names the class the sample was drawn for)."""
-    from .data.transforms import image_grid
-    from .evaluate import Reference, sample_with, score
-    from .metrics import get_extractor
-    from .pipeline import load_pipeline
-
-    dev = pick_device(device)
-    ref = Reference("fashion-mnist", "test", data_dir=data_dir, cache_dir=str(run / "cache"))
-    extractor = get_extractor("domain", path=str(run / "classifier"))
-    metrics = {}
-    for kind in ("ctf", "baseline"):
-        pipe = load_pipeline(run, kind, dev)
-        image_grid(sample_with(pipe, 8, seed=0).images, nrow=8).save(run / f"samples-{kind}.png")
-        samples = sample_with(pipe, budget.samples_per_class, seed=1, progress=progress)
-        metrics[kind] = score(samples.images, samples.labels, extractor, ref)
-    write_json(run / "metrics.json", metrics)
-    return metrics
-
-
 @dataclass
 class Stage:
     name: str  # its folder in the run
@@ -135,34 +64,116 @@ def reuse_note(stage: Stage, folder: Path) -> str:
     return f" (made with {made}; the flags ask for {asked}: delete {folder} or use another --run to redo it)"
 
 
+@dataclass
+class Demo:
+    """The stages of one demo run; `data` is 'fashion-mnist', an .npz or an image folder (as for every command)."""
+
+    run: Path
+    budget: DemoBudget
+    data: str = "fashion-mnist"
+    data_dir: str | None = None  # Fashion-MNIST's idx files
+    device: str = "auto"
+    progress: bool = True
+
+    def dataset(self, split: str, tok: Any) -> Any:
+        return build_dataset(self.data, split, tok.config.image_size, tok.config.in_channels, data_dir=self.data_dir)
+
+    def stages(self) -> list[Stage]:
+        b = self.budget
+        transformer = {"steps": b.transformer_steps, "size": b.transformer_size, "batch_size": b.batch_size, "lr": b.lr}
+        return [
+            Stage("tokenizer", TOKENIZER_KIND, self.train_tokenizer, {"steps": b.tokenizer_steps, "data": self.data}),
+            Stage("codes-train", CODES_KIND, lambda: self.extract("train")),
+            Stage("codes-test", CODES_KIND, lambda: self.extract("test")),
+            Stage("hierarchy", HIERARCHY_KIND, self.cluster),
+        ] + [Stage(role, ARTIFACT_KIND, lambda r=role: self.train_transformer(r), transformer)
+             for role in ("coarse", "refiner", "baseline")] + [
+            Stage("classifier", CLASSIFIER_KIND, self.train_classifier,
+                  {"epochs": b.classifier_epochs, "limit": b.classifier_images, "data": self.data},
+                  lambda folder: _read(folder / CONFIG_NAME).get("train", {})),
+        ]
+
+    def train_tokenizer(self) -> None:
+        from .tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
+        cfg = TokenizerTrainConfig(out=str(self.run / "tokenizer"), data=self.data, data_dir=self.data_dir,
+                                   device=self.device, steps=self.budget.tokenizer_steps)
+        train_tokenizer(cfg, resume=True, progress=self.progress)
+
+    def extract(self, split: str) -> None:
+        from .tokenizer.extract import extract_codes
+        from .tokenizer.model import load_tokenizer
+
+        tok = load_tokenizer(self.run / "tokenizer", pick_device(self.device))
+        extract_codes(tok, self.dataset(split, tok), self.run / f"codes-{split}", dataset_name=self.data, split=split,
+                      device=tok.codebook.device, progress=self.progress)
+
+    def cluster(self) -> None:
+        from .hierarchy import build_hierarchy, save_hierarchy
+        from .tokenizer.model import load_tokenizer
+
+        tok = load_tokenizer(self.run / "tokenizer")
+        ds = self.dataset("test", tok)
+        # held-out images from the end of the test split, away from the first ones used for reports
+        images = take_images(ds, len(ds))[-self.budget.auto_k_images:]
+        h = build_hierarchy(tok, "kmeans", "auto", images=images)
+        open_output(self.run / "hierarchy", HIERARCHY_KIND).write(lambda folder: save_hierarchy(h, folder))
+        print(f"      K = {h.K} chosen automatically ({h.V} codewords)")
+
+    def train_transformer(self, role: str) -> None:
+        from .training import TrainConfig, train
+
+        b, run = self.budget, self.run
+        cfg = TrainConfig(role=role, size=b.transformer_size, codes=str(run / "codes-train"),
+                          hierarchy=None if role == "baseline" else str(run / "hierarchy"), out=str(run / role),
+                          val_codes=str(run / "codes-test"), steps=b.transformer_steps, batch_size=b.batch_size,
+                          lr=b.lr, warmup_steps=min(100, b.transformer_steps // 10), lr_decay="cosine",
+                          device=self.device)
+        train(cfg, resume=True, progress=self.progress)
+
+    def train_classifier(self) -> None:
+        from .metrics.classifier import train_classifier
+
+        info = train_classifier(out=str(self.run / "classifier"), data=self.data, epochs=self.budget.classifier_epochs,
+                                limit=self.budget.classifier_images, data_dir=self.data_dir, device=self.device)
+        print(f"      test accuracy {100 * info.get('test_accuracy', float('nan')):.1f}%")
+
+    def sample_and_score(self) -> dict:
+        """A sample grid per class for CTF and for the baseline, and a class-balanced set of each scored
+        in the domain classifier's feature space (FID/IS/precision/recall) plus class consistency
+        (how often the classifier names the class the sample was drawn for)."""
+        from .data.transforms import image_grid
+        from .evaluate import Reference, sample_with, score
+        from .metrics import get_extractor
+        from .pipeline import load_pipeline
+
+        run, dev = self.run, pick_device(self.device)
+        ref = Reference(self.data, "test", data_dir=self.data_dir, cache_dir=str(run / "cache"))
+        extractor = get_extractor("domain", path=str(run / "classifier"))
+        metrics = {}
+        for kind in ("ctf", "baseline"):
+            pipe = load_pipeline(run, kind, dev)
+            image_grid(sample_with(pipe, 8, seed=0).images, nrow=8).save(run / f"samples-{kind}.png")
+            samples = sample_with(pipe, self.budget.samples_per_class, seed=1, progress=self.progress)
+            metrics[kind] = score(samples.images, samples.labels, extractor, ref)
+        write_json(run / "metrics.json", metrics)
+        return metrics
+
+
 def run_demo(run_dir: str | Path = "runs/demo", data_dir: str | None = None, budget: DemoBudget | None = None,
-             device: str = "auto", progress: bool = True) -> dict:
-    run, budget = open_run_folder(run_dir), budget or DemoBudget()
-    transformer = {"steps": budget.transformer_steps, "size": budget.transformer_size, "batch_size": budget.batch_size,
-                   "lr": budget.lr}
-    stages = [
-        Stage("tokenizer", TOKENIZER_KIND, lambda: _train_tokenizer(run, budget, data_dir, device, progress),
-              {"steps": budget.tokenizer_steps}),
-        Stage("codes-train", CODES_KIND, lambda: _extract(run, "train", data_dir, device, progress)),
-        Stage("codes-test", CODES_KIND, lambda: _extract(run, "test", data_dir, device, progress)),
-        Stage("hierarchy", HIERARCHY_KIND, lambda: _cluster(run, budget, data_dir)),
-    ] + [Stage(role, ARTIFACT_KIND, lambda r=role: _train_transformer(run, r, budget, device, progress), transformer)
-         for role in ("coarse", "refiner", "baseline")] + [
-        Stage("classifier", CLASSIFIER_KIND, lambda: _train_classifier(run, budget, data_dir, device),
-              {"epochs": budget.classifier_epochs, "limit": budget.classifier_images},
-              lambda folder: _read(folder / CONFIG_NAME).get("train", {})),
-    ]
+             device: str = "auto", progress: bool = True, data: str = "fashion-mnist") -> dict:
+    demo = Demo(open_run_folder(run_dir), budget or DemoBudget(), data, data_dir, device, progress)
+    stages = demo.stages()
     total = len(stages) + 1
     for i, stage in enumerate(stages, 1):
-        folder = run / stage.name
+        folder = demo.run / stage.name
         print(f"[{i}/{total}] {stage.name} -> {folder}")
         if is_finished(folder, stage.kind):
             print("      done earlier; reusing it" + reuse_note(stage, folder))
         else:
             stage.work()
-    print(f"[{total}/{total}] samples -> {run}/samples-ctf.png, {run}/samples-baseline.png")
-    metrics = sample_and_score(run, budget, data_dir, device, progress)
-    return summarize(run, metrics)
+    print(f"[{total}/{total}] samples -> {demo.run}/samples-ctf.png, {demo.run}/samples-baseline.png")
+    return summarize(demo.run, demo.sample_and_score())
 
 
 def summarize(run: Path, metrics: dict) -> dict:
@@ -184,6 +195,9 @@ def summarize(run: Path, metrics: dict) -> dict:
         print(f"{kind:>9}: {m['fid_label']} {m['fid']:.2f}, {m['is_label']} {m['is_mean']:.2f}, precision "
               f"{m['precision']:.2f}, recall {m['recall']:.2f}, class consistency {100 * m['class_consistency']:.1f}%")
     summary["samples"] = metrics
+    print(f"What this shows: {n} samples per side after a short training budget, one seed. Early in "
+          "training CTF converges faster, so a large gap here is expected and is not the verdict; the comparison "
+          "at the end of training, over seeds and sampler settings, is `ctfgen bench` (docs/bench.md).")
     print(f"sample grids (one row per class): {run / 'samples-ctf.png'}, {run / 'samples-baseline.png'}")
     print(f"metrics: {run / 'metrics.json'}; reconstructions: {run / 'tokenizer' / 'reconstructions.png'}; "
           f"TensorBoard: tensorboard --logdir {run}")

@@ -160,3 +160,34 @@ def test_batch_indices_cover_epoch_and_are_deterministic():
 def test_image_grid_shape():
     grid = image_grid(torch.zeros(10, 1, 8, 8), nrow=4, pad=1)
     assert grid.size == (4 * 9 + 1, 3 * 9 + 1) and grid.mode == "L"
+
+
+# --- class-balanced subsets and the hold-out of a set without a test split ----------------------
+
+def test_balanced_subset_is_even_seeded_and_fills_from_larger_classes():
+    from ctfgen.data.datasets import balanced_subset
+
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 4)
+    picked = balanced_subset(labels, 30, seed=1)
+    assert len(set(picked)) == 30 and list(picked) == sorted(picked)
+    assert np.bincount(labels[picked]).tolist() == [13, 13, 4]  # class 2 has only 4: the rest is shared
+    assert np.array_equal(picked, balanced_subset(labels, 30, seed=1))
+    assert not np.array_equal(picked, balanced_subset(labels, 30, seed=2))
+    assert np.bincount(labels[balanced_subset(labels, 9)]).tolist() == [3, 3, 3]
+    assert len(balanced_subset(labels, len(labels))) == len(labels)
+
+
+def test_a_set_without_a_test_split_holds_out_a_recorded_balanced_tenth(tmp_path):
+    from ctfgen.data.datasets import build_dataset, dataset_labels
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 50)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (200, 8, 8)).astype(np.uint8), labels=labels)
+    train = build_dataset(str(tmp_path / "d.npz"), "train", resolution=8)
+    test = build_dataset(str(tmp_path / "d.npz"), "test", resolution=8)
+    assert (len(train), len(test)) == (180, 20)
+    assert np.bincount(dataset_labels(test)).tolist() == [5, 5, 5, 5]
+    assert not set(train.indices) & set(test.indices)
+    assert test.holdout == {"held_out": 20, "of": 200, "seed": 0, "class_balanced": True}
+    np.savez(tmp_path / "d_test.npz", images=np.zeros((3, 8, 8), np.uint8), labels=np.zeros(3))
+    assert len(build_dataset(str(tmp_path / "d.npz"), "test", resolution=8)) == 3  # a real test split wins

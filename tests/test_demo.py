@@ -54,3 +54,22 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert "made with steps=4; the flags ask for steps=5" in out  # a reused stage says when its budget differs
     info = json.loads((run / "refiner" / "train_info.json").read_text())
     assert info["resumed_from_step"] == 3 and info["steps"] == 3
+
+
+def test_demo_on_a_users_npz_without_a_test_split(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), 60)
+    images = np.zeros((180, 28, 28), np.uint8)
+    for i, c in enumerate(labels):
+        images[i, 4 + 6 * c: 10 + 6 * c, 4:24] = 200 + rng.integers(0, 50)
+    np.savez(tmp_path / "mine.npz", images=images, labels=labels)
+    run = tmp_path / "run"
+    main(["demo", "--data", str(tmp_path / "mine.npz"), "--run", str(run), "--tokenizer-steps", "3",
+          "--transformer-steps", "2", "--transformer-size", "tiny", "--batch-size", "16", "--auto-k-images", "18",
+          "--classifier-images", "64", "--samples-per-class", "4", "--quiet"])
+    out = capsys.readouterr().out
+    assert "is not the verdict" in out and "ctfgen bench" in out
+    meta = json.loads((run / "codes-test" / "meta.json").read_text())
+    assert meta["count"] == 18 and meta["holdout"] == {"held_out": 18, "of": 180, "seed": 0, "class_balanced": True}
+    assert json.loads((run / "codes-train" / "meta.json").read_text())["count"] == 162
+    assert json.loads((run / "metrics.json").read_text())["ctf"]["n"] == 3 * 4

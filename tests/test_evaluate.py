@@ -111,6 +111,11 @@ def test_bench_at_toy_budget(tmp_path: Path, fm: Path) -> None:
     assert set(saved["final"]) == {"ctf", "baseline", "baseline (CTF's compute)"}
     assert set(saved["speed"]) == {"1", "4"} and "FID (domain features)" in (out / "BENCHMARKS.md").read_text()
     assert "at equal steps" in result["verdict"] and "at CTF's compute" in result["verdict"]
+    assert set(saved["floors"]) == {"reconstruction", "true-coarse+refiner", "true-coarse+uniform"}
+    assert saved["floors"]["reconstruction"]["n"] == 2 * 10  # class-balanced, as many as a final set
+    for side in ("ctf", "baseline", "baseline (CTF's compute)"):
+        v = saved["nll"][side]
+        assert v["coarse"] > 0 and v["within"] > 0 and abs(v["coarse"] + v["within"] - v["nll"]) < 1e-6
 
 
 def test_bench_command_parses(tmp_path: Path) -> None:

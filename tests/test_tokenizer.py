@@ -136,7 +136,7 @@ def synthetic_npz(path, n=64, size=16):
 
 
 def train_cfg(tmp_path, **kw):
-    args = dict(out=str(tmp_path / "tok"), data=str(synthetic_npz(tmp_path / "d.npz")), preset="small", image_size=16,
+    args = dict(out=str(tmp_path / "tok"), data=str(synthetic_npz(tmp_path / "d.npz", n=160)), preset="small", image_size=16,
                 codebook_size=64, batch_size=8, steps=6, save_every=3, log_every=2, image_every=3, reseed_every=2,
                 report_limit=16)
     return TokenizerTrainConfig(**{**args, **kw})

@@ -167,13 +167,79 @@ class ImageFolder(Dataset):
         raise DataError(f"{self.root}: no readable image at all")
 
 
+# --- subsets: class-balanced draws and the hold-out of a set without a test split -------------
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """The class label of every item, without loading any image."""
+    if isinstance(dataset, (ArrayDataset, Subset)):
+        return dataset.labels
+    if isinstance(dataset, ImageFolder):
+        return np.array([label for _, label in dataset.samples], dtype=np.int64)
+    return np.array([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+
+
+def balanced_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of `n` items drawn at random (seeded), as evenly over the classes as their sizes allow."""
+    labels = np.asarray(labels)
+    if not 0 <= n <= len(labels):
+        raise CtfgenError(f"cannot draw {n} of {len(labels)} items")
+    rng = np.random.default_rng(seed)
+    classes, sizes = np.unique(labels, return_counts=True)
+    quota = np.zeros(len(classes), dtype=np.int64)
+    left = n
+    while left:  # water-filling: equal shares, a small class gives its unused share to the others
+        open_ = np.flatnonzero(quota < sizes)
+        share, extra = divmod(left, len(open_))
+        add = np.full(len(open_), share)
+        add[rng.permutation(len(open_))[:extra]] += 1
+        add = np.minimum(add, sizes[open_] - quota[open_])
+        quota[open_] += add
+        left -= int(add.sum())
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+class Subset(Dataset):
+    """Some items of a dataset, keeping its class names and labels."""
+
+    def __init__(self, base: Dataset, indices: np.ndarray, note: dict | None = None):
+        self.base, self.indices = base, np.asarray(indices, dtype=np.int64)
+        self.labels = dataset_labels(base)[self.indices]
+        self.classes = getattr(base, "classes", None)
+        self.holdout = note  # how a hold-out was taken, for the artifacts to record
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.base[int(self.indices[i])]
+
+
+HOLDOUT_FRACTION, HOLDOUT_CAP, HOLDOUT_SEED = 0.1, 10000, 0
+
+
+def holdout_split(dataset: Dataset, split: str) -> Subset:
+    """A set without a test part: 'test' is a seeded class-balanced 10% (at most 10,000 items), 'train' the rest."""
+    labels = dataset_labels(dataset)
+    n = min(HOLDOUT_CAP, max(1, round(HOLDOUT_FRACTION * len(labels))))
+    test = balanced_subset(labels, n, HOLDOUT_SEED)
+    note = {"held_out": int(n), "of": int(len(labels)), "seed": HOLDOUT_SEED, "class_balanced": True}
+    if split == "test":
+        return Subset(dataset, test, note)
+    if split == "train":
+        return Subset(dataset, np.setdiff1d(np.arange(len(labels)), test), note)
+    raise DataError(f"split must be 'train' or 'test' for a set without split parts, got {split!r}")
+
+
 # --- one entry point ----------------------------------------------------------------------------
 
 def build_dataset(spec: str, split: str = "train", resolution: int = 32, channels: int = 1, hflip: bool = False,
                   data_dir: str | Path | None = None, on_error: str = "skip") -> Dataset:
     """`spec` is 'fashion-mnist', a path to an .npz, or an image folder (with optional split sub-folders).
 
-    For an .npz, `<stem>_<split>.npz` is used when it exists (e.g. data_test.npz beside data.npz).
+    For an .npz, `<stem>_<split>.npz` is used when it exists (e.g. data_test.npz beside data.npz); for a
+    folder, its `<split>/` sub-folder. Without them the one set is split by `holdout_split` (recorded in
+    the dataset's `holdout` attribute), so the test images are never trained on.
     """
     transform = ImageTransform(resolution, channels, hflip)
     if spec == "fashion-mnist":
@@ -181,9 +247,13 @@ def build_dataset(spec: str, split: str = "train", resolution: int = 32, channel
     path = Path(spec)
     if path.suffix == ".npz":
         split_path = path.with_name(f"{path.stem}_{split}.npz")
-        return npz_dataset(split_path if split_path.is_file() else path, transform)
+        if split_path.is_file():
+            return npz_dataset(split_path, transform)
+        return holdout_split(npz_dataset(path, transform), split)
     if path.is_dir():
-        return ImageFolder(path / split if (path / split).is_dir() else path, transform, on_error)
+        if (path / split).is_dir():
+            return ImageFolder(path / split, transform, on_error)
+        return holdout_split(ImageFolder(path, transform, on_error), split)
     raise DataError(f"unknown dataset {spec!r}: use 'fashion-mnist', an .npz file or an image folder")
 
 

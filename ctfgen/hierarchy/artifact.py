@@ -70,6 +70,13 @@ class Hierarchy:
             raise IndexError(f"cluster {k} out of range [0, {self.K})")
         return self.indices[self.offsets[k]:self.offsets[k + 1]]
 
+    def random_members(self, coarse: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Coarse labels of any shape -> a uniformly random member codeword of each (same shape, on the CPU)."""
+        flat = coarse.flatten().long().cpu()
+        size = self.sizes[flat]
+        r = (torch.rand(len(flat), generator=generator, dtype=torch.float64) * size).long().clamp_max(size - 1)
+        return self.indices[self.offsets[flat] + r].view(coarse.shape)
+
     def to_coarse(self, codes: torch.Tensor) -> torch.Tensor:
         """Fine codes of any shape, on any device -> their coarse labels (same shape and device)."""
         if codes.dtype.is_floating_point or codes.dtype == torch.bool:

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "CTFGEN_CACHE"
 DEFAULT_CACHE = Path("~/.cache/ctfgen/ref-stats")
-REF_STATS_VERSION = 1
+REF_STATS_VERSION = 2  # 2: a class-balanced random subset when n is given (1: the first n)
 
 
 # --- Frechet distance ---------------------------------------------------------------------------
@@ -135,6 +135,8 @@ def reference_stats(extractor: FeatureExtractor, dataset: str = "fashion-mnist",
                     data_dir: str | Path | None = None) -> RefStats:
     """Statistics of a dataset split in `extractor`'s feature space, computed once and cached.
 
+    With `n`, the images are a class-balanced random subset of the split (drawn with `seed`).
+
     The cache entry is keyed by everything that changes the numbers: dataset, split, image
     preprocessing, sample count, the extractor's name and weights fingerprint, the PR cap.
     """
@@ -155,11 +157,13 @@ def reference_stats(extractor: FeatureExtractor, dataset: str = "fashion-mnist",
 
 def _compute_ref_stats(extractor: FeatureExtractor, meta: dict, batch_size: int,
                        data_dir: str | Path | None) -> RefStats:
-    from ..data.datasets import build_dataset, take_images
+    from ..data.datasets import Subset, balanced_subset, build_dataset, dataset_labels, take_images
 
     ds = build_dataset(meta["dataset"], meta["split"], resolution=meta["resolution"], channels=meta["channels"],
                        data_dir=data_dir)
-    images = take_images(ds, meta["n"])
+    if meta["n"] is not None and meta["n"] < len(ds):
+        ds = Subset(ds, balanced_subset(dataset_labels(ds), meta["n"], meta["seed"]))
+    images = take_images(ds)
     features, _ = extract_features(extractor, images, batch_size)
     mu, sigma = feature_stats(features)
     keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(meta["seed"]))[:meta["pr_cap"]]
@@ -180,9 +184,15 @@ def evaluate_features(features: torch.Tensor, logits: torch.Tensor | None, ref: 
                       k: int = 3, is_splits: int = 10) -> dict:
     """FID / IS / precision / recall of generated features against reference statistics, labelled."""
     mu, sigma = feature_stats(features)
-    precision, recall = precision_recall(ref.features, features, k)
+    # precision and recall depend on the set sizes (k-NN radii): compare equal-size sets
+    n = min(len(ref.features), len(features))
+    pick = torch.Generator().manual_seed(0)
+    real = ref.features[torch.randperm(len(ref.features), generator=pick)[:n]]
+    fake = torch.as_tensor(features)[torch.randperm(len(features), generator=pick)[:n]]
+    precision, recall = precision_recall(real, fake, k)
     result = {"extractor": extractor_name, "fid_label": metric_label(extractor_name), "n": len(features),
-              "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma), "precision": precision, "recall": recall}
+              "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma), "precision": precision, "recall": recall,
+              "pr_n": n}
     if logits is not None and len(features) >= is_splits:
         result["is_mean"], result["is_std"] = inception_score(logits.double().softmax(dim=1), is_splits)
         result["is_label"] = metric_label(extractor_name, "IS")

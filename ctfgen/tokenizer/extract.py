@@ -55,7 +55,8 @@ def extract_codes(tokenizer: VQTokenizer, dataset: Dataset, out: str | Path, *, 
     classes = getattr(dataset, "classes", None)
     meta = {"kind": CODES_KIND, "count": int(len(labels)), "grid": grid, "codebook_size": cfg.codebook_size,
             "tokenizer_fingerprint": tokenizer.fingerprint, "dataset": dataset_name, "split": split,
-            "views": views, "num_classes": len(classes) if classes else int(labels.max()) + 1,
+            "views": views, "holdout": getattr(dataset, "holdout", None),
+            "num_classes": len(classes) if classes else int(labels.max()) + 1,
             "classes": list(classes) if classes else None}
     write_json(out / "meta.json", meta)
     output.finish()

@@ -232,7 +232,7 @@ class TokenizerTrainer:
         self.writer = SummaryWriter(str(self.out / "logs"))
         loader = DataLoader(self.train_set, num_workers=cfg.num_workers,
                             batch_sampler=StepBatches(len(self.train_set), cfg.batch_size, cfg.seed, self.step, cfg.steps))
-        preview = torch.stack([self.test_set[i][0] for i in range(8)]).to(self.device)
+        preview = torch.stack([self.test_set[i][0] for i in range(min(8, len(self.test_set)))]).to(self.device)
         self.model.train()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train tokenizer", disable=not progress, unit="step")
         t0, images = time.perf_counter(), 0
@@ -268,9 +268,10 @@ class TokenizerTrainer:
         self.model.eval()
         fingerprint = save_tokenizer(self.model, self.out)
         report = evaluate_tokenizer(self.model, self.test_set, limit=self.cfg.report_limit, device=self.device, progress=progress)
-        report |= {"split": "test", "data": self.cfg.data, "steps": self.step, "fingerprint": fingerprint}
+        report |= {"split": "test", "data": self.cfg.data, "holdout": getattr(self.test_set, "holdout", None),
+                   "steps": self.step, "fingerprint": fingerprint}
         write_json(self.out / "report.json", report)
-        x = torch.stack([self.test_set[i][0] for i in range(16)]).to(self.device)
+        x = torch.stack([self.test_set[i][0] for i in range(min(16, len(self.test_set)))]).to(self.device)
         image_grid(torch.cat([x, self.model.decode(self.model.encode(x))]).cpu(), nrow=16).save(self.out / "reconstructions.png")
         if self.writer is not None:
             for k in ("psnr_db", "codebook_usage_pct", "perplexity"):

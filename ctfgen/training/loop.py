@@ -120,6 +120,9 @@ def evaluate(model: Transformer, codes: CodeDataset, role: str, hierarchy: Hiera
     """Mean CE and top-1 accuracy per token on the first `limit` items.
 
     For the refiner (given the true coarse labels), also with logits masked to each position's cluster.
+    For the baseline with a hierarchy, also its likelihood split: `loss_coarse` = -log of the probability
+    mass of the true token's cluster (the baseline's implied coarse prediction) and `loss_within` =
+    loss - loss_coarse (the choice inside the cluster), comparable to CTF's coarse and refiner losses.
     """
     device = model.head.weight.device
     was_training = model.training
@@ -141,9 +144,17 @@ def evaluate(model: Transformer, codes: CodeDataset, role: str, hierarchy: Hiera
             hits = (lg.argmax(-1) == targets).sum().item()
             sums[f"loss{suffix}"] = sums.get(f"loss{suffix}", 0.0) + ce
             sums[f"accuracy{suffix}"] = sums.get(f"accuracy{suffix}", 0.0) + hits
+        if role == "baseline" and hierarchy is not None:
+            members = hierarchy.member_mask.to(device)[hierarchy.to_coarse(targets)]  # [B, T, V]
+            logits = logits.float()
+            cluster_logp = logits.masked_fill(~members, float("-inf")).logsumexp(-1) - logits.logsumexp(-1)
+            sums["loss_coarse"] = sums.get("loss_coarse", 0.0) - cluster_logp.sum().item()
         tokens += targets.numel()
     model.train(was_training)
-    return {"items": n, **{k: v / tokens for k, v in sums.items()}}
+    result = {"items": n, **{k: v / tokens for k, v in sums.items()}}
+    if "loss_coarse" in result:
+        result["loss_within"] = result["loss"] - result["loss_coarse"]
+    return result
 
 
 class Throughput:
