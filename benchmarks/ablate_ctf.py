@@ -8,29 +8,47 @@ model and a refiner exactly as the bench does (same sizes, steps, batch, learnin
 CTF variant (mask on and off) and the bench's two baselines are scored on the same class-balanced
 sets (the bench's final size, one set per seed in --seeds) with the domain classifier's features,
 so the rows are comparable with each other and the spread between seeds shows the noise.
-Writes BENCH/ablate_ctf.json and BENCH/ablate_ctf.md.
+Each scored set is a cell of ctfgen.experiments' engine: results go to BENCH/ablate_ctf.jsonl as they
+finish, so an interrupted run resumes and a second run only recomputes what is new. The report is
+BENCH/ablate_ctf.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 from ctfgen.bench import FULL, Compute, Sides, brief, domain_score, log, machine, prepare_artifacts, train_to
 from ctfgen.evaluate import Reference
+from ctfgen.experiments import Results, by_seeds, run_grid
 from ctfgen.hierarchy import build_hierarchy, load_hierarchy, save_hierarchy
+from ctfgen.hierarchy.artifact import HIERARCHY_KIND
+from ctfgen.outputs import is_finished, open_output
 from ctfgen.tokenizer.model import load_tokenizer
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One scored set: a model (CTF at some K with the mask on or off, or a bench baseline) and a sampling seed."""
+
+    model: str  # "CTF", "baseline, equal steps" or "baseline, CTF's compute"
+    k: int | None  # CTF's number of clusters
+    mask: bool | None  # CTF's refiner mask
+    steps: int  # training steps of the model
+    per_class: int
+    seed: int
 
 
 def train_ctf_for_k(k: int, folder: Path, art, budget) -> tuple[Path, Path, object]:
     """Cluster into k groups and train a coarse model and a refiner on them, as the bench does."""
-    if not (folder / "hierarchy" / "config.json").is_file():
-        save_hierarchy(build_hierarchy(load_tokenizer(art.tokenizer), "kmeans", k, seed=budget.seed), folder / "hierarchy")
+    if not is_finished(folder / "hierarchy", HIERARCHY_KIND):
+        h = build_hierarchy(load_tokenizer(art.tokenizer), "kmeans", k, seed=budget.seed)
+        open_output(folder / "hierarchy", HIERARCHY_KIND).write(lambda path: save_hierarchy(h, path))
     art_k = replace(art, hierarchy=str(folder / "hierarchy"))
     for role, size in (("coarse", budget.size), ("refiner", budget.refiner_size)):
         log(f"K={k}: training {role} to step {budget.steps}")
@@ -38,28 +56,19 @@ def train_ctf_for_k(k: int, folder: Path, art, budget) -> tuple[Path, Path, obje
     return folder / "coarse", folder / "refiner", art_k
 
 
-def score_seeds(pipe, art, ref: Reference, per_class: int, seeds: list[int], **settings) -> dict:
-    runs = [brief(domain_score(pipe, per_class, art, ref, seed, **settings)[0]) for seed in seeds]
-    fids = [r["fid"] for r in runs]
-    return {"fid_mean": statistics.mean(fids), "fid_per_seed": fids,
-            "class_consistency_mean": statistics.mean(r["class_consistency"] for r in runs),
-            "precision_mean": statistics.mean(r["precision"] for r in runs),
-            "recall_mean": statistics.mean(r["recall"] for r in runs), "per_seed": runs}
-
-
-def write_markdown(result: dict, path: Path) -> None:
+def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
     lines = ["# CTF ablations: K and the refiner mask", "",
-             f"Command: `{result['command']}`; {result['date']}; {result['machine']}; "
-             f"{result['wall_s'] / 60:.1f} min.", "",
-             f"Every row: {result['per_class']} samples per class, seeds {result['seeds']}, domain features "
-             f"against the test split; models trained {result['steps']} steps as in the bench.", "",
-             "| model | K | refiner mask | FID (domain) mean | FID per seed | precision | recall | class consistency |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in result["rows"]:
-        s = row["scores"]
-        lines.append(f"| {row['model']} | {row.get('K', '-')} | {row.get('mask', '-')} | {s['fid_mean']:.2f} | "
-                     f"{' / '.join(f'{f:.2f}' for f in s['fid_per_seed'])} | {s['precision_mean']:.3f} | "
-                     f"{s['recall_mean']:.3f} | {100 * s['class_consistency_mean']:.1f} % |")
+             f"Command: `{meta['command']}`; {meta['date']}; {meta['machine']}.", "",
+             f"Every row: {meta['per_class']} samples per class, sampling seeds {meta['seeds']} (mean +- sd over them), "
+             f"domain features against the test split; models trained {meta['steps']} steps as in the bench "
+             "(one training seed).", "",
+             "| model | K | refiner mask | FID (domain) | precision | recall | class consistency |",
+             "|---|---|---|---|---|---|---|"]
+    columns = [by_seeds(records, lambda r, m=m: r[m]) for m in ("fid", "precision", "recall", "class_consistency")]
+    for (cell, fid), (_, precision), (_, recall), (_, consistency) in zip(*columns):
+        mask = "-" if cell["mask"] is None else ("on" if cell["mask"] else "off")
+        lines.append(f"| {cell['model']} ({cell['steps']} steps) | {cell['k'] or '-'} | {mask} | {fid} | "
+                     f"{precision.mean:.3f} | {recall.mean:.3f} | {100 * consistency.mean:.1f} % |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -77,31 +86,33 @@ def main() -> None:
     budget = FULL if args.steps is None else replace(FULL, steps=args.steps)
     art = prepare_artifacts(args.run, bench, budget, None)
     ref = Reference("fashion-mnist", "test")
-    sides = Sides(art)
     bench_k = load_hierarchy(art.hierarchy).K
 
-    ctf_models = {bench_k: (bench / "coarse", bench / "refiner", art)}
-    for k in args.ks:
-        ctf_models[k] = train_ctf_for_k(k, bench / "ablate" / f"k{k}", art, budget)
+    @lru_cache(maxsize=None)
+    def pipeline(model: str, k: int | None, steps: int):
+        if model != "CTF":
+            return Sides(art).baseline(bench / f"baseline-step{steps}")
+        coarse, refiner, art_k = ((bench / "coarse", bench / "refiner", art) if k == bench_k
+                                  else train_ctf_for_k(k, bench / "ablate" / f"k{k}", art, budget))
+        return Sides(art_k).ctf(coarse, refiner)
 
-    rows = []
-    for k, (coarse, refiner, art_k) in sorted(ctf_models.items()):
-        pipe = Sides(art_k).ctf(coarse, refiner)
-        for mask in (True, False):
-            log(f"scoring CTF K={k}, mask {'on' if mask else 'off'}")
-            rows.append({"model": "CTF", "K": k, "mask": "on" if mask else "off",
-                         "scores": score_seeds(pipe, art, ref, budget.per_class, args.seeds, refiner_mask=mask)})
-    for name, step in (("baseline, equal steps", budget.steps), ("baseline, CTF's compute", report["matched_steps"])):
-        log(f"scoring {name}")
-        rows.append({"model": f"{name} ({step} steps)", "scores": score_seeds(
-            sides.baseline(bench / f"baseline-step{step}"), art, ref, budget.per_class, args.seeds)})
+    def run(cell: Cell) -> dict:
+        log(f"scoring {cell}")
+        settings = {} if cell.mask is None else {"refiner_mask": cell.mask}
+        pipe = pipeline(cell.model, cell.k, cell.steps)
+        return brief(domain_score(pipe, cell.per_class, art, ref, cell.seed, **settings)[0])
 
-    result = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d"), "machine": machine(), "steps": budget.steps,
-              "per_class": budget.per_class, "seeds": args.seeds, "rows": rows,
-              "wall_s": time.perf_counter() - start}
-    (bench / "ablate_ctf.json").write_text(json.dumps(result, indent=2))
-    write_markdown(result, bench / "ablate_ctf.md")
-    log(f"done: {bench / 'ablate_ctf.md'}")
+    n = budget.per_class
+    grid = [Cell("CTF", k, mask, budget.steps, n, seed) for k in sorted({bench_k, *args.ks})
+            for mask in (True, False) for seed in args.seeds]
+    grid += [Cell(name, None, None, steps, n, seed) for name, steps in
+             (("baseline, equal steps", budget.steps), ("baseline, CTF's compute", report["matched_steps"]))
+             for seed in args.seeds]
+    records = run_grid(grid, run, Results(bench / "ablate_ctf.jsonl"))
+    meta = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+            "steps": budget.steps, "per_class": n, "seeds": args.seeds}
+    write_markdown(records, meta, bench / "ablate_ctf.md")
+    log(f"done in {(time.perf_counter() - start) / 60:.1f} min: {bench / 'ablate_ctf.md'}")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@ likelihood split, uniform cluster members and the floors. CPU, seconds."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from ctfgen.data.codes import CodeDataset
-from ctfgen.experiments import compare, floor_sets, nll_split, spread
+from ctfgen.experiments import Results, by_seeds, cell_key, compare, floor_sets, nll_split, run_grid, spread
 from ctfgen.hierarchy import Hierarchy
 from test_sampling import GRID, K, V, random_model, tiny_tokenizer
 from test_training import write_codes
@@ -86,3 +87,35 @@ def test_floor_sets() -> None:
     assert all(torch.equal(sets[k], again[k]) for k in sets)  # seeded
     assert set(floor_sets(tok, h, images, labels)) == {"reconstruction", "true-coarse+uniform"}
     assert GRID == tok.config.grid_size
+
+
+# --- the engine --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ToyCell:
+    k: int
+    seed: int
+
+
+def test_a_grid_resumes_and_never_recomputes_a_finished_cell(tmp_path) -> None:
+    results = Results(tmp_path / "results.jsonl")
+    runs: list[ToyCell] = []
+
+    def run(cell: ToyCell) -> dict:
+        runs.append(cell)
+        if cell == ToyCell(2, 0) and len(runs) == 3:
+            raise KeyboardInterrupt  # killed in the middle of the third cell
+        return {"fid": 10.0 * cell.k + cell.seed}
+
+    grid = [ToyCell(k, seed) for k in (1, 2) for seed in (0, 1)]
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, run, results)
+    with open(results.path, "a") as f:
+        f.write('{"key": "cut off by the ki')  # and a line half-written
+    records = run_grid(grid, run, results)
+    assert runs == [ToyCell(1, 0), ToyCell(1, 1), ToyCell(2, 0), ToyCell(2, 0), ToyCell(2, 1)]
+    assert [r["result"]["fid"] for r in records] == [10.0, 11.0, 20.0, 21.0]
+    assert run_grid(grid, run, results) == records and len(runs) == 5  # all done: nothing runs
+    assert cell_key(ToyCell(1, 0)) != cell_key(ToyCell(1, 1)) == cell_key(ToyCell(1, 1))
+    groups = by_seeds(records, lambda r: r["fid"])
+    assert [(fields, s.mean, s.n) for fields, s in groups] == [({"k": 1}, 10.5, 2), ({"k": 2}, 20.5, 2)]

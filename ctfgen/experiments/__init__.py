@@ -1,8 +1,10 @@
-"""The evidence protocol's pieces (docs/bench.md): the spread over seeds and when a gap counts,
-the likelihood split in nats per token, and the floors that show how much room a metric has."""
+"""The evidence protocol's pieces (docs/bench.md): experiments as data run by one small engine, the
+spread over seeds and when a gap counts, the likelihood split in nats per token, and the floors that
+show how much room a metric has."""
 
+from .engine import Results, by_seeds, cell_key, run_grid
 from .floors import floor_sets
 from .likelihood import nll_split
 from .stats import Spread, compare, spread
 
-__all__ = ["Spread", "compare", "floor_sets", "nll_split", "spread"]
+__all__ = ["Results", "Spread", "by_seeds", "cell_key", "compare", "floor_sets", "nll_split", "run_grid", "spread"]

@@ -1,0 +1,91 @@
+"""Experiments as data: cells, a grid of them, and one small engine that runs what is not done yet.
+
+A cell is a frozen dataclass holding everything that changes its numbers (data, sizes, budget, seed, ...);
+its key is a hash of those values. `run_grid` appends one JSON line per finished cell to a results file
+and skips every cell whose key is already there, so an interrupted grid resumes where it stopped and a
+finished cell is never recomputed. Reports read the file (`Results.load`, `by_seeds`) and run nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+from .stats import Spread, spread
+
+log = logging.getLogger(__name__)
+C = TypeVar("C")
+
+
+def cell_key(cell: Any) -> str:
+    """A stable hash of the cell's type and values."""
+    text = json.dumps({"type": type(cell).__name__, **dataclasses.asdict(cell)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Results:
+    """A JSON-lines file of finished cells: {"key", "cell", "result", "wall_s", "date"} per line."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def load(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill mid-write: that cell runs again
+                log.warning("%s: skipping an incomplete line", self.path)
+        return records
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab+") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell():
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # the line a kill cut short stays alone on its line
+                    f.write(b"\n")
+            f.write((json.dumps(record, sort_keys=True) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def run_grid(cells: Iterable[C], run: Callable[[C], dict[str, Any]], results: Results) -> list[dict[str, Any]]:
+    """Run every cell not yet in `results` (in order), appending each as it finishes; returns the records
+    of all the given cells, old and new."""
+    cells = list(cells)
+    done = {r["key"]: r for r in results.load()}
+    for i, cell in enumerate(cells, 1):
+        key = cell_key(cell)
+        if key in done:
+            log.info("[%d/%d] %s: done earlier", i, len(cells), key)
+            continue
+        log.info("[%d/%d] %s: %s", i, len(cells), key, cell)
+        start = time.perf_counter()
+        record = {"key": key, "cell": dataclasses.asdict(cell), "result": run(cell),
+                  "wall_s": round(time.perf_counter() - start, 1),
+                  "date": datetime.datetime.now().isoformat(timespec="seconds")}
+        results.append(record)
+        done[key] = record
+    return [done[cell_key(c)] for c in cells]
+
+
+def by_seeds(records: Iterable[dict[str, Any]], metric: Callable[[dict[str, Any]], float],
+             seed_field: str = "seed") -> list[tuple[dict[str, Any], Spread]]:
+    """(the other cell fields, the spread of `metric(result)`) for each group of cells that differ only
+    in their seed, in the order the groups first appear."""
+    groups: dict[str, tuple[dict[str, Any], list[float]]] = {}
+    for r in records:
+        rest = {k: v for k, v in r["cell"].items() if k != seed_field}
+        groups.setdefault(json.dumps(rest, sort_keys=True), (rest, []))[1].append(metric(r["result"]))
+    return [(fields, spread(values)) for fields, values in groups.values()]
