@@ -4,8 +4,9 @@ Both sides train at the same stage-1 size, batch and steps, in segments (train t
 resume to s2, score, ...) so FID can be plotted against the step; a constant learning rate makes
 resume-extending exact. A second baseline gets CTF's total training compute (its run continued).
 Then: a class-balanced final set scored with `domain` (and `effnet-lite0`), sampling speed of both
-at batch 1 and 64 with CFG on, a slimmer refiner and CFG at both stages, and a small sweep of
-CFG, t1 and t2. Writes OUT/BENCHMARKS.md, OUT/bench.json and PNG plots. See docs/bench.md.
+at batch 1 and 64 with CFG on, a slimmer refiner and CFG at both stages, every side scored over a
+grid of operating points (CFG x t1, x t2 for CTF) and compared at its own best, the floors, and the
+likelihood split. Writes OUT/BENCHMARKS.md, OUT/bench.json and PNG plots. See docs/bench.md.
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ class BenchBudget:
     effnet_per_class: int = 20  # 0 skips effnet-lite0 (about 10-20 images/s on a CPU)
     effnet_ref_images: int = 1000
     sweep_per_class: int = 30
-    sweep_cfg: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
-    sweep_t1: tuple[float, ...] = (1.0, 1.1, 1.3)
-    sweep_t2: tuple[float, ...] = (1.0, 1.1, 1.3)
+    # the operating points (the evidence protocol's grid): every CFG x t1 (x t2 for CTF)
+    sweep_cfg: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
+    sweep_t1: tuple[float, ...] = (1.0, 1.1)
+    sweep_t2: tuple[float, ...] = (1.0, 1.1)
     speed_images_b1: int = 8  # images sampled one at a time
     speed_big_batch: int = 64
     speed_repeats: int = 3
@@ -77,7 +79,7 @@ class BenchBudget:
 FULL = BenchBudget()
 QUICK = BenchBudget(size="tiny", refiner_size="tiny", steps=300, checkpoints=2, batch_size=32, warmup_steps=20,
                     curve_per_class=20, per_class=20, effnet_per_class=0, sweep_per_class=10,
-                    sweep_cfg=(1.0, 2.0, 3.0), sweep_t1=(1.0, 1.3), sweep_t2=(1.0, 1.3), speed_images_b1=4,
+                    sweep_cfg=(1.0, 2.0, 3.0), sweep_t1=(1.0, 1.1), sweep_t2=(1.1,), speed_images_b1=4,
                     speed_repeats=1, tokenizer_steps=200, classifier_epochs=1, classifier_limit=10000)
 
 def log(msg: str) -> None:
@@ -285,15 +287,11 @@ def measure_speed(pipes: dict[str, CTFPipeline | BaselinePipeline], batch: int, 
 # --- the sweep ----------------------------------------------------------------------------------------
 
 def sweep_points(budget: BenchBudget, ctf: bool) -> list[dict[str, float]]:
-    """One axis at a time around ctfgen's defaults."""
-    points = [{"cfg1": c} for c in budget.sweep_cfg] + [{"t1": t} for t in budget.sweep_t1]
-    if ctf:
-        points += [{"t2": t} for t in budget.sweep_t2]
-    unique: list[dict[str, float]] = []
-    for p in points:
-        if {**DEFAULTS, **p} not in [{**DEFAULTS, **u} for u in unique]:
-            unique.append(p)
-    return unique
+    """Every combination of CFG and t1 (and t2 for CTF): each side is compared at its own best point, and
+    the points trace its fidelity/diversity trade-off."""
+    t2s = budget.sweep_t2 if ctf else (None,)
+    return [{"cfg1": c, "t1": t1, **({"t2": t2} if t2 is not None else {})}
+            for c in budget.sweep_cfg for t1 in budget.sweep_t1 for t2 in t2s]
 
 
 def run_sweep(pipe: CTFPipeline | BaselinePipeline, budget: BenchBudget, art: Artifacts, ref: Reference) -> dict[str, Any]:
@@ -305,22 +303,35 @@ def run_sweep(pipe: CTFPipeline | BaselinePipeline, budget: BenchBudget, art: Ar
     return {"rows": rows, "best": best}
 
 
+def trade_off(sweep: dict[str, dict[str, Any]], x: str, y: str) -> dict[str, tuple[list[float], list[float]]]:
+    """Each side's points as (xs, ys), ordered by x, for a trade-off plot (FID against recall, IS against FID)."""
+    out = {}
+    for name, sw in sweep.items():
+        pts = sorted((r[x], r[y]) for r in sw["rows"] if r.get(x) is not None and r.get(y) is not None)
+        out[name] = ([a for a, _ in pts], [b for _, b in pts])
+    return out
+
+
 # --- plots and report -------------------------------------------------------------------------------------
 
 def plot_curves(curves: dict[str, list[dict[str, Any]]], key: str, ylabel: str, path: Path) -> None:
     xs_ys = {name: ([p["step"] for p in pts], [p[key] for p in pts]) for name, pts in curves.items() if pts}
+    plot_lines(xs_ys, "training step", ylabel, path)
+
+
+def plot_lines(xs_ys: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, path: Path) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        _plot_with_pil(xs_ys, ylabel, path)
+        _plot_with_pil(xs_ys, xlabel, ylabel, path)
         return
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     for name, (xs, ys) in xs_ys.items():
         ax.plot(xs, ys, marker="o", label=name)
-    ax.set_xlabel("training step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -329,7 +340,7 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], key: str, ylabel: str, 
     plt.close(fig)
 
 
-def _plot_with_pil(xs_ys: dict[str, tuple[list[float], list[float]]], ylabel: str, path: Path) -> None:
+def _plot_with_pil(xs_ys: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, path: Path) -> None:
     """A plain line plot for machines without matplotlib."""
     w, h, m = 520, 360, 50
     im = Image.new("RGB", (w, h), "white")
@@ -340,7 +351,7 @@ def _plot_with_pil(xs_ys: dict[str, tuple[list[float], list[float]]], ylabel: st
     sx = lambda x: m + (x - x0) / max(x1 - x0, 1e-9) * (w - 2 * m)  # noqa: E731
     sy = lambda y: h - m - (y - y0) / max(y1 - y0, 1e-9) * (h - 2 * m)  # noqa: E731
     d.rectangle([m, m, w - m, h - m], outline="black")
-    d.text((m, 10), f"{ylabel} against training step ({y0:.3g} .. {y1:.3g})", fill="black")
+    d.text((m, 10), f"{ylabel} ({y0:.3g} .. {y1:.3g}) against {xlabel} ({x0:.3g} .. {x1:.3g})", fill="black")
     colors = ["blue", "red", "green", "orange"]
     for i, (name, (a, b)) in enumerate(xs_ys.items()):
         pts = [(sx(x), sy(y)) for x, y in zip(a, b)]
@@ -438,7 +449,9 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
     for name, v in r["variants"].items():
         lines.append(f"| {name} | {v['refiner_parameters']:,} | {v['fid']:.2f} | {_f(v.get('is_mean'))} | "
                      f"{100 * v['class_consistency']:.1f}% | {v['images_per_s']:.1f} |")
-    lines += ["", f"## Sweep (one setting at a time around the defaults; {r['budget']['sweep_per_class']} per class)", "",
+    lines += ["", f"## Operating points (every CFG x t1, x t2 for CTF; {r['budget']['sweep_per_class']} per class, one "
+              "sampling seed): each side at its own best FID", "",
+              "Trade-off plots: `fid_vs_recall.png`, `is_vs_fid.png`. A side that wins only by more guidance does not win.", "",
               f"| side | best settings | {fid} | {is_} there | all points ({fid}) |", "|---|---|---|---|---|"]
     for name, sw in r["sweep"].items():
         pts = ", ".join(f"{json.dumps(p['settings'])}: {p['fid']:.1f}" for p in sw["rows"])
@@ -450,7 +463,7 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
     return path
 
 
-def verdict(final: dict[str, dict[str, Any]]) -> str:
+def verdict(final: dict[str, dict[str, Any]], sweep: dict[str, dict[str, Any]]) -> str:
     d = {name: by_ext["domain"] for name, by_ext in final.items()}
     ctf, base, matched = d["ctf"], d["baseline"], d["baseline (CTF's compute)"]
     label = ctf["fid_label"]
@@ -460,6 +473,9 @@ def verdict(final: dict[str, dict[str, Any]]) -> str:
         parts.append(f"CTF's FID is {word} than {name}: {label} {ctf['fid']:.2f} vs {other['fid']:.2f}, "
                      f"IS {_f(ctf.get('is_mean'))} vs {_f(other.get('is_mean'))}, class consistency "
                      f"{100 * ctf['class_consistency']:.1f}% vs {100 * other['class_consistency']:.1f}%.")
+    best = {name: sw["best"] for name, sw in sweep.items()}
+    parts.append("At each side's own best operating point: " + ", ".join(
+        f"{name} {label} {b['fid']:.2f} ({json.dumps(b['settings'])})" for name, b in best.items()) + ".")
     parts.append(f"Scored on one seed of {ctf['n']} samples; at 1000 samples, seeds alone moved FID by up to 0.9 "
                  "(docs/bench.md), so read small gaps as ties (benchmarks/ablate_ctf.py scores several seeds).")
     return " ".join(parts)
@@ -553,10 +569,12 @@ def run_bench(out: str | Path, budget: BenchBudget = QUICK, run: str | Path | No
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "budget": asdict(budget), "settings": settings,
         "artifacts": asdict(art), "labels": {"fid": "FID (domain features)", "is": "IS (domain features)"},
         "compute": compute_out, "flop_ratio": flop_ratio, "matched_steps": matched_steps, "curves": curves,
-        "final": final, "nll": nll, "floors": floors, "speed": speed, "variants": variants, "sweep": sweep, "verdict": verdict(final),
+        "final": final, "nll": nll, "floors": floors, "speed": speed, "variants": variants, "sweep": sweep, "verdict": verdict(final, sweep),
         "wall_s": time.perf_counter() - start}
     plot_curves(curves, "fid", "FID (domain features)", out / "fid_vs_step.png")
     plot_curves(curves, "is_mean", "IS (domain features)", out / "is_vs_step.png")
+    plot_lines(trade_off(sweep, "recall", "fid"), "recall (domain features)", "FID (domain features)", out / "fid_vs_recall.png")
+    plot_lines(trade_off(sweep, "fid", "is_mean"), "FID (domain features)", "IS (domain features)", out / "is_vs_fid.png")
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     write_report(result, out)
     output.finish()

@@ -57,9 +57,16 @@ def folder_state(folder: Path) -> tuple[str | None, bool]:
             kind = _kind_in(folder / marker)
             if kind:
                 return kind, True
+    for marker, kind in _OLD_REPORTS.items():
+        if (folder / marker).is_file():
+            return kind, True
     if (folder / "tokenizer").is_dir():
         return RUN_KIND, False
     return None, False
+
+
+# report folders from before status.json, recognised by the file they end with
+_OLD_REPORTS = {"bench.json": "bench", "redundancy.json": "redundancy-report"}
 
 
 def _kind_in(path: Path) -> str | None:

@@ -111,6 +111,10 @@ def test_bench_at_toy_budget(tmp_path: Path, fm: Path) -> None:
     assert set(saved["final"]) == {"ctf", "baseline", "baseline (CTF's compute)"}
     assert set(saved["speed"]) == {"1", "4"} and "FID (domain features)" in (out / "BENCHMARKS.md").read_text()
     assert "at equal steps" in result["verdict"] and "at CTF's compute" in result["verdict"]
+    assert "own best operating point" in result["verdict"]
+    assert len(saved["sweep"]["ctf"]["rows"]) == 2 * 1 * 1 and len(saved["sweep"]["baseline"]["rows"]) == 2
+    for plot in ("fid_vs_recall.png", "is_vs_fid.png"):
+        assert (out / plot).is_file(), plot
     assert set(saved["floors"]) == {"reconstruction", "true-coarse+refiner", "true-coarse+uniform"}
     assert saved["floors"]["reconstruction"]["n"] == 2 * 10  # class-balanced, as many as a final set
     for side in ("ctf", "baseline", "baseline (CTF's compute)"):

@@ -96,6 +96,10 @@ def test_unfinished_work_continues_only_when_asked(tmp_path: Path) -> None:
 def test_older_folders_are_recognised_by_their_config(tmp_path: Path) -> None:
     write_json(tmp_path / "tok" / "config.json", {"kind": "vq-tokenizer"})
     assert folder_state(tmp_path / "tok") == ("vq-tokenizer", True)
+    write_json(tmp_path / "bench" / "bench.json", {})
+    assert folder_state(tmp_path / "bench") == ("bench", True)
+    (tmp_path / "demo" / "tokenizer").mkdir(parents=True)
+    assert folder_state(tmp_path / "demo") == ("run", False)
     with pytest.raises(CtfgenError, match="holds a vq-tokenizer folder, not a transformer folder"):
         plan_output(tmp_path / "tok", "transformer", force=True)
 
