@@ -1,7 +1,7 @@
 """`ctfgen evaluate`: score a set of generated images against a dataset split.
 
 The set is a folder of PNGs (searched recursively; a class comes from a numeric sub-folder name
-or from a `_classN` file-name suffix as `ctfgen sample --out-dir` writes), an .npz with `images`
+or from a `_classN` file-name suffix as `ctfgen sample --out-dir` writes), an .npz with `images` (or ADM's `arr_0`)
 uint8 [N,H,W(,C)] (and optionally `labels` / `class_labels`), or a run folder, sampled N per class
 with a fixed seed. Every figure is labelled with its feature extractor (`metric_label`).
 
@@ -100,11 +100,12 @@ def load_npz(path: str | Path) -> ImageSet:
         raise CtfgenError(f"{path} not found")
     try:
         with np.load(path) as data:
-            if "images" not in data:
-                raise CtfgenError(f"{path} has no 'images' array (found {sorted(data.files)})")
-            images = data["images"]
+            key = next((k for k in ("images", "arr_0") if k in data), None)  # arr_0: ADM's sample batches
+            if key is None:
+                raise CtfgenError(f"{path} has no 'images' or 'arr_0' array (found {sorted(data.files)})")
+            images = data[key]
             if images.dtype != np.uint8:
-                raise CtfgenError(f"{path}: 'images' must be uint8 [N,H,W(,C)], got {images.dtype}")
+                raise CtfgenError(f"{path}: '{key}' must be uint8 [N,H,W(,C)], got {images.dtype}")
             key = next((k for k in ("labels", "class_labels") if k in data), None)
             labels = torch.from_numpy(data[key].astype(np.int64)) if key else None
     except CtfgenError:
@@ -204,7 +205,7 @@ def evaluate_source(source: str | Path, extractors: list[tuple[str, dict[str, An
 # --- the `ctfgen evaluate` command -----------------------------------------------------------------
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="a folder of PNGs, an .npz with 'images', or a run folder (sampled)")
+    p.add_argument("source", help="a folder of PNGs, an .npz with 'images' (or ADM's 'arr_0'), or a run folder (sampled)")
     p.add_argument("--out", default="metrics.json", help="metrics JSON to write (default: metrics.json)")
     p.add_argument("--extractor", action="append", choices=("effnet-lite0", "domain", "inception"),
                    help="feature extractor, repeatable (default: effnet-lite0)")

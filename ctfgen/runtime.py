@@ -54,8 +54,8 @@ def rng_state() -> dict[str, Any]:
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "numpy": [keys.astype(np.int64).tolist(), pos, has_gauss, gauss],
              "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only: a run may resume on another number of GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -65,7 +65,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)  # older checkpoints: all devices
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

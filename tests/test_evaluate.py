@@ -67,7 +67,7 @@ def test_png_folder_with_class_subfolders(tmp_path: Path, classifier: str, ref: 
 
 
 def test_npz_through_the_command(tmp_path: Path, classifier: str, ref: Reference) -> None:
-    np.savez(tmp_path / "set.npz", images=random_images(12))
+    np.savez(tmp_path / "set.npz", random_images(12))  # unnamed: arr_0, the layout of ADM's sample batches
     parser = argparse.ArgumentParser()
     add_evaluate_args(parser)
     out = tmp_path / "m.json"
@@ -76,6 +76,16 @@ def test_npz_through_the_command(tmp_path: Path, classifier: str, ref: Reference
     cmd_evaluate(args)
     m = check_labelled(json.loads(out.read_text()), 12)
     assert "class_consistency" not in m  # no labels in the file
+
+
+def test_npz_layouts(tmp_path: Path) -> None:
+    from ctfgen.evaluate import load_npz
+
+    np.savez(tmp_path / "ours.npz", images=random_images(3), labels=np.array([0, 1, 2]))
+    np.savez(tmp_path / "adm.npz", random_images(3, 8)[..., None].repeat(3, -1))  # arr_0 [N, H, W, 3]
+    ours, adm = load_npz(tmp_path / "ours.npz"), load_npz(tmp_path / "adm.npz")
+    assert ours.images.shape == (3, 1, 32, 32) and ours.labels.tolist() == [0, 1, 2]
+    assert adm.images.shape == (3, 3, 8, 8) and adm.labels is None and adm.images.min() >= -1
 
 
 @pytest.fixture()

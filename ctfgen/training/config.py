@@ -39,6 +39,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     save_every: Count = 500
+    keep_every: NonNegative = 0  # also keep the model at every N-th step in OUT/snapshots/stepN (curves); 0 = off
     log_every: Count = 25
     sample_every: NonNegative = 0  # coarse/baseline: a sample grid in TensorBoard every N steps; 0 = off
     sample_tokenizer: str | None = None  # tokenizer folder that decodes those samples

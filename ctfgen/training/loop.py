@@ -309,7 +309,7 @@ class Trainer:
 
     def _inert_fields(self) -> set[str]:
         """Settings that may change on resume without changing the weights."""
-        inert = {"out", "save_every", "log_every", "device", "compile", "val_codes", "val_limit",
+        inert = {"out", "save_every", "keep_every", "log_every", "device", "compile", "val_codes", "val_limit",
                  "sample_every", "sample_tokenizer", "sample_refiner"}
         return inert if self.cfg.lr_decay == "cosine" else inert | {"steps"}  # cosine decay ends at `steps`
 
@@ -387,6 +387,9 @@ class Trainer:
                         writer.add_image("samples", self.preview.grid(), self.step, dataformats="HWC")
                     if self.step % cfg.save_every == 0 or stopped or self.step == cfg.steps:
                         self.save_checkpoint()
+                    if cfg.keep_every and self.step % cfg.keep_every == 0 and self.dist.is_main:
+                        save_model(self.final_model(), self.out / "snapshots" / f"step{self.step}")
+                        self.model.train()  # final_model() switched it to eval
             bar.close()  # before the held-out evaluation
             if stopped:
                 barrier(self.dist)
