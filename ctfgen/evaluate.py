@@ -161,12 +161,15 @@ def class_consistency(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(dim=1) == labels).float().mean().item()
 
 
-def score(images: torch.Tensor, labels: torch.Tensor | None, extractor: FeatureExtractor, ref: Reference) -> dict[str, Any]:
-    """FID / IS / precision / recall with one extractor (`get_extractor`), + class consistency for `domain`."""
+def score(images: torch.Tensor, labels: torch.Tensor | None, extractor: FeatureExtractor, ref: Reference,
+          device: str | torch.device | None = None) -> dict[str, Any]:
+    """FID / IS / precision / recall with one extractor (`get_extractor`), + class consistency for `domain`.
+    The extractor runs on `device` (default: where the images are), for the reference set too."""
+    extractor.to(device if device is not None else images.device)
     stats = reference_stats(extractor, ref.dataset, ref.split, resolution=images.shape[-1], channels=images.shape[1],
                             n=ref.n, cache_dir=ref.cache_dir, data_dir=ref.data_dir)
     start = time.perf_counter()
-    features, logits = extract_features(extractor, images, device=images.device)
+    features, logits = extract_features(extractor, images)
     result = evaluate_features(features, logits, stats, extractor.name)
     result["ref_images"] = stats.meta.get("count")
     result["extract_s"] = round(time.perf_counter() - start, 2)
@@ -176,8 +179,9 @@ def score(images: torch.Tensor, labels: torch.Tensor | None, extractor: FeatureE
     return result
 
 
-def evaluate_set(images: ImageSet, extractors: dict[str, FeatureExtractor], ref: Reference) -> dict[str, Any]:
-    return {name: score(images.images, images.labels, extractor, ref) for name, extractor in extractors.items()}
+def evaluate_set(images: ImageSet, extractors: dict[str, FeatureExtractor], ref: Reference,
+                 device: str | torch.device | None = None) -> dict[str, Any]:
+    return {name: score(images.images, images.labels, extractor, ref, device) for name, extractor in extractors.items()}
 
 
 def record(result_by_extractor: dict[str, Any], images: ImageSet, ref: Reference, command: str | None = None) -> dict[str, Any]:
@@ -195,7 +199,7 @@ def evaluate_source(source: str | Path, extractors: list[tuple[str, dict[str, An
     out = check_output_file(out) if out is not None else None
     built = {name: get_extractor(name, **kw) for name, kw in extractors}
     images = load_source(source, on_error, **sample_kw)
-    result = record(evaluate_set(images, built, ref), images, ref)
+    result = record(evaluate_set(images, built, ref, sample_kw.get("device")), images, ref)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, result)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import math
 import pickle
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .artifacts import ArtifactError, atomic_write_bytes
+from .artifacts import ArtifactError, atomic_path
 from .errors import CtfgenError
 
 log = logging.getLogger(__name__)
@@ -70,17 +69,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Atomically write a checkpoint of tensors and plain Python values (loadable with weights_only)."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    """Atomically write a checkpoint of tensors and plain Python values (loadable with weights_only),
+    straight to the file: no copy of the whole checkpoint in memory."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    return load_torch_file(path, device)
+    """A checkpoint written by `save_checkpoint`, memory-mapped rather than read whole."""
+    return load_torch_file(path, device, mmap=True)
 
 
-def load_torch_file(path: str | Path, device: str | torch.device = "cpu", allowed: tuple[type, ...] = ()) -> Any:
+def load_torch_file(path: str | Path, device: str | torch.device = "cpu", allowed: tuple[type, ...] = (),
+                    mmap: bool = False) -> Any:
     """torch.load with weights_only=True: tensors and plain containers, plus the classes in `allowed`;
     a file that would run any other pickled code is refused with a one-line ArtifactError."""
     path = Path(path)
@@ -89,7 +90,7 @@ def load_torch_file(path: str | Path, device: str | torch.device = "cpu", allowe
     safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:
         with safe(list(allowed)) if safe and allowed else contextlib.nullcontext():
-            return torch.load(path, map_location=device, weights_only=True)
+            return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if found:

@@ -4,6 +4,7 @@ EfficientNet port, key coverage for the Inception layout, the reference-statisti
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -195,3 +196,54 @@ def test_domain_classifier_learns_above_chance_and_serves_as_extractor(tmp_path)
     extractor = get_extractor("domain", path=tmp_path / "clf")
     features, logits = extractor(torch.zeros(3, 3, 28, 28))
     assert features.shape == (3, 128) and logits.shape == (3, 10)
+
+
+# --- reference statistics that stream ----------------------------------------------------------------
+
+def test_running_moments_match_the_whole_set() -> None:
+    from ctfgen.metrics.fid import RunningMoments, feature_stats
+
+    x = np.random.default_rng(0).normal(3.0, 2.0, (1001, 5)) @ np.random.default_rng(1).normal(size=(5, 5))
+    moments = RunningMoments(5)
+    for chunk in np.array_split(x, [1, 7, 300, 301, 990]):  # uneven batches, one of size 1
+        moments.add(chunk)
+    mu, sigma = moments.stats()
+    ref_mu, ref_sigma = feature_stats(x)
+    assert moments.n == 1001
+    np.testing.assert_allclose(mu, ref_mu, rtol=1e-12)
+    np.testing.assert_allclose(sigma, ref_sigma, rtol=1e-10)
+
+
+MEMORY_PROBE = r"""
+import resource, sys, numpy as np, torch
+from ctfgen.metrics.features import FeatureExtractor
+from ctfgen.metrics.fid import reference_stats
+
+class Pool(FeatureExtractor):  # a cheap feature space: 4x4 average pooling of the image
+    name, fingerprint, feature_dim = "pool", "pool", 16
+    def preprocess(self, images): return images
+    def features(self, x): return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1), None
+
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+path, cache = sys.argv[1], sys.argv[2]
+np.load(path)["images"]  # the dataset's own uint8 arrays are loaded either way
+before = rss()
+stats = reference_stats(Pool(), path.replace("_test.npz", ".npz"), "test", resolution=32, channels=1, cache_dir=cache,
+                        batch_size=256)
+print(stats.meta["count"], rss() - before)
+"""
+
+
+def test_reference_statistics_of_a_large_set_use_bounded_memory(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    n = 60000  # as float32 [N, 1, 32, 32] the whole split would take 245 MB
+    images = np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "big_test.npz", images=images, labels=np.arange(n) % 10)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "big_test.npz"), str(tmp_path / "cache")],
+                         capture_output=True, text=True, env=env, check=True).stdout.split()
+    count, growth_mib = int(out[0]), float(out[1])
+    assert count == n
+    assert growth_mib < 100, f"peak memory grew by {growth_mib:.0f} MiB while computing reference statistics"

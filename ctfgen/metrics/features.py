@@ -113,7 +113,9 @@ def metric_label(extractor_name: str, metric: str = "FID") -> str:
 def extract_features(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int = 64,
                      device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the extractor over `images` in batches; returns float32 CPU tensors."""
-    device = torch.device(device) if device is not None else next(extractor.parameters()).device
+    if device is None:  # where its weights are (the CPU for an extractor without any)
+        device = next(iter([*extractor.parameters(), *extractor.buffers()]), torch.empty(0)).device
+    device = torch.device(device)
     extractor.to(device).eval()
     feats, logits = [], []
     for start in range(0, len(images), batch_size):

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "CTFGEN_CACHE"
 DEFAULT_CACHE = Path("~/.cache/ctfgen/ref-stats")
-REF_STATS_VERSION = 2  # 2: a class-balanced random subset when n is given (1: the first n)
+REF_STATS_VERSION = 2  # 2: a class-balanced random subset when n is given (1: the first n); streamed
 
 
 # --- Frechet distance ---------------------------------------------------------------------------
@@ -56,6 +56,31 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     trace_sqrt = np.sqrt(np.clip(eigen, 0, None)).sum()
     diff = mu1 - mu2
     return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt, 0.0))
+
+
+class RunningMoments:
+    """Mean and covariance of feature batches as they stream past (Chan et al.'s pairwise update, float64):
+    memory is one F x F matrix whatever the number of features."""
+
+    def __init__(self, dim: int):
+        self.n, self.mean, self.m2 = 0, np.zeros(dim), np.zeros((dim, dim))
+
+    def add(self, features: torch.Tensor | np.ndarray) -> None:
+        x = np.asarray(features, dtype=np.float64)
+        if not len(x):
+            return
+        mean_b = x.mean(axis=0)
+        centred = x - mean_b
+        n_a, n_b = self.n, len(x)
+        delta = mean_b - self.mean
+        self.n = n_a + n_b
+        self.mean = self.mean + delta * (n_b / self.n)
+        self.m2 += centred.T @ centred + np.outer(delta, delta) * (n_a * n_b / self.n)
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise CtfgenError(f"need at least 2 feature vectors, got {self.n}")
+        return self.mean, self.m2 / (self.n - 1)
 
 
 # --- Inception Score -------------------------------------------------------------------------------
@@ -157,17 +182,26 @@ def reference_stats(extractor: FeatureExtractor, dataset: str = "fashion-mnist",
 
 def _compute_ref_stats(extractor: FeatureExtractor, meta: dict, batch_size: int,
                        data_dir: str | Path | None) -> RefStats:
-    from ..data.datasets import Subset, balanced_subset, build_dataset, dataset_labels, take_images
+    """Streams the split batch by batch: memory holds one batch of images, the running moments and the
+    `pr_cap` features kept for precision/recall, whatever the split's size."""
+    from torch.utils.data import DataLoader
+
+    from ..data.datasets import Subset, balanced_subset, build_dataset, dataset_labels
 
     ds = build_dataset(meta["dataset"], meta["split"], resolution=meta["resolution"], channels=meta["channels"],
                        data_dir=data_dir)
     if meta["n"] is not None and meta["n"] < len(ds):
         ds = Subset(ds, balanced_subset(dataset_labels(ds), meta["n"], meta["seed"]))
-    images = take_images(ds)
-    features, _ = extract_features(extractor, images, batch_size)
-    mu, sigma = feature_stats(features)
-    keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(meta["seed"]))[:meta["pr_cap"]]
-    return RefStats(mu, sigma, features[keep.sort().values].contiguous(), {**meta, "count": len(features)})
+    keep = torch.zeros(len(ds), dtype=torch.bool)
+    keep[torch.randperm(len(ds), generator=torch.Generator().manual_seed(meta["seed"]))[:meta["pr_cap"]]] = True
+    moments, kept, start = RunningMoments(extractor.feature_dim), [], 0
+    for images, _ in DataLoader(ds, batch_size=batch_size):
+        features, _ = extract_features(extractor, images, batch_size)
+        moments.add(features)
+        kept.append(features[keep[start:start + len(features)]])
+        start += len(features)
+    mu, sigma = moments.stats()
+    return RefStats(mu, sigma, torch.cat(kept), {**meta, "count": moments.n})
 
 
 def _load_ref_stats(folder: Path, meta: dict) -> RefStats:
