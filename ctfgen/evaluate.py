@@ -25,9 +25,11 @@ import torch
 from PIL import Image
 
 from .arguments import Count, arg_type
+from .data.transforms import uint8_to_float
 from .artifacts import write_json
 from .errors import CtfgenError
 from .metrics import FeatureExtractor, evaluate_features, extract_features, get_extractor, metric_label, reference_stats
+from .metrics.fid import load_stats_file, save_stats_file
 from .outputs import check_output_file
 from .pipeline import DEFAULTS, SETTING_TYPES, BaselinePipeline, CTFPipeline, load_pipeline, make_generator
 from .runtime import pick_device
@@ -44,15 +46,6 @@ class ImageSet:
 
 
 # --- loading ----------------------------------------------------------------------------------------
-
-def uint8_to_float(array: np.ndarray) -> torch.Tensor:
-    """uint8 [N,H,W] or [N,H,W,C] -> float [N,C,H,W] in [-1, 1]."""
-    if array.ndim == 3:
-        array = array[..., None]
-    if array.ndim != 4:
-        raise CtfgenError(f"expected images [N,H,W] or [N,H,W,C], got shape {array.shape}")
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
 
 def _label_of(path: Path, root: Path) -> int | None:
     match = _CLASS_SUFFIX.search(path.stem)
@@ -154,6 +147,8 @@ class Reference:
     n: int | None = None  # reference images (None: the whole split)
     data_dir: str | None = None
     cache_dir: str | None = None
+    stats_file: str | None = None  # precomputed statistics (.npz) instead of the split's
+    save_stats: str | None = None  # also write the statistics used to this .npz
 
 
 def class_consistency(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -166,8 +161,13 @@ def score(images: torch.Tensor, labels: torch.Tensor | None, extractor: FeatureE
     """FID / IS / precision / recall with one extractor (`get_extractor`), + class consistency for `domain`.
     The extractor runs on `device` (default: where the images are), for the reference set too."""
     extractor.to(device if device is not None else images.device)
-    stats = reference_stats(extractor, ref.dataset, ref.split, resolution=images.shape[-1], channels=images.shape[1],
-                            n=ref.n, cache_dir=ref.cache_dir, data_dir=ref.data_dir)
+    if ref.stats_file:
+        stats = load_stats_file(ref.stats_file, extractor)
+    else:
+        stats = reference_stats(extractor, ref.dataset, ref.split, resolution=images.shape[-1], channels=images.shape[1],
+                                n=ref.n, cache_dir=ref.cache_dir, data_dir=ref.data_dir)
+    if ref.save_stats:
+        save_stats_file(ref.save_stats, stats, extractor)
     start = time.perf_counter()
     features, logits = extract_features(extractor, images)
     result = evaluate_features(features, logits, stats, extractor.name)
@@ -197,6 +197,10 @@ def evaluate_source(source: str | Path, extractors: list[tuple[str, dict[str, An
     ref = ref or Reference()
     # the output and the extractors' weights are checked before the (possibly long) sampling
     out = check_output_file(out) if out is not None else None
+    if ref.save_stats:
+        check_output_file(ref.save_stats)
+        if len(extractors) != 1:
+            raise CtfgenError("--save-ref-stats writes one extractor's statistics: give exactly one --extractor")
     built = {name: get_extractor(name, **kw) for name, kw in extractors}
     images = load_source(source, on_error, **sample_kw)
     result = record(evaluate_set(images, built, ref, sample_kw.get("device")), images, ref)
@@ -222,6 +226,9 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-error", choices=("skip", "raise"), default="skip",
                    help="unreadable .png files in SOURCE: leave them out with a warning, or stop (default: skip)")
     p.add_argument("--cache-dir", default=None, help="reference-statistics cache (default: $CTFGEN_CACHE or ~/.cache)")
+    p.add_argument("--ref-stats", default=None, help="precomputed reference statistics .npz: mu and sigma (pytorch-fid), "
+                   "plus arr_0 images (ADM's reference batches) or features (ctfgen's) for precision/recall")
+    p.add_argument("--save-ref-stats", default=None, help="also write the reference statistics used to this .npz")
     g = p.add_argument_group("sampling a run")
     g.add_argument("--kind", choices=("ctf", "baseline"), default="ctf")
     g.add_argument("--per-class", type=arg_type(Count), default=100)
@@ -251,12 +258,15 @@ def extractor_specs(names: list[str] | None, classifier: str | None, inception: 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     specs = extractor_specs(args.extractor, args.classifier, args.inception_weights)
-    ref = Reference(args.data, args.split, args.ref_images, args.data_dir, args.cache_dir)
+    ref = Reference(args.data, args.split, args.ref_images, args.data_dir, args.cache_dir, args.ref_stats,
+                    args.save_ref_stats)
     settings = {name: getattr(args, name) for name in DEFAULTS}
     result = evaluate_source(args.source, specs, ref, args.out, args.on_error, kind=args.kind, per_class=args.per_class, seed=args.seed,
                              batch_size=args.batch_size, device=pick_device(args.device), refiner_mask=args.refiner_mask, **settings)
     for name, m in result["metrics"].items():
-        line = f"{m['fid_label']}: {m['fid']:.2f}, precision {m['precision']:.3f}, recall {m['recall']:.3f}"
+        line = f"{m['fid_label']}: {m['fid']:.2f}"
+        if m["precision"] is not None:
+            line += f", precision {m['precision']:.3f}, recall {m['recall']:.3f}"
         if "is_mean" in m:
             line += f", {m['is_label']}: {m['is_mean']:.2f} +- {m['is_std']:.2f}"
         if "class_consistency" in m:

@@ -49,6 +49,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     (root / "broken.npz").write_bytes(b"PK\x03\x04 not a zip archive")
     torch.save({"model": {}, "where": Path("/tmp")}, root / "unsafe.pt")  # unpickling it would build a PosixPath
+    np.savez(root / "stats7.npz", mu=np.zeros(7), sigma=np.eye(7))  # statistics of a 7-feature space
     return root
 
 
@@ -154,6 +155,12 @@ CASES = {
     "evaluate a broken npz": EVALUATE + ["{root}/broken.npz", "--out", "{root}/new.json"],
     "evaluate a missing npz": EVALUATE + ["{root}/missing.npz", "--out", "{root}/new.json"],
     "evaluate a plain file": EVALUATE + ["{root}/a-file.txt", "--out", "{root}/new.json"],
+    "evaluate --ref-stats that is missing": EVALUATE + ["{root}/pngs", "--ref-stats", "{root}/missing.npz", "--out",
+                                                       "{root}/new.json"],
+    "evaluate --ref-stats of another feature size": EVALUATE + ["{root}/pngs", "--ref-stats", "{root}/stats7.npz",
+                                                               "--out", "{root}/new.json"],
+    "evaluate --save-ref-stats with two extractors": EVALUATE + ["{root}/pngs", "--extractor", "effnet-lite0",
+                                                                "--save-ref-stats", "{root}/s.npz", "--out", "{root}/new.json"],
     "evaluate with missing Inception weights": EVALUATE[:1] + [RUN, "--extractor", "inception", "--inception-weights",
                                                                "{root}/missing.pt", "--out", "{root}/new.json"],
     "extract with a model for a tokenizer": EXTRACT[:2] + [f"{RUN}/coarse"] + EXTRACT[3:] + ["--out", "{root}/new"],

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from ctfgen.bench import QUICK, add_bench_args, cmd_bench, run_bench
+from ctfgen.errors import CtfgenError
 from ctfgen.evaluate import Reference, add_evaluate_args, cmd_evaluate, evaluate_source, load_png_folder
 from ctfgen.hierarchy import Hierarchy, save_hierarchy
 from ctfgen.metrics.classifier import train_classifier
@@ -137,3 +138,33 @@ def test_bench_command_parses(tmp_path: Path) -> None:
     add_bench_args(parser)
     args = parser.parse_args(["--quick", "--out", str(tmp_path), "--steps", "10"])
     assert args.quick and args.steps == 10 and callable(cmd_bench)
+
+
+def test_reference_statistics_files(tmp_path: Path, classifier: str, ref: Reference) -> None:
+    """ctfgen's own file round-trips; pytorch-fid's (mu, sigma) and ADM's (+ arr_0 images) layouts load."""
+    from dataclasses import replace as with_
+
+    from ctfgen.metrics import get_extractor
+    from ctfgen.metrics.fid import load_stats_file
+
+    np.savez(tmp_path / "set.npz", images=random_images(30))
+    spec = [("domain", {"path": classifier})]
+    saved = evaluate_source(tmp_path / "set.npz", spec, with_(ref, save_stats=str(tmp_path / "ours.npz")))
+    again = evaluate_source(tmp_path / "set.npz", spec, with_(ref, stats_file=str(tmp_path / "ours.npz")))
+    assert again["metrics"]["domain"]["fid"] == pytest.approx(saved["metrics"]["domain"]["fid"])
+    assert again["metrics"]["domain"]["recall"] == saved["metrics"]["domain"]["recall"]
+
+    extractor = get_extractor("domain", path=classifier)
+    with np.load(tmp_path / "ours.npz") as f:
+        mu, sigma = f["mu"], f["sigma"]
+    np.savez(tmp_path / "pytorch-fid.npz", mu=mu, sigma=sigma)
+    np.savez(tmp_path / "adm.npz", mu=mu, sigma=sigma, arr_0=random_images(20)[..., None])
+    plain = evaluate_source(tmp_path / "set.npz", spec, with_(ref, stats_file=str(tmp_path / "pytorch-fid.npz")))
+    assert plain["metrics"]["domain"]["fid"] == pytest.approx(saved["metrics"]["domain"]["fid"])
+    assert plain["metrics"]["domain"]["precision"] is None  # no reference images: no precision/recall
+    assert len(load_stats_file(tmp_path / "adm.npz", extractor).features) == 20  # features of ADM's images
+    np.savez(tmp_path / "wrong.npz", mu=np.zeros(7), sigma=np.eye(7))
+    with pytest.raises(CtfgenError, match="7-dimensional statistics"):
+        load_stats_file(tmp_path / "wrong.npz", extractor)
+    with pytest.raises(CtfgenError, match="exactly one --extractor"):
+        evaluate_source(tmp_path / "set.npz", spec * 2, with_(ref, save_stats=str(tmp_path / "two.npz")))

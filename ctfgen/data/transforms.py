@@ -48,6 +48,15 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def uint8_to_float(array: np.ndarray) -> torch.Tensor:
+    """uint8 [N,H,W] or [N,H,W,C] -> float [N,C,H,W] in [-1, 1]."""
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4:
+        raise CtfgenError(f"expected images [N,H,W] or [N,H,W,C], got shape {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def image_grid(x: torch.Tensor, nrow: int = 8, pad: int = 2) -> Image.Image:
     """float[B,C,H,W] in [-1,1] -> one PIL image with `nrow` images per row."""
     imgs = to_uint8(x)

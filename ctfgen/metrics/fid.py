@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import ArtifactError, load_tensors, read_json, save_tensors, write_json
+from ..artifacts import ArtifactError, atomic_path, load_tensors, read_json, save_tensors, write_json
+from ..data.transforms import uint8_to_float
 from ..errors import CtfgenError
 from .features import FeatureExtractor, extract_features, metric_label
 
@@ -212,6 +213,47 @@ def _load_ref_stats(folder: Path, meta: dict) -> RefStats:
     return RefStats(t["mu"].numpy(), t["sigma"].numpy(), t["features"], stored)
 
 
+# --- statistics files: ADM's reference batches, pytorch-fid's, ours ------------------------------------
+
+def load_stats_file(path: str | Path, extractor: FeatureExtractor, pr_cap: int = 10000, batch_size: int = 64) -> RefStats:
+    """Precomputed reference statistics in an .npz: `mu` and `sigma` (pytorch-fid's layout), plus ADM's
+    `arr_0` reference images (features for precision/recall are extracted from them) or ctfgen's
+    `features` and `extractor` (written by `save_stats_file`). The feature size must be the extractor's."""
+    path = Path(path)
+    if not path.is_file():
+        raise CtfgenError(f"--ref-stats {path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files if k in ("mu", "sigma", "arr_0", "features", "extractor")}
+    except Exception as e:  # a damaged archive: zipfile and numpy errors of several types
+        raise CtfgenError(f"--ref-stats {path} is not a readable .npz ({type(e).__name__}: {e})") from None
+    if "mu" not in arrays or "sigma" not in arrays:
+        raise CtfgenError(f"--ref-stats {path} has no 'mu' and 'sigma' arrays")
+    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+    if mu.shape != (extractor.feature_dim,) or sigma.shape != (extractor.feature_dim,) * 2:
+        raise CtfgenError(f"--ref-stats {path} holds {mu.shape[0]}-dimensional statistics, but the {extractor.name} "
+                          f"extractor makes {extractor.feature_dim} features (ADM's and pytorch-fid's files need "
+                          "--extractor inception)")
+    if "extractor" in arrays and str(arrays["extractor"]) != extractor.name:
+        raise CtfgenError(f"--ref-stats {path} was made with the {arrays['extractor']} extractor, not {extractor.name}")
+    if "features" in arrays:
+        features = torch.from_numpy(arrays["features"]).float()
+    elif "arr_0" in arrays:
+        images = arrays["arr_0"][:pr_cap]
+        features = torch.cat([extract_features(extractor, uint8_to_float(images[i:i + batch_size]), batch_size)[0]
+                              for i in range(0, len(images), batch_size)])
+    else:
+        features = torch.zeros(0, extractor.feature_dim)
+    return RefStats(mu, sigma, features, {"stats_file": str(path), "count": None, "pr_features": len(features)})
+
+
+def save_stats_file(path: str | Path, stats: RefStats, extractor: FeatureExtractor) -> None:
+    """Write `mu`, `sigma` (the layout ADM's and pytorch-fid's tools read), `features` and `extractor`."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=stats.mu, sigma=stats.sigma, features=stats.features.numpy(), extractor=np.array(extractor.name))
+
+
 # --- everything at once ------------------------------------------------------------------------------------
 
 def evaluate_features(features: torch.Tensor, logits: torch.Tensor | None, ref: RefStats, extractor_name: str,
@@ -220,10 +262,12 @@ def evaluate_features(features: torch.Tensor, logits: torch.Tensor | None, ref: 
     mu, sigma = feature_stats(features)
     # precision and recall depend on the set sizes (k-NN radii): compare equal-size sets
     n = min(len(ref.features), len(features))
-    pick = torch.Generator().manual_seed(0)
-    real = ref.features[torch.randperm(len(ref.features), generator=pick)[:n]]
-    fake = torch.as_tensor(features)[torch.randperm(len(features), generator=pick)[:n]]
-    precision, recall = precision_recall(real, fake, k)
+    precision = recall = None  # statistics from a file without reference images or features have none
+    if n > k:
+        pick = torch.Generator().manual_seed(0)
+        real = ref.features[torch.randperm(len(ref.features), generator=pick)[:n]]
+        fake = torch.as_tensor(features)[torch.randperm(len(features), generator=pick)[:n]]
+        precision, recall = precision_recall(real, fake, k)
     result = {"extractor": extractor_name, "fid_label": metric_label(extractor_name), "n": len(features),
               "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma), "precision": precision, "recall": recall,
               "pr_n": n}
