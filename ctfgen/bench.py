@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 from .arguments import Count, arg_type
 from .artifacts import CONFIG_NAME
 from .data.codes import CODES_KIND, CodeDataset
-from .data.datasets import Subset, balanced_subset, build_dataset, dataset_labels, take_images
+from .data.datasets import Subset, balanced_subset, build_dataset, check_data, dataset_labels, take_images
 from .data.transforms import image_grid
 from .errors import CtfgenError
 from .evaluate import ImageSet, Reference, sample_with, score
@@ -490,6 +490,7 @@ def run_bench(out: str | Path, budget: BenchBudget = QUICK, run: str | Path | No
     one is replaced only with `force`, an interrupted one continues (reusing the models it trained) only with
     `resume` (see ctfgen.outputs)."""
     start = time.perf_counter()
+    check_data(data, data_dir)
     output = plan_output(out, BENCH_KIND, force=force, resume=resume, resumable=True).open()
     out = output.path
     art = prepare_artifacts(run, out, budget, data_dir, data)

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Callable
 from .arguments import Count, OneOf, Positive, check_fields
 from .artifacts import CONFIG_NAME, read_json, write_json
 from .data.codes import CODES_KIND
-from .data.datasets import build_dataset, take_images
+from .data.datasets import build_dataset, check_data, take_images
 from .hierarchy.artifact import HIERARCHY_KIND
 from .metrics.classifier import KIND as CLASSIFIER_KIND
 from .outputs import is_finished, open_output, open_run_folder
@@ -162,6 +162,7 @@ class Demo:
 
 def run_demo(run_dir: str | Path = "runs/demo", data_dir: str | None = None, budget: DemoBudget | None = None,
              device: str = "auto", progress: bool = True, data: str = "fashion-mnist") -> dict:
+    check_data(data, data_dir)
     demo = Demo(open_run_folder(run_dir), budget or DemoBudget(), data, data_dir, device, progress)
     stages = demo.stages()
     total = len(stages) + 1

@@ -110,6 +110,8 @@ CASES = {
     "import-llamagen over a finished tokenizer": ["import-llamagen", "--vq", "{root}/unsafe.pt", "--out", f"{RUN}/tokenizer"],
     "demo in a tokenizer folder": DEMO + ["--run", f"{RUN}/tokenizer"],
     "demo in a file": DEMO + ["--run", "{root}/a-file.txt"],
+    "demo on missing data": DEMO + ["--data", "{root}/missing.npz", "--run", "{root}/new"],
+    "bench on missing data": BENCH + ["--data", "{root}/missing", "--out", "{root}/new"],
     "bench over a tokenizer": BENCH + ["--out", f"{RUN}/tokenizer", "--force"],
     # zero or negative sizes
     "train-tokenizer --batch-size 0": TOKENIZER + ["--batch-size", "0", "--out", "{root}/new"],

@@ -257,6 +257,11 @@ def build_dataset(spec: str, split: str = "train", resolution: int = 32, channel
     raise DataError(f"unknown dataset {spec!r}: use 'fashion-mnist', an .npz file or an image folder")
 
 
+def check_data(spec: str, data_dir: str | Path | None = None) -> None:
+    """Fail now, before a command creates anything, if `spec` cannot be read as a dataset."""
+    build_dataset(spec, "train", data_dir=data_dir)
+
+
 def take_images(dataset: Dataset, n: int | None = None) -> torch.Tensor:
     """The first `n` images of a dataset (all if None) stacked into one float[N,C,H,W] tensor."""
     n = len(dataset) if n is None else min(n, len(dataset))
