@@ -538,11 +538,11 @@ def run_bench(out: str | Path, budget: BenchBudget = QUICK, run: str | Path | No
     side_by_side(sets, min(8, budget.per_class), out / "samples.png")
 
     log("likelihood split and floors")
-    nll = nll_split(CodeDataset(art.codes_test), sides.hierarchy, coarse=pipes["ctf"].coarse, refiner=pipes["ctf"].refiner,
+    test_codes = CodeDataset(art.codes_test)
+    nll = nll_split(test_codes, sides.hierarchy, coarse=pipes["ctf"].coarse, refiner=pipes["ctf"].refiner,
                     limit=budget.nll_items)
     for name in ("baseline", "baseline (CTF's compute)"):
-        nll[name] = nll_split(CodeDataset(art.codes_test), sides.hierarchy, baseline=pipes[name].model,
-                              limit=budget.nll_items)["baseline"]
+        nll[name] = nll_split(test_codes, sides.hierarchy, baseline=pipes[name].model, limit=budget.nll_items)["baseline"]
     floors = score_floors(sides, pipes["ctf"].refiner, budget, art, ref, data_dir)
 
     log("sampling speed")

@@ -19,8 +19,9 @@ so an interrupted `--force` run leaves the old artifact as it was (`--force --re
 interrupted replacement). Folders written before `status.json` existed are recognised by the kind
 in their `config.json` / `meta.json` and count as finished.
 
-`plan_output` only reads, so every process of a `torchrun` job can call it before the processes
-meet; `Output.open` and `Output.finish` write and run in one process.
+`plan_output` writes nothing (except to complete a swap a kill cut short, which tolerates a race), so
+every process of a `torchrun` job can call it before the processes meet; `Output.open` and
+`Output.finish` write and run in one process.
 """
 
 from __future__ import annotations
