@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -37,19 +38,24 @@ def cmd_extract(args: argparse.Namespace) -> None:
     from .data.codes import CODES_KIND
     from .data.datasets import build_dataset
     from .outputs import plan_output
-    from .runtime import pick_device
+    from .distributed import setup_distributed, teardown_distributed
     from .tokenizer.extract import extract_codes
     from .tokenizer.model import load_tokenizer
 
     plan_output(args.out, CODES_KIND, force=args.force)  # refuse before listing a large dataset (extract plans again)
-    device = pick_device(args.device)
-    tok = load_tokenizer(args.tokenizer, device)
+    tok = load_tokenizer(args.tokenizer)
     ds = build_dataset(args.data, args.split, tok.config.image_size, tok.config.in_channels,
-                       data_dir=args.data_dir, on_error=args.on_error)
-    meta = extract_codes(tok, ds, args.out, hflip_copies=args.hflip_copies, batch_size=args.batch_size,
-                         num_workers=args.num_workers, dataset_name=args.data, split=args.split, device=device,
-                         progress=not args.quiet, force=args.force)
-    print(f"{meta['count']} code grids of {meta['grid']} written to {args.out}")
+                       data_dir=args.data_dir, on_error=args.on_error, views=args.views)
+    dist = setup_distributed(args.device)  # under torchrun each rank encodes its share
+    try:
+        meta = extract_codes(tok, ds, args.out, batch_size=args.batch_size, num_workers=args.num_workers,
+                             dataset_name=args.data, split=args.split, device=dist.device, progress=not args.quiet,
+                             force=args.force, dist=dist)
+    finally:
+        teardown_distributed(dist)
+    if dist.is_main:
+        print(f"{meta['items']} items x {len(meta['views'])} views = {meta['count']} code grids of {meta['grid']} "
+              f"written to {args.out}")
 
 
 def cmd_import_llamagen(args: argparse.Namespace) -> None:
@@ -194,10 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist', an .npz file or an image folder")
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files")
     p.add_argument("--split", default="train")
-    p.add_argument("--hflip-copies", action="store_true", help="also store the codes of mirrored images")
+    p.add_argument("--views", choices=["none", "flip", "ten-crop"], default="none",
+                   help="store several views of every image, training draws one at random: flip (the image and its "
+                        "mirror) or ten-crop (LlamaGen's: corner and centre crops of a 1.1x centre crop, and mirrors)")
     p.add_argument("--on-error", choices=["skip", "raise"], default="skip", help="unreadable image files (default: skip)")
     p.add_argument("--batch-size", type=arg_type(Count), default=256)
-    p.add_argument("--num-workers", type=arg_type(NonNegative), default=0)
+    p.add_argument("--num-workers", type=arg_type(NonNegative), default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes decoding images (default: min(4, CPU cores))")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     add_output_flags(p)

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from .arguments import Count, arg_type
-from .data.transforms import uint8_to_float
+from .data.transforms import to_uint8, uint8_to_float
 from .artifacts import write_json
 from .errors import CtfgenError
 from .metrics import FeatureExtractor, evaluate_features, extract_features, get_extractor, metric_label, reference_stats
@@ -159,8 +159,11 @@ def class_consistency(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def score(images: torch.Tensor, labels: torch.Tensor | None, extractor: FeatureExtractor, ref: Reference,
           device: str | torch.device | None = None) -> dict[str, Any]:
     """FID / IS / precision / recall with one extractor (`get_extractor`), + class consistency for `domain`.
-    The extractor runs on `device` (default: where the images are), for the reference set too."""
-    extractor.to(device if device is not None else images.device)
+    The extractor runs on `device` (default: where the images are), for the reference set too. Images are
+    quantised to uint8 first, as saving them as PNG would (a no-op for images read from files)."""
+    device = device if device is not None else images.device
+    images = uint8_to_float(to_uint8(images))
+    extractor.to(device)
     if ref.stats_file:
         stats = load_stats_file(ref.stats_file, extractor)
     else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Sequence
+from typing import Annotated, Any, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from PIL import Image
 
 from .arguments import AtLeast, Between, Count, NonNegative, Positive, arg_type
 from .artifacts import CONFIG_NAME, ArtifactError, read_json
-from .data.transforms import image_grid, to_uint8
+from .data.transforms import image_grid, to_uint8, uint8_to_float
 from .errors import CtfgenError
 from .hierarchy import Hierarchy, check_compatible, load_hierarchy, save_hierarchy
 from .outputs import add_output_flags, check_output_file, plan_output
@@ -231,10 +231,13 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder (tokenizer/, hierarchy/, coarse/, refiner/, baseline/)")
     p.add_argument("--kind", choices=sorted(PIPELINES), default="ctf")
     p.add_argument("--classes", type=arg_type(NonNegative), nargs="+", default=[0], help="class ids (default: 0)")
+    p.add_argument("--all-classes", action="store_true", help="every class the models know (instead of --classes)")
     p.add_argument("--per-class", type=arg_type(Count), default=8, help="images per class (default: 8)")
     p.add_argument("--out", default=None, help="grid PNG, one row per class (default: RUN/samples-KIND.png)")
     p.add_argument("--out-dir", default=None, help="also write one PNG per image into this folder")
     p.add_argument("--tokens", default=None, help="also write the tokens (and coarse labels, class labels) to this .npz")
+    p.add_argument("--npz", default=None, help="write every image to this .npz instead (uint8 arr_0 [N,H,W,C] and "
+                   "labels, ADM's layout) batch by batch with flat memory; works under torchrun; a grid only with --out")
     for stage, what in ((1, "stage 1 (coarse AR / baseline)"), (2, "stage 2 (refiner)")):
         for name, text in (("cfg", "guidance scale, 1 = off"), ("t", "temperature"), ("top_k", "top-k, 0 = off"),
                            ("top_p", "top-p, 1 = off")):
@@ -251,15 +254,16 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    if args.npz:
+        return sample_npz_command(args)
     # every output is checked before the models load and sample
     grid_path = check_output_file(args.out or Path(args.run) / f"samples-{args.kind}.png")
     tokens_path = check_output_file(args.tokens) if args.tokens else None
     png_folder = plan_output(args.out_dir, SAMPLES_KIND, force=args.force) if args.out_dir else None
     device = pick_device(args.device)
     pipe = load_pipeline(args.run, args.kind, device)
-    labels = torch.tensor(args.classes).repeat_interleave(args.per_class)
-    settings = {name: getattr(args, name) for name in DEFAULTS}
-    out = pipe(labels, **settings, refiner_mask=args.refiner_mask, batch_size=args.batch_size,
+    labels = sample_labels(args, pipe.num_classes)
+    out = pipe(labels, **sample_settings(args), batch_size=args.batch_size,
                generator=make_generator(args.seed, device), progress=not args.quiet)
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(out.pixels, nrow=args.per_class).save(grid_path)
@@ -278,6 +282,44 @@ def cmd_sample(args: argparse.Namespace) -> None:
         tokens_path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tokens_path, **arrays)
         print(f"tokens -> {tokens_path}")
+
+
+def sample_labels(args: argparse.Namespace, num_classes: int) -> torch.Tensor:
+    classes = torch.arange(num_classes) if args.all_classes else torch.tensor(args.classes)
+    return classes.repeat_interleave(args.per_class)
+
+
+def sample_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {**{name: getattr(args, name) for name in DEFAULTS}, "refiner_mask": args.refiner_mask}
+
+
+def sample_npz_command(args: argparse.Namespace) -> None:
+    """`--npz`: all samples into one .npz, by every process under torchrun (ctfgen.npz_samples)."""
+    from .npz_samples import write_sample_npz
+    from .distributed import setup_distributed, teardown_distributed
+
+    if args.out_dir or args.tokens:
+        raise CtfgenError("--npz writes every image itself; leave out --out-dir and --tokens")
+    npz_path = check_output_file(args.npz)
+    if npz_path.exists() and not args.force:
+        raise CtfgenError(f"{npz_path} exists; --force replaces it")
+    grid_path = check_output_file(args.out) if args.out else None
+    dist = setup_distributed(args.device)
+    try:
+        pipe = load_pipeline(args.run, args.kind, dist.device)
+        labels = sample_labels(args, pipe.num_classes)
+        check_class_labels(labels, pipe.num_classes)
+        write_sample_npz(pipe, labels, npz_path, sample_settings(args), args.batch_size, args.seed, dist,
+                         progress=not args.quiet)
+    finally:
+        teardown_distributed(dist)
+    if dist.is_main:
+        print(f"{len(labels)} samples ({args.kind}) -> {npz_path}")
+        if grid_path:
+            with np.load(npz_path) as f:
+                first = uint8_to_float(f["arr_0"][:min(len(labels), 8 * args.per_class)])
+            image_grid(first, nrow=args.per_class).save(grid_path)
+            print(f"grid of the first images -> {grid_path}")
 
 
 __all__ = ["BaselinePipeline", "CTFPipeline", "DEFAULTS", "SETTING_TYPES", "PipelineOutput", "add_sample_args", "cmd_sample",

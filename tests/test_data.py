@@ -1,11 +1,12 @@
 import gzip
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ctfgen.data.datasets import (DataError, FASHION_MNIST_ENV, ImageFolder, build_dataset,
+from ctfgen.data.datasets import (DataError, FASHION_MNIST_ENV, ImageFolder, build_dataset, dataset_labels,
                                   load_fashion_mnist_arrays, npz_dataset)
 from ctfgen.data.sampler import StepBatches, batch_indices
 from ctfgen.data.transforms import ImageTransform, image_grid
@@ -99,7 +100,7 @@ def test_image_folder_unreadable_skip_and_raise(tmp_path):
     bad.write_bytes(b"not an image")
     ds = ImageFolder(root, ImageTransform(16, 3))
     x, y = ds[0]  # served the next readable image instead
-    assert x.shape == (3, 16, 16) and ds.skipped == {bad}
+    assert x.shape == (3, 16, 16) and ds.skipped == {str(bad)}
     with pytest.raises(DataError, match=str(bad)):
         ImageFolder(root, ImageTransform(16, 3), on_error="raise")[0]
 
@@ -191,3 +192,33 @@ def test_a_set_without_a_test_split_holds_out_a_recorded_balanced_tenth(tmp_path
     assert test.holdout == {"held_out": 20, "of": 200, "seed": 0, "class_balanced": True}
     np.savez(tmp_path / "d_test.npz", images=np.zeros((3, 8, 8), np.uint8), labels=np.zeros(3))
     assert len(build_dataset(str(tmp_path / "d.npz"), "test", resolution=8)) == 3  # a real test split wins
+
+
+def test_photos_are_centre_cropped_as_adm_does_and_never_padded():
+    from ctfgen.data.transforms import center_crop
+
+    wide = Image.fromarray(np.tile(np.linspace(0, 255, 512).astype(np.uint8), (384, 1)))
+    assert center_crop(wide, 128).size == (128, 128)
+    halved = wide.resize((256, 192), Image.BOX)  # one box halving, then bicubic from there
+    expected = halved.resize((171, 128), Image.BICUBIC).crop((21, 0, 149, 128))
+    assert np.array_equal(np.asarray(center_crop(wide, 128)), np.asarray(expected))
+    small = Image.new("L", (20, 12), 255)
+    assert torch.all(ImageTransform(32, 1)(small) == 1)  # scaled up, no black border
+    padded = ImageTransform(32, 1, pad_small=True)(small)  # Fashion-MNIST's rule: every pixel kept
+    assert padded[0, 0, 0] == -1 and padded[0, 16, 16] == 1
+    fm_item = Image.new("L", (28, 28), 255)
+    assert ImageTransform(32, 1, pad_small=True)(fm_item)[0, 1, 1] == -1  # a 2 px black frame: 28 -> 32
+
+
+def test_image_folder_lists_nested_files_into_one_shared_array(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    (root / "dog" / "deeper").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "dog" / "deeper" / "z.png")
+    (root / "dog" / "notes.txt").write_text("not an image")
+    ds = ImageFolder(root, ImageTransform(16, 3))
+    # a numpy bytes array, not a list of Python objects: forked DataLoader workers share its pages
+    assert isinstance(ds.paths, np.ndarray) and ds.paths.dtype.kind == "S"
+    names = [os.fsdecode(p) for p in ds.paths]
+    assert names == sorted(names[:ds.labels.tolist().count(0)]) + sorted(names[ds.labels.tolist().count(0):])
+    assert str(root / "dog" / "deeper" / "z.png") in names and not any(n.endswith(".txt") for n in names)
+    assert np.array_equal(dataset_labels(ds), ds.labels)

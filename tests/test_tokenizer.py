@@ -6,6 +6,8 @@ import torch.nn.functional as F
 import ctfgen
 from ctfgen.artifacts import ArtifactError
 from ctfgen.data.codes import CodeDataset
+from ctfgen.data.datasets import build_dataset
+from ctfgen.data.transforms import ImageTransform, uint8_to_float
 from ctfgen.tokenizer.extract import extract_codes
 from ctfgen.tokenizer.llamagen import NON_WEIGHT_KEYS, convert_state_dict, import_llamagen_vq
 from ctfgen.tokenizer.losses import PatchDiscriminator, PerceptualLoss
@@ -177,21 +179,41 @@ def test_evaluate_counts_usage():
     assert report["images"] == 4
 
 
-def test_extract_codes_with_flip_copies(tmp_path):
+def test_extract_codes_stores_views_and_training_draws_one(tmp_path):
     model = tiny().eval()
     model.fingerprint = "abc"
-    images = torch.rand(5, 1, 16, 16) * 2 - 1
-    data = [(images[i], i % 2) for i in range(5)]
-    meta = extract_codes(model, data, tmp_path / "codes", hflip_copies=True, batch_size=2, progress=False)
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16), dtype=np.uint8)
+    np.savez(tmp_path / "set.npz", images=images, labels=np.arange(5) % 2)
+    np.savez(tmp_path / "set_train.npz", images=images, labels=np.arange(5) % 2)
+    data = build_dataset(str(tmp_path / "set.npz"), "train", 16, 1, views="flip")
+    meta = extract_codes(model, data, tmp_path / "codes", batch_size=2, progress=False)
     ds = CodeDataset(tmp_path / "codes")
-    assert meta["count"] == 10 and len(ds) == 10 and ds.grid == (8, 8) and ds.fingerprint == "abc"
+    assert meta["count"] == 10 and meta["items"] == 5 and meta["views"] == ["original", "hflip"]
+    assert len(ds) == 5 and ds.views == 2 and ds.grid == (8, 8) and ds.fingerprint == "abc"
     assert ds.codes.dtype == np.int16 and ds.num_classes == 2
-    codes, label = ds[6]
-    assert torch.equal(codes, model.encode(images[1:2].flip(-1)).flatten()) and label == 1
+    x = uint8_to_float(images)
+    assert np.array_equal(ds.codes[1], model.encode(x[1:2]).numpy()[0])  # view 0 of item 1
+    assert np.array_equal(ds.codes[5 + 1], model.encode(x[1:2].flip(-1)).numpy()[0])  # view 1 of item 1
+    codes, label = ds[1]
+    assert torch.equal(codes, torch.from_numpy(ds.codes[1].astype(np.int64)).flatten()) and label == 1
     batch_codes, batch_labels = ds.batch(torch.tensor([3, 0]))
-    assert batch_codes.shape == (2, 64) and batch_labels.tolist() == [0, 1]
+    assert batch_codes.shape == (2, 64) and batch_labels.tolist() == [0, 1]  # no generator: view 0
+    drawn = {tuple(ds.batch(torch.tensor([2]), torch.Generator().manual_seed(s))[0][0, :4].tolist()) for s in range(20)}
+    assert drawn == {tuple(ds.codes[2].reshape(-1)[:4].tolist()), tuple(ds.codes[7].reshape(-1)[:4].tolist())}
     with pytest.raises(ValueError, match="empty"):
         extract_codes(model, [], tmp_path / "x", progress=False)
+
+
+def test_ten_crop_views():
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40), dtype=np.uint8))
+    views = ImageTransform(16, 1, views="ten-crop")(img)
+    base = ImageTransform(18, 1)(img)  # the 1.1x centre crop: round(1.1 * 16) = 18
+    assert views.shape == (10, 1, 16, 16)
+    assert torch.equal(views[0], base[:, 1:17, 1:17]) and torch.equal(views[1], base[:, :16, :16])
+    assert torch.equal(views[4], base[:, 2:, 2:]) and torch.equal(views[5], views[0].flip(-1))
+    assert ImageTransform(16, 1, views="flip")(img).shape == (2, 1, 16, 16)
 
 
 # --- LlamaGen import: a random state dict in LlamaGen's exact key layout --------------------------

@@ -23,7 +23,7 @@ from ctfgen.hierarchy import Hierarchy, save_hierarchy
 from ctfgen.runtime import load_checkpoint
 from ctfgen.training import CHECKPOINT_NAME, INFO_NAME, Trainer, TrainConfig, train
 from ctfgen.errors import Stopped
-from ctfgen.training.ddp import setup_distributed, teardown_distributed
+from ctfgen.distributed import setup_distributed, teardown_distributed
 from ctfgen.transformer import load_model, preset_config, save_model, build_model
 
 V, K, GRID, CLASSES = 32, 8, 4, 4

@@ -1,8 +1,9 @@
 """The extracted-code artifact: a memory-mapped integer array of token grids plus labels.
 
-Folder layout: `codes.npy` [N, h, w] (int16 when the codebook fits, else int32),
-`labels.npy` [N] int64, `meta.json` (codebook size, grid, tokenizer fingerprint,
-dataset, split, views). With flip copies the originals come first, then their mirrors.
+Folder layout: `codes.npy` [views x items, h, w] (int16 when the codebook fits, else int32),
+`labels.npy` [views x items] int64, `meta.json` (codebook size, grid, tokenizer fingerprint,
+dataset, split, views). View v of item i is row v * items + i; view 0 is the plain image (or the
+centre crop). The dataset has `items` entries; training draws one view of each (`batch` with a generator).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class CodeDataset(Dataset):
             raise ArtifactError(f"{folder}: cannot read the code arrays ({e})") from None
         if len(self.codes) != len(self.labels) or list(self.codes.shape[1:]) != self.meta["grid"]:
             raise ArtifactError(f"{folder}: codes {self.codes.shape} and labels {self.labels.shape} do not match meta.json")
+        self.views = len(self.meta.get("views") or ["original"])
+        if len(self.codes) % self.views:
+            raise ArtifactError(f"{folder}: {len(self.codes)} code grids are not {self.views} views of each item")
+        self.items = len(self.codes) // self.views
         self.folder = folder
 
     @property
@@ -56,13 +61,20 @@ class CodeDataset(Dataset):
         return tuple(self.meta["grid"])
 
     def __len__(self) -> int:
-        return len(self.codes)
+        return self.items
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        """Item i's view 0."""
+        if not 0 <= i < self.items:
+            raise IndexError(i)
         return torch.from_numpy(self.codes[i].astype(np.int64).reshape(-1)), int(self.labels[i])
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fancy-indexed batch without a DataLoader: (long[B, h*w], long[B])."""
-        idx = np.sort(indices.numpy())  # sorted reads are faster on a memmap; order within a batch is irrelevant
-        codes = torch.from_numpy(self.codes[idx].astype(np.int64)).flatten(1)
-        return codes, torch.from_numpy(self.labels[idx].astype(np.int64))
+    def batch(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fancy-indexed batch of items without a DataLoader: (long[B, h*w], long[B]); each item's view is
+        drawn from `generator` when there are several, else view 0."""
+        rows = indices.numpy().astype(np.int64)
+        if generator is not None and self.views > 1:
+            rows = rows + self.items * torch.randint(self.views, (len(rows),), generator=generator).numpy()
+        rows = np.sort(rows)  # sorted reads are faster on a memmap; order within a batch is irrelevant
+        codes = torch.from_numpy(self.codes[rows].astype(np.int64)).flatten(1)
+        return codes, torch.from_numpy(self.labels[rows].astype(np.int64))

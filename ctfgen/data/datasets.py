@@ -10,6 +10,7 @@ import gzip
 import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -131,6 +132,16 @@ def npz_dataset(path: str | Path, transform: ImageTransform) -> ArrayDataset:
 
 # --- image folder ------------------------------------------------------------------------------
 
+def _image_files(folder: str) -> Iterator[str]:
+    """Image files under `folder`, recursively (os.scandir: a million files list in seconds)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                yield from _image_files(entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                yield entry.path
+
+
 class ImageFolder(Dataset):
     """One sub-folder per class. `on_error='skip'` (default) logs and counts an unreadable file and
     serves the next readable one instead; `on_error='raise'` stops with the file's path."""
@@ -141,23 +152,30 @@ class ImageFolder(Dataset):
             raise CtfgenError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         if not root.is_dir():
             raise DataError(f"image folder {root} not found")
-        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-        self.samples = [(p, label) for label, c in enumerate(self.classes)
-                        for p in sorted((root / c).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
-        if not self.samples:
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        paths, labels = [], []
+        for label, c in enumerate(self.classes):
+            found = sorted(_image_files(os.path.join(root, c)))
+            paths += found
+            labels += [label] * len(found)
+        if not paths:
             raise DataError(f"{root}: no images found (expected one sub-folder per class holding image files)")
+        # one bytes array, not a list of objects: DataLoader workers share it without copying (no refcounts)
+        self.paths = np.array([os.fsencode(p) for p in paths])
+        self.labels = np.array(labels, dtype=np.int64)
         self.root, self.transform, self.on_error = root, transform, on_error
-        self.skipped: set[Path] = set()
+        self.skipped: set[str] = set()
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        for j in range(len(self.samples)):
-            path, label = self.samples[(i + j) % len(self.samples)]
+        for j in range(len(self.paths)):
+            k = (i + j) % len(self.paths)
+            path = os.fsdecode(self.paths[k])
             try:
                 with Image.open(path) as img:
-                    return self.transform(img), label
+                    return self.transform(img), int(self.labels[k])
             except Exception as e:  # PIL raises many types on a bad file
                 if self.on_error == "raise":
                     raise DataError(f"unreadable image {path}: {e}") from None
@@ -171,10 +189,8 @@ class ImageFolder(Dataset):
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:
     """The class label of every item, without loading any image."""
-    if isinstance(dataset, (ArrayDataset, Subset)):
+    if isinstance(dataset, (ArrayDataset, Subset, ImageFolder)):
         return dataset.labels
-    if isinstance(dataset, ImageFolder):
-        return np.array([label for _, label in dataset.samples], dtype=np.int64)
     return np.array([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
 
 
@@ -234,16 +250,17 @@ def holdout_split(dataset: Dataset, split: str) -> Subset:
 # --- one entry point ----------------------------------------------------------------------------
 
 def build_dataset(spec: str, split: str = "train", resolution: int = 32, channels: int = 1, hflip: bool = False,
-                  data_dir: str | Path | None = None, on_error: str = "skip") -> Dataset:
+                  data_dir: str | Path | None = None, on_error: str = "skip", views: str = "none") -> Dataset:
     """`spec` is 'fashion-mnist', a path to an .npz, or an image folder (with optional split sub-folders).
 
     For an .npz, `<stem>_<split>.npz` is used when it exists (e.g. data_test.npz beside data.npz); for a
     folder, its `<split>/` sub-folder. Without them the one set is split by `holdout_split` (recorded in
-    the dataset's `holdout` attribute), so the test images are never trained on.
+    the dataset's `holdout` attribute), so the test images are never trained on. `views` (extraction):
+    items are float[views, C, H, W] (see `ImageTransform`).
     """
-    transform = ImageTransform(resolution, channels, hflip)
-    if spec == "fashion-mnist":
-        return fashion_mnist(split, transform, data_dir)
+    transform = ImageTransform(resolution, channels, hflip, views=views)
+    if spec == "fashion-mnist":  # 28 px items padded to 32, every pixel kept
+        return fashion_mnist(split, ImageTransform(resolution, channels, hflip, pad_small=True, views=views), data_dir)
     path = Path(spec)
     if path.suffix == ".npz":
         split_path = path.with_name(f"{path.stem}_{split}.npz")

@@ -7,57 +7,74 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..artifacts import write_json
-from ..outputs import open_output
 from ..data.codes import CODES_KIND, code_dtype
+from ..data.datasets import dataset_labels
+from ..data.transforms import VIEWS
 from ..errors import CtfgenError
+from ..outputs import plan_output
+from ..distributed import DistInfo, barrier
 from .model import VQTokenizer
 
 
 @torch.no_grad()
-def extract_codes(tokenizer: VQTokenizer, dataset: Dataset, out: str | Path, *, hflip_copies: bool = False,
-                  batch_size: int = 256, num_workers: int = 0, dataset_name: str = "", split: str = "",
-                  device: str | torch.device = "cpu", progress: bool = True, force: bool = False) -> dict:
-    """Write codes.npy / labels.npy / meta.json to `out`; returns the meta dict.
+def extract_codes(tokenizer: VQTokenizer, dataset: Dataset, out: str | Path, *, batch_size: int = 256,
+                  num_workers: int = 0, dataset_name: str = "", split: str = "", device: str | torch.device = "cpu",
+                  progress: bool = True, force: bool = False, dist: DistInfo | None = None) -> dict:
+    """Write codes.npy / labels.npy / meta.json to `out`; returns the meta dict (on rank 0; {} elsewhere).
 
-    A finished codes folder is replaced only with `force` (see ctfgen.outputs); an interrupted one is redone.
+    A dataset built with `views` (its items float[views, C, H, W]) stores view v of item i at row
+    v * items + i; training draws one view per item. Under torchrun every rank calls this: rank 0 creates
+    the memory-mapped array, each rank encodes its contiguous share of the items and writes their rows,
+    and after a barrier rank 0 writes the labels and meta.json (the result does not depend on the number
+    of processes). A finished codes folder is replaced only with `force` (see ctfgen.outputs); an
+    interrupted one is redone.
     """
-    if len(dataset) == 0:
-        raise CtfgenError("the dataset is empty: nothing to extract")
-    output = open_output(out, CODES_KIND, force=force)
-    out = output.path
-    cfg = tokenizer.config
-    views = ["original", "hflip"] if hflip_copies else ["original"]
+    dist = dist or DistInfo(0, 1, 0, torch.device(device), owns_group=False)
     n = len(dataset)
+    if n == 0:
+        raise CtfgenError("the dataset is empty: nothing to extract")
+    output = plan_output(out, CODES_KIND, force=force)
+    cfg = tokenizer.config
+    views = VIEWS[getattr(getattr(dataset, "transform", None), "views", "none")]
     grid = [cfg.grid_size, cfg.grid_size]
-    tmp = out / ".codes.npy.tmp"
-    codes = np.lib.format.open_memmap(tmp, mode="w+", dtype=code_dtype(cfg.codebook_size), shape=(len(views) * n, *grid))
-    labels = np.empty(len(views) * n, dtype=np.int64)
+    tmp = output.path / ".codes.npy.tmp"
+    if dist.is_main:
+        output.open()
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=code_dtype(cfg.codebook_size),
+                                  shape=(len(views) * n, *grid)).flush()
+    barrier(dist)
+    codes = np.lib.format.open_memmap(tmp, mode="r+")
+    share = range(n * dist.rank // dist.world_size, n * (dist.rank + 1) // dist.world_size)
     tokenizer = tokenizer.to(device).eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    start = 0
-    for x, y in tqdm(loader, desc="extract", disable=not progress, unit="batch"):
-        x = x.to(device)
+    loader = DataLoader(Subset(dataset, share), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=torch.device(device).type == "cuda")
+    start = share.start
+    for x, _ in tqdm(loader, desc="extract", disable=not (progress and dist.is_main), unit="batch"):
+        x = x.to(device, non_blocking=True)
         if list(x.shape[-2:]) != [cfg.image_size, cfg.image_size]:
             raise CtfgenError(f"images are {tuple(x.shape[-2:])} but the tokenizer was trained at {cfg.image_size} px")
-        for v, view in enumerate(views):
-            rows = slice(v * n + start, v * n + start + len(x))
-            codes[rows] = tokenizer.encode(x.flip(-1) if view == "hflip" else x).cpu().numpy()
-            labels[rows] = y.numpy()
+        x = x.view(len(x), len(views), *x.shape[-3:])  # a plain item is one view
+        for v in range(len(views)):
+            codes[v * n + start:v * n + start + len(x)] = tokenizer.encode(x[:, v]).cpu().numpy()
         start += len(x)
     codes.flush()
     del codes
-    os.replace(tmp, out / "codes.npy")
-    np.save(out / "labels.npy", labels)
+    barrier(dist)
+    if not dist.is_main:
+        return {}
+    os.replace(tmp, output.path / "codes.npy")
+    labels = dataset_labels(dataset)
+    np.save(output.path / "labels.npy", np.tile(labels, len(views)))
     classes = getattr(dataset, "classes", None)
-    meta = {"kind": CODES_KIND, "count": int(len(labels)), "grid": grid, "codebook_size": cfg.codebook_size,
+    meta = {"kind": CODES_KIND, "count": len(views) * n, "items": n, "grid": grid, "codebook_size": cfg.codebook_size,
             "tokenizer_fingerprint": tokenizer.fingerprint, "dataset": dataset_name, "split": split,
             "views": views, "holdout": getattr(dataset, "holdout", None),
             "num_classes": len(classes) if classes else int(labels.max()) + 1,
             "classes": list(classes) if classes else None}
-    write_json(out / "meta.json", meta)
+    write_json(output.path / "meta.json", meta)
     output.finish()
     return meta

@@ -9,7 +9,7 @@ fly as `hierarchy.to_coarse(codes)`:
 | baseline | fine codes   | fine codes   | V / V           |
 | refiner  | coarse codes | fine codes   | K / V (optionally masked to each position's cluster) |
 
-The same code runs on CPU, one GPU or N processes under `torchrun` (see ctfgen.training.ddp).
+The same code runs on CPU, one GPU or N processes under `torchrun` (see ctfgen.distributed).
 Batches depend only on (seed, step) through `batch_indices`, and the dropout RNG is re-seeded
 from (seed, step, rank) before every step, so a resumed run continues exactly where it stopped.
 See docs/training.md.
@@ -46,7 +46,7 @@ from ..transformer.model import (ARTIFACT_KIND, Transformer, TransformerConfig, 
                                  preset_config, save_model)
 from . import checks
 from .config import TrainConfig
-from .ddp import DistInfo, all_reduce_sum_, barrier, env_world_size, setup_distributed, single_process, teardown_distributed
+from ..distributed import DistInfo, all_reduce_sum_, barrier, env_world_size, setup_distributed, single_process, teardown_distributed
 from .preview import Preview
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,8 @@ class Trainer:
             group["lr"] = lr
         torch.manual_seed(step_seed(cfg.seed, self.step, self.dist.rank))
         idx = batch_indices(len(self.codes), self.per_rank_batch, cfg.seed, self.step, self.dist.rank, self.dist.world_size)
-        fine, labels = self.codes.batch(idx)
+        views = torch.Generator().manual_seed(step_seed(cfg.seed, self.step, self.dist.rank) + 1)  # a view per item
+        fine, labels = self.codes.batch(idx, views)
         inputs, targets = role_batch(cfg.role, fine.to(self.device), self.hierarchy)
         labels = labels.to(self.device)
         loss_sum = torch.zeros((), device=self.device)

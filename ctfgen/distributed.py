@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..runtime import pick_device
+from .runtime import pick_device
 
 
 @dataclass

@@ -1,0 +1,85 @@
+"""The bench's grids as data: the cells `ctfgen bench --grid NAME` runs.
+
+- `versus`: the protocol's verdict. At each budget and seed: CTF with each refiner (share of depth,
+  share of the steps), the baseline at equal steps, and the baseline given the compute of some of
+  those CTFs. The report compares each side at its own best operating point, over seeds.
+- `map`: where CTF helps. CTF and the baseline at equal steps over codebook size V, clusters K
+  (and `auto`), model size and training length in epochs.
+Each grid has a full form (what a GPU runs in hours) and a quick one (minutes on a 2-core CPU; it
+shows the instrument works, not the verdict). `cpu` is the versus grid cut to what one 2-core CPU
+session fits (tiny models with the whole protocol, small ones at equal steps); docs/bench.md says what
+it costs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Callable, Iterable
+
+from .protocol import Cell, Scoring
+
+QUICK_SCORING = Scoring(point_per_class=10, final_per_class=50, cfg=(1.0, 2.0, 3.0), t1=(1.0, 1.1), t2=(1.1,),
+                        floor_per_class=20, nll_items=500)
+QUICK_BASE = dict(size="tiny", refiner_size="tiny", batch_size=32, warmup_steps=20, tokenizer_steps=200,
+                  scoring=QUICK_SCORING)
+CPU_SCORING = Scoring(point_per_class=20)  # the protocol's grid and 10,000-image final sets, 200 images a point
+FULL_REFINER = (1.0, 1.0)
+
+
+def versus(base: Cell, budgets: Iterable[int], seeds: int, refiners: Iterable[tuple[float, float]],
+           matched: Iterable[tuple[float, float]]) -> list[Cell]:
+    """CTF with each refiner (depth share, steps share), the baseline at equal steps, and the baseline at
+    the FLOPs of each CTF in `matched`, for every budget and seed."""
+    cells = []
+    for steps in budgets:
+        for seed in range(seeds):
+            at = replace(base, steps=steps, seed=seed)
+            cells += [replace(at, side="ctf", refiner_depth=d, refiner_steps=s) for d, s in refiners]
+            cells.append(replace(at, side="baseline"))
+            cells += [replace(at, side="baseline", compute_of=(d, s)) for d, s in matched]
+    return cells
+
+
+def epochs_to_steps(epochs: float, train_items: int, batch_size: int) -> int:
+    return max(1, math.ceil(epochs * train_items / batch_size))
+
+
+def versus_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell]:
+    if quick:
+        return versus(replace(base, **QUICK_BASE), (200,), seeds, (FULL_REFINER, (0.5, 1.0)), (FULL_REFINER,))
+    refiners = (FULL_REFINER, (0.5, 1.0), (0.25, 1.0), (1.0, 0.5), (1.0, 0.25), (0.5, 0.5))
+    budgets = [epochs_to_steps(e, train_items, base.batch_size) for e in (1, 3)]
+    return versus(base, budgets, seeds, refiners, refiners)
+
+
+def cpu_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell]:
+    if quick:
+        return versus_grid(base, seeds, quick, train_items)
+    base = replace(base, steps=400, scoring=CPU_SCORING)
+    tiny = replace(base, size="tiny", refiner_size="tiny")
+    return (versus(tiny, (400,), seeds, (FULL_REFINER, (0.5, 1.0)), (FULL_REFINER,))
+            + versus(base, (400,), seeds, (FULL_REFINER,), ()))  # small models: the size dimension, equal steps
+
+
+def map_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell]:
+    """CTF against the baseline at equal steps; one baseline per (V, size, budget, seed): K does not touch it."""
+    if quick:
+        base = replace(base, **QUICK_BASE)
+        codebooks, ks, sizes, budgets = (1024, 4096), (64, 256), ("tiny",), (100,)
+    else:
+        codebooks, ks, sizes = (1024, 4096, 16384), (32, 64, 128, 256, "auto"), ("tiny", "small", "medium")
+        budgets = tuple(epochs_to_steps(e, train_items, base.batch_size) for e in (1, 3, 10))
+    cells = []
+    for v in codebooks:
+        for size in sizes:
+            for steps in budgets:
+                for seed in range(seeds):
+                    at = replace(base, codebook=v, size=size, refiner_size=size, steps=steps, seed=seed)
+                    cells += [replace(at, side="ctf", k=k) for k in ks]
+                    cells.append(replace(at, side="baseline", k=ks[0]))
+    return cells
+
+
+GRIDS: dict[str, Callable[[Cell, int, bool, int], list[Cell]]] = {
+    "versus": versus_grid, "cpu": cpu_grid, "map": map_grid}

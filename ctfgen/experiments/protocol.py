@@ -1,0 +1,334 @@
+"""The CTF-against-baseline protocol: what one cell of `ctfgen bench` trains and measures.
+
+A `Cell` names one trained side (CTF with some refiner, or the baseline) at one budget and seed, with
+everything that changes its numbers. `Workshop.run(cell)` trains what the cell needs (or reuses it:
+artifacts and models live in folders named by what made them, so cells that share a model train it
+once), then measures:
+- the likelihood split on the test codes (nats per token; `likelihood.nll_split`);
+- every operating point of the scoring grid (CFG x t1, x t2 for CTF), one sampling seed each;
+- a final class-balanced set at the side's own best point, drawn with a different seed (picking the
+  best point on the set that reports it would flatter every side), with its sampling speed;
+- for CTF, the floors (`floors.floor_sets`).
+Every run decays its learning rate to its own last step; a shorter budget is a separate run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+
+from ..arguments import AtLeast, Between, Count, NonNegative, OneOf, Positive, Rate, check_fields
+from ..artifacts import read_json
+from ..data.codes import CODES_KIND, CodeDataset
+from ..data.datasets import Subset, balanced_subset, build_dataset, dataset_labels, take_images
+from ..data.transforms import image_grid
+from ..evaluate import Reference, sample_with, score
+from ..hierarchy import build_hierarchy, load_hierarchy, save_hierarchy
+from ..hierarchy.artifact import HIERARCHY_KIND
+from ..metrics import get_extractor
+from ..metrics.classifier import KIND as CLASSIFIER_KIND
+from ..outputs import is_finished, open_output
+from ..pipeline import DEFAULTS, BaselinePipeline, CTFPipeline
+from ..sampling import StageSettings
+from ..tokenizer.model import TOKENIZER_KIND, load_tokenizer
+from ..training import INFO_NAME, TrainConfig, train
+from ..training.checks import expected_model_fields
+from ..transformer import MODEL_SIZES, build_model, load_model, save_model
+from ..transformer.model import ARTIFACT_KIND as MODEL_KIND, preset_config
+from .engine import cell_key
+from .floors import floor_sets
+from .likelihood import nll_split
+
+log = logging.getLogger(__name__)
+Fraction = Annotated[float, Between(0.0, 1.0, lo_open=True)]
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a cell is scored (part of the cell: changing it changes the numbers)."""
+
+    point_per_class: Count = 30  # samples per class at each operating point
+    final_per_class: Count = 1000  # the final set at the side's best point (10,000 for 10 classes)
+    cfg: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
+    t1: tuple[float, ...] = (1.0, 1.1)
+    t2: tuple[float, ...] = (1.0, 1.1)  # CTF only
+    floor_per_class: NonNegative = 100  # real test images per class for the floors (CTF cells); 0 = none
+    nll_items: Count = 2000  # test code grids in the likelihood split
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def points(self, side: str) -> list[dict[str, float]]:
+        t2s = self.t2 if side == "ctf" else (None,)
+        return [{"cfg1": c, "t1": t1, **({"t2": t2} if t2 is not None else {})}
+                for c in self.cfg for t1 in self.t1 for t2 in t2s]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One side at one budget and seed. The baseline ignores the refiner fields unless `compute_of` names
+    a CTF refiner: then it trains for that CTF's FLOPs (coarse + refiner) instead of `steps` steps."""
+
+    side: Annotated[str, OneOf("ctf", "baseline")]
+    steps: Count  # stage 1's (and the baseline's) training steps: the budget
+    seed: int = 0  # initialisation, data order and dropout; the sampling seeds derive from it
+    data: str = "fashion-mnist"
+    codebook: Annotated[int, AtLeast(2)] = 4096  # V: one tokenizer per V
+    k: int | str = 512  # clusters, or "auto" (the noise-floor criterion)
+    size: Annotated[str, OneOf(*MODEL_SIZES)] = "small"
+    refiner_size: Annotated[str, OneOf(*MODEL_SIZES)] = "small"
+    refiner_depth: Fraction = 1.0  # share of refiner_size's layers
+    refiner_steps: Fraction = 1.0  # share of `steps` the refiner trains for
+    compute_of: tuple[float, float] | None = None  # baseline: (refiner_depth, refiner_steps) of the CTF it matches
+    batch_size: Count = 64
+    lr: Positive = 1e-3
+    warmup_steps: NonNegative = 50  # capped at a quarter of a run
+    dropout: Rate = 0.0
+    tokenizer_steps: Count = 600
+    scoring: Scoring = Scoring()
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.k != "auto" and not (isinstance(self.k, int) and 2 <= self.k <= self.codebook):
+            raise ValueError(f"k must be 'auto' or an integer in [2, {self.codebook}], got {self.k!r}")
+
+    @property
+    def label(self) -> str:
+        """What the report calls this side."""
+        if self.side == "ctf":
+            return "CTF" + _refiner_text(self.refiner_depth, self.refiner_steps)
+        if self.compute_of is None:
+            return "baseline, equal steps"
+        return "baseline, compute of CTF" + _refiner_text(*self.compute_of)
+
+
+def _refiner_text(depth: float, steps: float) -> str:
+    parts = ([f"{depth:g}x depth"] if depth != 1 else []) + ([f"{steps:g}x steps"] if steps != 1 else [])
+    return f" (refiner {', '.join(parts)})" if parts else ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that makes one trained transformer; its folder is named by it."""
+
+    role: str
+    steps: int
+    seed: int
+    data: str
+    codebook: int
+    k: int | str | None  # None for the baseline (it does not see the hierarchy)
+    size: str
+    depth: float
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    dropout: float
+    tokenizer_steps: int
+
+
+def matmul_parameters(model: torch.nn.Module) -> int:
+    """Parameters that cost multiply-adds: all but the input embeddings (a table look-up); the head counts."""
+    embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    return sum(p.numel() for p in model.parameters()) - embeddings
+
+
+@dataclass
+class Artifacts:
+    tokenizer: str
+    codes_train: str
+    codes_test: str
+    hierarchy: str
+    classifier: str
+
+
+class Workshop:
+    """Builds and caches what cells need under `root`: artifacts/ (tokenizers, codes, hierarchies, the
+    domain classifier), models/ and samples/. `reuse` is a run folder whose tokenizer/, codes-*/,
+    hierarchy/ and classifier/ stand in for the ones a cell would build when their V and K match."""
+
+    def __init__(self, root: str | Path, data_dir: str | None = None, cache_dir: str | None = None,
+                 reuse: str | Path | None = None, device: str = "cpu", classifier_epochs: int = 2,
+                 classifier_limit: int | None = 20000):
+        self.root, self.data_dir, self.device = Path(root), data_dir, torch.device(device)
+        self.cache_dir = cache_dir or str(self.root / "cache")
+        self.reuse = Path(reuse) if reuse else None
+        self.classifier_epochs, self.classifier_limit = classifier_epochs, classifier_limit
+
+    # --- artifacts ------------------------------------------------------------------------------
+    def _reusable(self, name: str, kind: str, fits: Any = lambda folder: True) -> Path | None:
+        folder = self.reuse / name if self.reuse else None
+        return folder if folder is not None and is_finished(folder, kind) and fits(folder) else None
+
+    def _built(self, folder: Path, kind: str, build: Any) -> str:
+        if not is_finished(folder, kind):
+            log.info("building %s", folder)
+            build(folder)
+        return str(folder)
+
+    def artifacts(self, cell: Cell) -> Artifacts:
+        from ..metrics.classifier import train_classifier
+        from ..tokenizer.extract import extract_codes
+        from ..tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
+        art, v = self.root / "artifacts", cell.codebook
+        reused_tok = self._reusable("tokenizer", TOKENIZER_KIND, lambda f: load_tokenizer(f).config.codebook_size == v)
+        if reused_tok:
+            tag, tok_dir = f"reused-V{v}", str(reused_tok)
+        else:
+            tag = f"V{v}-{cell.tokenizer_steps}steps"
+            tok_dir = self._built(art / f"tokenizer-{tag}", TOKENIZER_KIND, lambda f: train_tokenizer(
+                TokenizerTrainConfig(out=str(f), data=cell.data, data_dir=self.data_dir, codebook_size=v,
+                                     steps=cell.tokenizer_steps, report_limit=1000, device=str(self.device)),
+                resume=True, progress=False))
+
+        def codes(split: str) -> str:
+            reused = self._reusable(f"codes-{split}", CODES_KIND, lambda f: CodeDataset(f).fingerprint
+                                    == load_tokenizer(tok_dir).fingerprint) if reused_tok else None
+            if reused:
+                return str(reused)
+
+            def build(folder: Path) -> None:
+                tok = load_tokenizer(tok_dir)
+                ds = build_dataset(cell.data, split, tok.config.image_size, tok.config.in_channels, data_dir=self.data_dir)
+                extract_codes(tok, ds, folder, dataset_name=cell.data, split=split, progress=False)
+            return self._built(art / f"codes-{split}-{tag}", CODES_KIND, build)
+
+        codes_train, codes_test = codes("train"), codes("test")
+        reused_h = self._reusable("hierarchy", HIERARCHY_KIND, lambda f: reused_tok is not None and cell.k != "auto"
+                                  and load_hierarchy(f).K == cell.k)
+
+        def hierarchy(folder: Path) -> None:
+            tok = load_tokenizer(tok_dir)
+            images = None
+            if cell.k == "auto":  # K is chosen on training images, never on the test split that scores it
+                ds = build_dataset(cell.data, "train", tok.config.image_size, tok.config.in_channels, data_dir=self.data_dir)
+                images = take_images(Subset(ds, balanced_subset(dataset_labels(ds), 512, 0)))
+            h = build_hierarchy(tok, "kmeans", cell.k, images=images)
+            open_output(folder, HIERARCHY_KIND).write(lambda path: save_hierarchy(h, path))
+
+        hierarchy_dir = str(reused_h) if reused_h else self._built(art / f"hierarchy-{tag}-K{cell.k}", HIERARCHY_KIND,
+                                                                   hierarchy)
+        reused_c = self._reusable("classifier", CLASSIFIER_KIND)
+        classifier_dir = str(reused_c) if reused_c else self._built(
+            art / "classifier", CLASSIFIER_KIND, lambda f: train_classifier(
+                out=str(f), data=cell.data, epochs=self.classifier_epochs, limit=self.classifier_limit,
+                data_dir=self.data_dir, device=str(self.device)))
+        return Artifacts(tok_dir, codes_train, codes_test, hierarchy_dir, classifier_dir)
+
+    # --- models ----------------------------------------------------------------------------------
+    def _config(self, spec: ModelSpec, art: Artifacts) -> Any:
+        codes = CodeDataset(art.codes_train)
+        hierarchy = None if spec.role == "baseline" else load_hierarchy(art.hierarchy)
+        fields = {name: value for name, (value, _) in expected_model_fields(spec.role, codes, hierarchy).items()}
+        config = preset_config(spec.size, num_classes=codes.num_classes, **fields)
+        return replace(config, n_layer=max(1, round(config.n_layer * spec.depth)))
+
+    def flops_per_step(self, spec: ModelSpec, art: Artifacts) -> float:
+        """6 x matmul parameters x tokens of one step (forward + backward; attention scores left out)."""
+        config = self._config(spec, art)
+        return 6.0 * matmul_parameters(build_model(config)) * spec.batch_size * config.grid_h * config.grid_w
+
+    def model(self, spec: ModelSpec, art: Artifacts) -> tuple[Path, dict[str, Any]]:
+        """The trained model's folder (trained now unless an earlier cell did) and its compute."""
+        folder = self.root / "models" / f"{spec.role}-{cell_key(spec)}"
+        if not is_finished(folder, MODEL_KIND):
+            init = folder.parent / f".{folder.name}.init"
+            torch.manual_seed(spec.seed)
+            save_model(build_model(self._config(spec, art)), init)  # fresh weights at this depth
+            log.info("training %s: %s", folder.name, spec)
+            train(TrainConfig(
+                role=spec.role, codes=art.codes_train, hierarchy=None if spec.role == "baseline" else art.hierarchy,
+                out=str(folder), init=str(init), steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
+                warmup_steps=min(spec.warmup_steps, spec.steps // 4), lr_decay="cosine", dropout=spec.dropout,
+                seed=spec.seed, device=str(self.device), save_every=max(1, spec.steps // 4),
+                log_every=max(1, min(25, spec.steps))), resume=True, progress=False)
+        info = read_json(folder / INFO_NAME)
+        return folder, {"steps": info["steps"], "parameters": info["parameters"],
+                        "flops": self.flops_per_step(spec, art) * info["steps"], "wall_s": info["wall_s"],
+                        "final_train_loss": info["final_train_loss"]}
+
+    def _spec(self, cell: Cell, role: str, steps: int, depth: float = 1.0) -> ModelSpec:
+        return ModelSpec(role, steps, cell.seed, cell.data, cell.codebook, None if role == "baseline" else cell.k,
+                         cell.refiner_size if role == "refiner" else cell.size, depth, cell.batch_size, cell.lr,
+                         cell.warmup_steps, cell.dropout, cell.tokenizer_steps)
+
+    def _ctf_specs(self, cell: Cell, depth: float, share: float) -> tuple[ModelSpec, ModelSpec]:
+        return (self._spec(cell, "coarse", cell.steps),
+                self._spec(cell, "refiner", max(1, round(cell.steps * share)), depth))
+
+    def baseline_steps(self, cell: Cell, art: Artifacts) -> int:
+        """`steps`, or the fewest steps whose FLOPs reach those of the CTF named by `compute_of`."""
+        if cell.compute_of is None:
+            return cell.steps
+        coarse, refiner = self._ctf_specs(cell, *cell.compute_of)
+        ctf = self.flops_per_step(coarse, art) * coarse.steps + self.flops_per_step(refiner, art) * refiner.steps
+        return math.ceil(ctf / self.flops_per_step(self._spec(cell, "baseline", 1), art))
+
+    # --- one cell ----------------------------------------------------------------------------------
+    def run(self, cell: Cell) -> dict[str, Any]:
+        art = self.artifacts(cell)
+        tokenizer = load_tokenizer(art.tokenizer).to(self.device)
+        hierarchy = load_hierarchy(art.hierarchy, tokenizer=tokenizer)
+        test_codes = CodeDataset(art.codes_test)
+        s = cell.scoring
+        if cell.side == "ctf":
+            (coarse_dir, coarse), (refiner_dir, refiner) = (
+                self.model(spec, art) for spec in self._ctf_specs(cell, cell.refiner_depth, cell.refiner_steps))
+            pipe: CTFPipeline | BaselinePipeline = CTFPipeline(
+                tokenizer, hierarchy, load_model(coarse_dir, self.device), load_model(refiner_dir, self.device))
+            train = {"coarse": coarse, "refiner": refiner}
+            nll = nll_split(test_codes, hierarchy, coarse=pipe.coarse, refiner=pipe.refiner, limit=s.nll_items)["ctf"]
+        else:
+            model_dir, baseline = self.model(self._spec(cell, "baseline", self.baseline_steps(cell, art)), art)
+            pipe = BaselinePipeline(tokenizer, load_model(model_dir, self.device))
+            train = {"baseline": baseline}
+            nll = nll_split(test_codes, hierarchy, baseline=pipe.model, limit=s.nll_items)["baseline"]
+
+        extractor = get_extractor("domain", path=art.classifier)
+        ref = Reference(cell.data, "test", None, self.data_dir, self.cache_dir)
+        points = []
+        for point in s.points(cell.side):
+            images = sample_with(pipe, s.point_per_class, 1000 * cell.seed + 1, **point)
+            points.append({"settings": point, **brief(score(images.images, images.labels, extractor, ref, self.device))})
+        best = min(points, key=lambda p: p["fid"])
+        start = time.perf_counter()
+        final_set = sample_with(pipe, s.final_per_class, 1000 * cell.seed + 2, **best["settings"])
+        sample_s = time.perf_counter() - start
+        final = {"settings": best["settings"], "sample_s": round(sample_s, 2),
+                 "images_per_s": len(final_set.labels) / sample_s,
+                 **brief(score(final_set.images, final_set.labels, extractor, ref, self.device))}
+        samples = self.root / "samples" / f"{cell_key(cell)}.png"
+        samples.parent.mkdir(parents=True, exist_ok=True)
+        keep = torch.cat([torch.nonzero(final_set.labels == c).view(-1)[:8] for c in final_set.labels.unique()])
+        image_grid(final_set.images[keep], nrow=8).save(samples)
+
+        result = {"label": cell.label, "artifacts": asdict(art), "K": hierarchy.K, "train": train,
+                  "flops": sum(t["flops"] for t in train.values()), "nll": nll, "points": points, "final": final,
+                  "samples": str(samples.relative_to(self.root))}
+        if cell.side == "ctf" and s.floor_per_class:
+            result["floors"] = self.floors(cell, tokenizer, hierarchy, pipe.refiner, extractor, ref)
+        return result
+
+    def floors(self, cell: Cell, tokenizer: Any, hierarchy: Any, refiner: torch.nn.Module, extractor: Any,
+               ref: Reference) -> dict[str, dict[str, Any]]:
+        ds = build_dataset(cell.data, "test", tokenizer.config.image_size, tokenizer.config.in_channels,
+                           data_dir=self.data_dir)
+        labels = dataset_labels(ds)
+        n = min(len(ds), cell.scoring.floor_per_class * len(set(labels.tolist())))
+        ds = Subset(ds, balanced_subset(labels, n, cell.seed))
+        y = torch.from_numpy(ds.labels)
+        sets = floor_sets(tokenizer, hierarchy, take_images(ds), y, refiner=refiner,
+                          settings=StageSettings(temperature=DEFAULTS["t2"]), seed=1000 * cell.seed + 3)
+        return {name: brief(score(x, y, extractor, ref, self.device)) for name, x in sets.items()}
+
+
+def brief(m: dict[str, Any]) -> dict[str, Any]:
+    keys = ("fid", "is_mean", "is_std", "precision", "recall", "class_consistency", "n")
+    return {k: m[k] for k in keys if m.get(k) is not None}
+

@@ -1,0 +1,367 @@
+"""The bench's report, written from the results file alone (it runs nothing).
+
+Cells are grouped into setups (everything but the side, K, the refiner shares, the compute match and
+the seed) and, inside a setup, into rows (one side over its seeds). Every figure is a mean +- sd over
+seeds with its sample size, and every gap goes through `stats.compare`: a gap within the spread is
+called a tie. Writes BENCHMARKS.md, summary.json and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image, ImageDraw
+
+from .stats import Spread, compare, spread
+
+SETUP_FIELDS_OUT = ("side", "k", "refiner_depth", "refiner_steps", "compute_of", "seed")
+ROW_FIELDS = ("side", "k", "refiner_depth", "refiner_steps", "compute_of")
+MAP_FIELDS = ("codebook", "size", "steps")
+
+
+@dataclass
+class Row:
+    """One side of a setup over its seeds."""
+
+    cell: dict[str, Any]  # the fields the seeds share
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def is_ctf(self) -> bool:
+        return self.cell["side"] == "ctf"
+
+    @property
+    def full_refiner(self) -> bool:
+        return self.cell["refiner_depth"] == 1 and self.cell["refiner_steps"] == 1
+
+    def label(self, with_k: bool) -> str:
+        c = self.cell
+        if c["side"] == "ctf":
+            text = "CTF" + _refiner_text(c["refiner_depth"], c["refiner_steps"])
+            return f"{text}, K={self.records[0]['result']['K']}" + (" (auto)" if c["k"] == "auto" else "") if with_k else text
+        if c["compute_of"] is None:
+            return "baseline, equal steps"
+        return "baseline, compute of CTF" + _refiner_text(*c["compute_of"])
+
+    def of(self, metric: Callable[[dict[str, Any]], float | None]) -> Spread | None:
+        values = [metric(r["result"]) for r in self.records]
+        return spread(values) if values and all(v is not None for v in values) else None
+
+
+def _refiner_text(depth: float, steps: float) -> str:
+    parts = ([f"{depth:g}x depth"] if depth != 1 else []) + ([f"{steps:g}x steps"] if steps != 1 else [])
+    return f" (refiner {', '.join(parts)})" if parts else ""
+
+
+@dataclass
+class Setup:
+    fields: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+
+    def row(self, side: str, compute_of: Any = None, full: bool = True) -> list[Row]:
+        return [r for r in self.rows if r.cell["side"] == side and (side != "ctf" or r.full_refiner or not full)
+                and (side == "ctf" or r.cell["compute_of"] == compute_of)]
+
+    @property
+    def baseline(self) -> Row | None:
+        rows = self.row("baseline")
+        return rows[0] if rows else None
+
+
+def group(records: list[dict[str, Any]]) -> list[Setup]:
+    setups: dict[str, Setup] = {}
+    for rec in records:
+        cell = rec["cell"]
+        fields = {k: v for k, v in cell.items() if k not in SETUP_FIELDS_OUT}
+        setup = setups.setdefault(json.dumps(fields, sort_keys=True), Setup(fields))
+        row_fields = {k: cell[k] for k in ROW_FIELDS}
+        if cell["side"] == "baseline":
+            row_fields["k"] = None  # the baseline does not depend on K
+        for row in setup.rows:
+            if {k: row.cell[k] for k in ROW_FIELDS} == row_fields:
+                row.records.append(rec)
+                break
+        else:
+            setup.rows.append(Row({**fields, **row_fields}, [rec]))
+    return list(setups.values())
+
+
+# --- the metrics of a record -------------------------------------------------------------------------
+
+def final(key: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda result: result["final"].get(key)
+
+
+def nll(part: str) -> Callable[[dict[str, Any]], float]:
+    return lambda result: result["nll"][part]
+
+
+def flops(result: dict[str, Any]) -> float:
+    return result["flops"]
+
+
+def _s(x: Spread | None, digits: int = 2, scale: float = 1.0) -> str:
+    if x is None:
+        return "-"
+    return f"{scale * x.mean:.{digits}f} +- {scale * x.sd:.{digits}f}" if x.n > 1 else f"{scale * x.mean:.{digits}f}"
+
+
+def _words(call: str, a: str, b: str) -> str:
+    return {"a better": f"{a} better", "b better": f"{b} better", "tie": "tie (within the spread)"}[call]
+
+
+# --- verdict ----------------------------------------------------------------------------------------
+
+def verdict(setup: Setup) -> list[str]:
+    """Plain sentences: CTF against each baseline in FID (at each side's best point) and NLL, and the
+    cheapest refiner that keeps CTF's quality."""
+    lines, base = [], setup.baseline
+    with_k = len({r.cell["k"] for r in setup.row("ctf")}) > 1
+    fid = final("fid")
+    for ctf in setup.row("ctf"):
+        name = ctf.label(with_k)
+        for other in [base] + setup.row("baseline", compute_of=[1.0, 1.0]):
+            if other is None:
+                continue
+            a, b = ctf.of(fid), other.of(fid)
+            na, nb = ctf.of(nll("nll")), other.of(nll("nll"))
+            lines.append(f"{name} against the {other.label(False)}: FID {_s(a)} vs {_s(b)} -> "
+                         f"{_words(compare(a, b), 'CTF', 'baseline')}; NLL {_s(na, 3)} vs {_s(nb, 3)} nats/token -> "
+                         f"{_words(compare(na, nb), 'CTF', 'baseline')} (coarse part "
+                         f"{_s(ctf.of(nll('coarse')), 3)} vs {_s(other.of(nll('coarse')), 3)}, within "
+                         f"{_s(ctf.of(nll('within')), 3)} vs {_s(other.of(nll('within')), 3)}).")
+    variants = setup.row("ctf", full=False)
+    full = [r for r in variants if r.full_refiner]
+    if len(variants) > len(full) and full and not with_k:
+        keep = [r for r in variants if compare(r.of(fid), full[0].of(fid)) != "b better"]
+        cheapest = min(keep, key=lambda r: r.of(flops).mean)
+        lines.append(f"Cheapest refiner whose FID is not worse than the full one's (beyond the spread): "
+                     f"{cheapest.label(False)}, {cheapest.of(flops).mean / full[0].of(flops).mean:.2f}x the "
+                     f"full CTF's training FLOPs.")
+        matched = setup.row("baseline", compute_of=[cheapest.cell["refiner_depth"], cheapest.cell["refiner_steps"]])
+        if matched:
+            a, b = cheapest.of(fid), matched[0].of(fid)
+            lines.append(f"Charged only for that refiner, CTF against the {matched[0].label(False)}: FID {_s(a)} vs "
+                         f"{_s(b)} -> {_words(compare(a, b), 'CTF', 'baseline')}.")
+    return lines
+
+
+# --- the report -------------------------------------------------------------------------------------
+
+def setup_title(setup: Setup) -> str:
+    f = setup.fields
+    return (f"V={f['codebook']}, {f['size']} stage 1 / {f['refiner_size']} refiner, {f['steps']} steps at batch "
+            f"{f['batch_size']}, lr {f['lr']:g} (cosine to the end), dropout {f['dropout']:g}")
+
+
+def setup_table(setup: Setup) -> list[str]:
+    with_k = len({r.cell["k"] for r in setup.row("ctf")}) > 1
+    n = setup.rows[0].records[0]["result"]["final"]["n"]
+    lines = [f"| side | seeds | training TFLOPs | FID at own best (n={n}) | best point (most seeds) | IS | precision | "
+             "recall | class consistency | NLL coarse | NLL within | NLL | images/s |", "|" + "---|" * 13]
+    for row in setup.rows:
+        best = Counter(json.dumps(r["result"]["final"]["settings"]) for r in row.records).most_common(1)[0][0]
+        lines.append(f"| {row.label(with_k)} | {len(row.records)} | {_s(row.of(flops), 1, 1e-12)} | "
+                     f"{_s(row.of(final('fid')))} | {best} | {_s(row.of(final('is_mean')))} | "
+                     f"{_s(row.of(final('precision')), 3)} | {_s(row.of(final('recall')), 3)} | "
+                     f"{_s(row.of(final('class_consistency')), 3)} | {_s(row.of(nll('coarse')), 3)} | "
+                     f"{_s(row.of(nll('within')), 3)} | {_s(row.of(nll('nll')), 3)} | "
+                     f"{_s(row.of(final('images_per_s')), 0)} |")
+    return lines
+
+
+def floors_table(setup: Setup) -> list[str]:
+    rows = [r for r in setup.row("ctf", full=False) if "floors" in r.records[0]["result"]]
+    if not rows:
+        return []
+    n = rows[0].records[0]["result"]["floors"]["reconstruction"]["n"]
+    lines = ["", f"Floors (real test images, class-balanced, n={n} per set; mean +- sd over the CTF cells' seeds):", "",
+             "| floor | from | FID | IS |", "|---|---|---|---|"]
+    for name in ("reconstruction", "true-coarse+uniform", "true-coarse+refiner"):
+        for row in (rows if name == "true-coarse+refiner" else rows[:1]):
+            fid = row.of(lambda r: r["floors"][name]["fid"])
+            is_ = row.of(lambda r: r["floors"][name].get("is_mean"))
+            lines.append(f"| {name} | {row.label(True) if name.endswith('refiner') else 'tokenizer, hierarchy'} | "
+                         f"{_s(fid)} | {_s(is_)} |")
+    return lines
+
+
+def points_table(setup: Setup) -> tuple[list[str], dict[str, tuple[list[float], list[float], list[float]]]]:
+    """Mean FID at every operating point per side, and each side's (recall, FID, IS) means for the plots."""
+    lines, curves = [], {}
+    rows = setup.row("ctf") + [r for r in setup.rows if r.cell["side"] == "baseline"]
+    for row in rows:
+        points: dict[str, list[dict[str, Any]]] = {}
+        for rec in row.records:
+            for p in rec["result"]["points"]:
+                points.setdefault(json.dumps(p["settings"]), []).append(p)
+        means = {k: {m: spread([p[m] for p in ps]).mean for m in ("fid", "recall", "is_mean") if all(m in p for p in ps)}
+                 for k, ps in points.items()}
+        n = row.records[0]["result"]["points"][0]["n"]
+        lines.append(f"| {row.label(True)} | {n} | " + ", ".join(f"{k}: {v['fid']:.2f}" for k, v in means.items()) + " |")
+        order = sorted(means.values(), key=lambda v: v.get("recall", 0.0))
+        curves[row.label(True)] = ([v.get("recall", 0.0) for v in order], [v["fid"] for v in order],
+                                   [v.get("is_mean", 0.0) for v in order])
+    return ["| side | n per point | mean FID at each point |", "|---|---|---|"] + lines, curves
+
+
+def gap(ctf: Row, base: Row, metric: Callable[[dict[str, Any]], float]) -> tuple[str, str]:
+    a, b = ctf.of(metric), base.of(metric)
+    if a is None or b is None:
+        return "-", "-"
+    return f"{a.mean - b.mean:+.2f} +- {a.sd + b.sd:.2f}", _words(compare(a, b), "CTF", "baseline")
+
+
+def map_table(setups: list[Setup]) -> list[str]:
+    lines = ["| V | size | steps | K | FID gap (CTF - baseline) | call | NLL gap | call |", "|---|---|---|---|---|---|---|---|"]
+    for setup in setups:
+        base = setup.baseline
+        if base is None:
+            continue
+        for ctf in setup.row("ctf"):
+            f = setup.fields
+            fid_gap, fid_call = gap(ctf, base, final("fid"))
+            nll_gap, nll_call = gap(ctf, base, nll("nll"))
+            k = ctf.records[0]["result"]["K"]
+            lines.append(f"| {f['codebook']} | {f['size']} | {f['steps']} | {k}{' (auto)' if ctf.cell['k'] == 'auto' else ''} | "
+                         f"{fid_gap} | {fid_call} | {nll_gap} | {nll_call} |")
+    return lines
+
+
+def write_report(records: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> dict[str, Any]:
+    """BENCHMARKS.md, summary.json and plots in `out` from the grid's records."""
+    records = json.loads(json.dumps(records))  # tuples as lists, as a reloaded results file has them
+    setups = group(records)
+    summary: dict[str, Any] = {**meta, "setups": []}
+    lines = [f"# CTF against the baseline: grid `{meta['grid']}` on {meta['data']}", "",
+             f"- command: `{meta['command']}`", f"- machine: {meta['machine']}", f"- date: {meta['date']}",
+             f"- cells: {len(records)}, {sum(r['wall_s'] for r in records) / 60:.1f} min of cell time in all "
+             "(per cell below)",
+             "- artifacts: " + "; ".join(sorted({f"tokenizer {r['result']['artifacts']['tokenizer']}, classifier "
+                                                 f"{r['result']['artifacts']['classifier']}" for r in records})),
+             "- every figure: mean +- sd over training seeds (one sampling seed per training seed); a gap counts only "
+             "when it exceeds the sum of the two sds with at least 2 seeds a side, else it is called a tie",
+             "- FID, IS, precision, recall and class consistency use the domain classifier's features against the "
+             "whole test split; FID at each side's own best operating point, on a final set drawn with another seed",
+             "- NLL in nats per token on the test codes; CTF's is exact (coarse + refiner), the baseline's is split "
+             "into the mass it puts on the true cluster and the rest", "", "## Verdict", ""]
+    for i, setup in enumerate(setups, 1):
+        lines += [f"Setup {i} ({setup_title(setup)}):", ""] + [f"- {v}" for v in verdict(setup)] + [""]
+    for i, setup in enumerate(setups, 1):
+        lines += [f"## Setup {i}: {setup_title(setup)}", ""] + setup_table(setup) + floors_table(setup)
+        table, curves = points_table(setup)
+        lines += ["", "Operating points (mean FID over seeds at each point; the trade-off plots draw the same means):",
+                  ""] + table + [""]
+        if i == 1:
+            plot_lines({k: (c[0], c[1]) for k, c in curves.items()}, "recall", "FID (domain features)",
+                       out / "fid_vs_recall.png")
+            plot_lines({k: (c[1], c[2]) for k, c in curves.items()}, "FID (domain features)", "IS (domain features)",
+                       out / "is_vs_fid.png")
+            side_by_side({r.label(True): out / r.records[0]["result"]["samples"] for r in setup.rows},
+                         out / "samples.png")
+            lines += ["Plots: `fid_vs_recall.png`, `is_vs_fid.png`; samples of seed 0 at each side's best point: "
+                      "`samples.png`.", ""]
+        summary["setups"].append({"fields": setup.fields, "verdict": verdict(setup)})
+    lines += steps_section(setups, out)
+    if any(len({json.dumps(s.fields[f]) for s in setups}) > 1 for f in MAP_FIELDS) or any(
+            len({r.cell["k"] for r in s.row("ctf")}) > 1 for s in setups):
+        lines += ["## The map: CTF minus the baseline at equal steps", "",
+                  "Negative FID and NLL gaps favour CTF; +- is the sum of the two sides' sds.", ""] + map_table(setups) + [""]
+    lines += ["## Cells", "", "| side | V | K | size | steps | seed | wall s |", "|---|---|---|---|---|---|---|"]
+    for r in records:
+        c = r["cell"]
+        lines.append(f"| {r['result']['label']} | {c['codebook']} | {r['result']['K']} | {c['size']} | {c['steps']} | "
+                     f"{c['seed']} | {r['wall_s']:.0f} |")
+    (out / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def steps_section(setups: list[Setup], out: Path) -> list[str]:
+    """FID at each budget (separate runs, each decayed to its end) for setups that differ only in steps."""
+    families: dict[str, list[Setup]] = {}
+    for s in setups:
+        families.setdefault(json.dumps({k: v for k, v in s.fields.items() if k != "steps"}, sort_keys=True), []).append(s)
+    family = next((f for f in families.values() if len(f) > 1), None)
+    if family is None:
+        return []
+    family.sort(key=lambda s: s.fields["steps"])
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    lines = ["## FID against the training budget", "", "Each budget is its own run, its learning rate decayed to its "
+             "last step (`fid_vs_steps.png`).", "", "| side | " + " | ".join(f"{s.fields['steps']} steps" for s in family)
+             + " |", "|---|" + "---|" * len(family)]
+    for label in dict.fromkeys(r.label(True) for s in family for r in s.rows):
+        cells = [next((r for r in s.rows if r.label(True) == label), None) for s in family]
+        lines.append(f"| {label} | " + " | ".join(_s(r.of(final("fid"))) if r else "-" for r in cells) + " |")
+        pts = [(s.fields["steps"], r.of(final("fid")).mean) for s, r in zip(family, cells) if r]
+        curves[label] = ([p[0] for p in pts], [p[1] for p in pts])
+    plot_lines(curves, "training steps (each its own run)", "FID (domain features)", out / "fid_vs_steps.png")
+    return lines + [""]
+
+
+# --- plots -----------------------------------------------------------------------------------------
+
+def plot_lines(xs_ys: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _plot_with_pil(xs_ys, xlabel, ylabel, path)
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for name, (xs, ys) in xs_ys.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_with_pil(xs_ys: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, path: Path) -> None:
+    """A plain line plot for machines without matplotlib."""
+    w, h, m = 520, 360, 50
+    im = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(im)
+    xs = [x for a, _ in xs_ys.values() for x in a] or [0, 1]
+    ys = [y for _, b in xs_ys.values() for y in b] or [0, 1]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = lambda x: m + (x - x0) / max(x1 - x0, 1e-9) * (w - 2 * m)  # noqa: E731
+    sy = lambda y: h - m - (y - y0) / max(y1 - y0, 1e-9) * (h - 2 * m)  # noqa: E731
+    d.rectangle([m, m, w - m, h - m], outline="black")
+    d.text((m, 10), f"{ylabel} ({y0:.3g} .. {y1:.3g}) against {xlabel} ({x0:.3g} .. {x1:.3g})", fill="black")
+    colors = ["blue", "red", "green", "orange", "purple", "brown"]
+    for i, (name, (a, b)) in enumerate(xs_ys.items()):
+        color = colors[i % len(colors)]
+        pts = [(sx(x), sy(y)) for x, y in zip(a, b)]
+        if len(pts) > 1:
+            d.line(pts, fill=color, width=2)
+        for px, py in pts:
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+        d.text((w - m - 200, m + 5 + 12 * i), name, fill=color)
+    im.save(path)
+
+
+def side_by_side(grids: dict[str, Path], path: Path) -> None:
+    """Sample grids (PNG files) next to each other, each titled."""
+    titled = []
+    for name, file in grids.items():
+        grid = Image.open(file).convert("RGB")
+        canvas = Image.new("RGB", (grid.width, grid.height + 14), "white")
+        canvas.paste(grid, (0, 14))
+        ImageDraw.Draw(canvas).text((2, 1), name[:40], fill="black")
+        titled.append(canvas)
+    out = Image.new("RGB", (sum(g.width for g in titled) + 8 * (len(titled) - 1), max(g.height for g in titled)), "white")
+    x = 0
+    for g in titled:
+        out.paste(g, (x, 0))
+        x += g.width + 8
+    out.save(path)

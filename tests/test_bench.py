@@ -1,0 +1,141 @@
+"""`ctfgen bench` on the engine: grids as data, one cell run end to end at a toy budget, resume without
+recomputing, compute-matched baselines, and the report's calls on records whose answer is known."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ctfgen.bench import add_bench_args, bench_cells, cmd_bench, run_bench
+from ctfgen.experiments import Results, cell_key
+from ctfgen.experiments.grids import GRIDS, versus
+from ctfgen.experiments.protocol import Cell, Scoring, Workshop
+from ctfgen.experiments.report import group, verdict, write_report
+from test_demo import fake_fashion_mnist
+
+TOY_SCORING = Scoring(point_per_class=2, final_per_class=3, cfg=(1.0, 2.0), t1=(1.0,), t2=(1.1,), floor_per_class=2,
+                      nll_items=40)
+TOY = Cell(side="ctf", steps=3, size="tiny", refiner_size="tiny", batch_size=16, warmup_steps=0, k=16, codebook=64,
+           tokenizer_steps=2, scoring=TOY_SCORING)
+
+
+@pytest.fixture(scope="module")
+def fm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fake_fashion_mnist(tmp_path_factory.mktemp("data") / "fm")
+
+
+def test_grids_are_data() -> None:
+    """Every grid, full and quick, gives distinct valid cells; versus pairs every CTF with its baselines."""
+    base = Cell(side="ctf", steps=1)
+    for name, grid in GRIDS.items():
+        for quick in (False, True):
+            cells = grid(base, 2, quick, 60000)
+            assert len({cell_key(c) for c in cells}) == len(cells), name
+            assert {c.seed for c in cells} == {0, 1} and {c.side for c in cells} == {"ctf", "baseline"}
+    cells = versus(base, (10, 20), 3, ((1.0, 1.0), (0.5, 1.0)), ((1.0, 1.0),))
+    assert len(cells) == 2 * 3 * (2 + 1 + 1)
+    assert [c.compute_of for c in cells if c.side == "baseline"][:2] == [None, (1.0, 1.0)]
+    full_map = GRIDS["map"](base, 1, False, 60000)
+    assert {c.codebook for c in full_map} == {1024, 4096, 16384} and "auto" in {c.k for c in full_map}
+    assert {c.steps for c in full_map} == {938, 2813, 9375}  # 1, 3 and 10 epochs of 60,000 at batch 64
+    # one baseline per (V, size, steps, seed): K does not change it
+    assert sum(c.side == "baseline" for c in full_map) == 3 * 3 * 3
+    with pytest.raises(ValueError):
+        Cell(side="ctf", steps=1, k=5000, codebook=4096)
+    with pytest.raises(ValueError):
+        Cell(side="gan", steps=1)
+
+
+def test_cells_run_resume_and_report(tmp_path: Path, fm: Path) -> None:
+    """A toy versus grid runs every piece of the protocol; a second run recomputes nothing."""
+    cells = versus(TOY, (3,), 2, ((1.0, 1.0), (0.5, 0.5)), ((1.0, 1.0),))
+    out = tmp_path / "bench"
+    meta = {"grid": "toy", "data": "fashion-mnist", "seeds": 2}
+    summary = run_bench(out, cells, meta, data_dir=str(fm), classifier_epochs=1, classifier_limit=128)
+    records = Results(out / "cells.jsonl").load()
+    assert [r["key"] for r in records] == [cell_key(c) for c in cells]
+    by_label = {(r["result"]["label"], r["cell"]["seed"]): r["result"] for r in records}
+    ctf = by_label[("CTF", 0)]
+    assert set(ctf["train"]) == {"coarse", "refiner"} and ctf["train"]["refiner"]["steps"] == 3
+    assert by_label[("CTF (refiner 0.5x depth, 0.5x steps)", 0)]["train"]["refiner"]["steps"] == 2  # round(3 * 0.5)
+    assert len(ctf["points"]) == 2 and ctf["final"]["n"] == 3 * 10
+    assert ctf["final"]["settings"] in [p["settings"] for p in ctf["points"]]  # the best point, drawn again
+    assert ctf["final"]["fid"] == pytest.approx(ctf["final"]["fid"]) and ctf["final"]["images_per_s"] > 0
+    assert abs(ctf["nll"]["coarse"] + ctf["nll"]["within"] - ctf["nll"]["nll"]) < 1e-6
+    assert set(ctf["floors"]) == {"reconstruction", "true-coarse+refiner", "true-coarse+uniform"}
+    base, matched = by_label[("baseline, equal steps", 0)], by_label[("baseline, compute of CTF", 0)]
+    assert "floors" not in base and base["train"]["baseline"]["steps"] == 3
+    assert matched["train"]["baseline"]["steps"] > 3 and matched["flops"] >= ctf["flops"] > base["flops"]
+    # the same CTF coarse model serves both refiners: trained once
+    assert len(list((out / "models").glob("coarse-*"))) == 2  # one per seed
+    for name in ("BENCHMARKS.md", "summary.json", "fid_vs_recall.png", "is_vs_fid.png", "samples.png"):
+        assert (out / name).is_file(), name
+    report = (out / "BENCHMARKS.md").read_text()
+    assert "FID at own best (n=30)" in report and "true-coarse+uniform" in report
+    assert len(summary["setups"]) == 1 and any("equal steps" in v for v in summary["setups"][0]["verdict"])
+
+    calls = []
+    workshop = Workshop(out, str(fm), classifier_limit=128)
+    from ctfgen.experiments import run_grid
+
+    run_grid(cells, lambda c: calls.append(c) or {}, Results(out / "cells.jsonl"))
+    assert calls == [] and workshop.baseline_steps(cells[0], workshop.artifacts(cells[0])) == 3
+
+
+def test_compute_matched_steps(tmp_path: Path, fm: Path) -> None:
+    """The matched baseline's steps reach the named CTF's FLOPs; a cheaper refiner buys it fewer."""
+    workshop = Workshop(tmp_path, str(fm), classifier_limit=128)
+    cell = replace(TOY, side="baseline", steps=100)
+    art = workshop.artifacts(cell)
+    full = workshop.baseline_steps(replace(cell, compute_of=(1.0, 1.0)), art)
+    cheap = workshop.baseline_steps(replace(cell, compute_of=(0.5, 0.5)), art)
+    assert workshop.baseline_steps(cell, art) == 100 < cheap < full
+    coarse, refiner = workshop._ctf_specs(cell, 1.0, 1.0)
+    ctf = 100 * (workshop.flops_per_step(coarse, art) + workshop.flops_per_step(refiner, art))
+    per_step = workshop.flops_per_step(workshop._spec(cell, "baseline", 1), art)
+    assert (full - 1) * per_step < ctf <= full * per_step
+
+
+def record(side: str, seed: int, fid: float, nll: float, flops: float = 1.0, refiner: tuple = (1.0, 1.0),
+           compute_of: list | None = None) -> dict:
+    cell = {**json.loads(json.dumps(TOY.__dict__, default=lambda o: o.__dict__)), "side": side, "seed": seed,
+            "refiner_depth": refiner[0], "refiner_steps": refiner[1], "compute_of": compute_of}
+    final = {"fid": fid, "n": 100, "settings": {"cfg1": 1.0}, "images_per_s": 10.0}
+    return {"key": f"{side}{seed}{refiner}{compute_of}", "cell": cell, "wall_s": 1.0, "result": {
+        "label": side, "K": 16, "flops": flops, "final": final, "artifacts": {"tokenizer": "t", "classifier": "c"}, "points": [{"settings": {"cfg1": 1.0}, "fid": fid, "n": 50}],
+        "nll": {"coarse": nll / 2, "within": nll / 2, "nll": nll}, "samples": "x.png"}}
+
+
+def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:
+    records = ([record("ctf", s, fid, 3.0 + 0.01 * s) for s, fid in enumerate((5.0, 5.2, 4.8))]
+               + [record("baseline", s, fid, 3.5 + 0.01 * s) for s, fid in enumerate((7.0, 7.3, 6.9))]
+               + [record("baseline", s, fid, 3.0, compute_of=[1.0, 1.0], flops=2.0) for s, fid in enumerate((5.1, 4.6, 5.5))]
+               + [record("ctf", s, fid, 3.2, flops=0.6, refiner=(0.5, 1.0)) for s, fid in enumerate((5.1, 4.9, 5.3))])
+    (setup,) = group(records)
+    lines = verdict(setup)
+    assert "equal steps: FID 5.00 +- 0.20 vs 7.07 +- 0.21 -> CTF better" in lines[0]
+    assert "NLL 3.010 +- 0.010 vs 3.510 +- 0.010 nats/token -> CTF better" in lines[0]
+    assert "compute of CTF: FID 5.00 +- 0.20 vs 5.07 +- 0.45 -> tie (within the spread)" in lines[1]
+    assert "0.5x depth" in lines[-1] and "0.60x the full CTF's training FLOPs" in lines[-1]
+    one_seed = [record("ctf", 0, 1.0, 1.0), record("baseline", 0, 9.0, 9.0)]
+    assert "tie (within the spread)" in verdict(group(one_seed)[0])[0]  # one seed proves nothing
+    Image.new("L", (16, 16)).save(tmp_path / "x.png")
+    summary = write_report(records, {"grid": "g", "data": "d", "command": "c", "machine": "m", "date": "t"}, tmp_path)
+    assert summary["setups"][0]["verdict"] == lines
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| baseline, equal steps | 3 |" in report and "5.00 +- 0.20" in report
+
+
+def test_bench_command(tmp_path: Path, fm: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_args(parser)
+    args = parser.parse_args(["--grid", "map", "--quick", "--out", str(tmp_path), "--steps", "10", "--seeds", "1",
+                              "--data-dir", str(fm)])
+    assert args.quick and args.steps == 10 and callable(cmd_bench)
+    cells = bench_cells(args.grid, args.seeds, args.quick, args.data, args.data_dir, args.steps, "tiny")
+    assert {c.steps for c in cells} == {10} and {c.codebook for c in cells} == {1024, 4096}
