@@ -70,7 +70,8 @@ def run_bench(out: str | Path, cells: list[Cell], meta: dict[str, Any], data_dir
                         classifier_limit)
     records = run_grid(cells, workshop.run, Results(output.path / RESULTS_NAME))
     meta = {"command": " ".join(sys.argv), **meta, "machine": machine(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "wall_s": round(time.perf_counter() - start, 1)}
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "wall_s": round(time.perf_counter() - start, 1)}
     summary = write_report(records, meta, output.path)
     output.finish()
     return summary

@@ -48,9 +48,9 @@ def cmd_extract(args: argparse.Namespace) -> None:
                        data_dir=args.data_dir, on_error=args.on_error, views=args.views)
     dist = setup_distributed(args.device)  # under torchrun each rank encodes its share
     try:
-        meta = extract_codes(tok, ds, args.out, batch_size=args.batch_size, num_workers=args.num_workers,
-                             dataset_name=args.data, split=args.split, device=dist.device, progress=not args.quiet,
-                             force=args.force, dist=dist)
+        meta = extract_codes(tok, ds, args.out, views=args.views, batch_size=args.batch_size,
+                             num_workers=args.num_workers, dataset_name=args.data, split=args.split,
+                             device=dist.device, progress=not args.quiet, force=args.force, dist=dist)
     finally:
         teardown_distributed(dist)
     if dist.is_main:

@@ -149,7 +149,7 @@ def sample_causal(model: Transformer, class_labels: torch.Tensor, settings: Stag
     inputs = with_null_labels(model, class_labels) if guided else class_labels
     codes = torch.empty(batch, seq_len, dtype=torch.long, device=device)
     with inference_mode(model):
-        cache = model.make_cache(inputs.shape[0])
+        cache = model.make_cache(inputs.shape[0], torch.bfloat16 if device.type == "cuda" else None)  # bf16 on GPUs
         logits = model.prefill(inputs, cache)[:, -1]
         for t in range(seq_len):
             if t > 0:

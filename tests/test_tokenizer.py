@@ -186,7 +186,7 @@ def test_extract_codes_stores_views_and_training_draws_one(tmp_path):
     np.savez(tmp_path / "set.npz", images=images, labels=np.arange(5) % 2)
     np.savez(tmp_path / "set_train.npz", images=images, labels=np.arange(5) % 2)
     data = build_dataset(str(tmp_path / "set.npz"), "train", 16, 1, views="flip")
-    meta = extract_codes(model, data, tmp_path / "codes", batch_size=2, progress=False)
+    meta = extract_codes(model, data, tmp_path / "codes", views="flip", batch_size=2, progress=False)
     ds = CodeDataset(tmp_path / "codes")
     assert meta["count"] == 10 and meta["items"] == 5 and meta["views"] == ["original", "hflip"]
     assert len(ds) == 5 and ds.views == 2 and ds.grid == (8, 8) and ds.fingerprint == "abc"
@@ -202,6 +202,8 @@ def test_extract_codes_stores_views_and_training_draws_one(tmp_path):
     assert drawn == {tuple(ds.codes[2].reshape(-1)[:4].tolist()), tuple(ds.codes[7].reshape(-1)[:4].tolist())}
     with pytest.raises(ValueError, match="empty"):
         extract_codes(model, [], tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="same views"):
+        extract_codes(model, data, tmp_path / "y", views="ten-crop", progress=False)
 
 
 def test_ten_crop_views():

@@ -240,7 +240,7 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], out: Path)
     lines = [f"# CTF against the baseline: grid `{meta['grid']}` on {meta['data']}", "",
              f"- command: `{meta['command']}`", f"- machine: {meta['machine']}", f"- date: {meta['date']}",
              f"- cells: {len(records)}, {sum(r['wall_s'] for r in records) / 60:.1f} min of cell time in all "
-             "(per cell below)",
+             "(per cell below)" + (f"; this invocation {meta['wall_s'] / 60:.1f} min" if "wall_s" in meta else ""),
              "- artifacts: " + "; ".join(sorted({f"tokenizer {r['result']['artifacts']['tokenizer']}, classifier "
                                                  f"{r['result']['artifacts']['classifier']}" for r in records})),
              "- every figure: mean +- sd over training seeds (one sampling seed per training seed); a gap counts only "
