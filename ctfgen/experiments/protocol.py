@@ -44,6 +44,7 @@ from ..transformer.model import ARTIFACT_KIND as MODEL_KIND, preset_config
 from .engine import cell_key
 from .floors import floor_sets
 from .likelihood import nll_split
+from .report import side_label
 
 log = logging.getLogger(__name__)
 Fraction = Annotated[float, Between(0.0, 1.0, lo_open=True)]
@@ -101,16 +102,7 @@ class Cell:
     @property
     def label(self) -> str:
         """What the report calls this side."""
-        if self.side == "ctf":
-            return "CTF" + _refiner_text(self.refiner_depth, self.refiner_steps)
-        if self.compute_of is None:
-            return "baseline, equal steps"
-        return "baseline, compute of CTF" + _refiner_text(*self.compute_of)
-
-
-def _refiner_text(depth: float, steps: float) -> str:
-    parts = ([f"{depth:g}x depth"] if depth != 1 else []) + ([f"{steps:g}x steps"] if steps != 1 else [])
-    return f" (refiner {', '.join(parts)})" if parts else ""
+        return side_label(self.side, self.refiner_depth, self.refiner_steps, self.compute_of)
 
 
 @dataclass(frozen=True)

@@ -40,21 +40,25 @@ class Row:
 
     def label(self, with_k: bool) -> str:
         c = self.cell
-        if c["side"] == "ctf":
-            text = "CTF" + _refiner_text(c["refiner_depth"], c["refiner_steps"])
-            return f"{text}, K={self.records[0]['result']['K']}" + (" (auto)" if c["k"] == "auto" else "") if with_k else text
-        if c["compute_of"] is None:
-            return "baseline, equal steps"
-        return "baseline, compute of CTF" + _refiner_text(*c["compute_of"])
+        text = side_label(c["side"], c["refiner_depth"], c["refiner_steps"], c["compute_of"])
+        if c["side"] == "ctf" and with_k:
+            return f"{text}, K={self.records[0]['result']['K']}" + (" (auto)" if c["k"] == "auto" else "")
+        return text
 
     def of(self, metric: Callable[[dict[str, Any]], float | None]) -> Spread | None:
         values = [metric(r["result"]) for r in self.records]
         return spread(values) if values and all(v is not None for v in values) else None
 
 
-def _refiner_text(depth: float, steps: float) -> str:
-    parts = ([f"{depth:g}x depth"] if depth != 1 else []) + ([f"{steps:g}x steps"] if steps != 1 else [])
-    return f" (refiner {', '.join(parts)})" if parts else ""
+def side_label(side: str, refiner_depth: float, refiner_steps: float, compute_of: Any) -> str:
+    """What the report calls a side: "CTF (refiner 0.5x depth)", "baseline, equal steps", ..."""
+    def refiner(depth: float, steps: float) -> str:
+        parts = ([f"{depth:g}x depth"] if depth != 1 else []) + ([f"{steps:g}x steps"] if steps != 1 else [])
+        return f" (refiner {', '.join(parts)})" if parts else ""
+
+    if side == "ctf":
+        return "CTF" + refiner(refiner_depth, refiner_steps)
+    return "baseline, equal steps" if compute_of is None else "baseline, compute of CTF" + refiner(*compute_of)
 
 
 @dataclass
@@ -258,9 +262,9 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], out: Path)
                   ""] + table + [""]
         if i == 1:
             plot_lines({k: (c[0], c[1]) for k, c in curves.items()}, "recall", "FID (domain features)",
-                       out / "fid_vs_recall.png")
+                       out / "fid_vs_recall.png", lines=False)
             plot_lines({k: (c[1], c[2]) for k, c in curves.items()}, "FID (domain features)", "IS (domain features)",
-                       out / "is_vs_fid.png")
+                       out / "is_vs_fid.png", lines=False)
             side_by_side({r.label(True): out / r.records[0]["result"]["samples"] for r in setup.rows},
                          out / "samples.png")
             lines += ["Plots: `fid_vs_recall.png`, `is_vs_fid.png`; samples of seed 0 at each side's best point: "
@@ -305,18 +309,20 @@ def steps_section(setups: list[Setup], out: Path) -> list[str]:
 
 # --- plots -----------------------------------------------------------------------------------------
 
-def plot_lines(xs_ys: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, path: Path) -> None:
+def plot_lines(xs_ys: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, path: Path,
+               lines: bool = True) -> None:
+    """One series per name; `lines=False` draws the points alone (operating points have no order)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        _plot_with_pil(xs_ys, xlabel, ylabel, path)
+        _plot_with_pil(xs_ys, xlabel, ylabel, path, lines)
         return
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     for name, (xs, ys) in xs_ys.items():
-        ax.plot(xs, ys, marker="o", label=name)
+        ax.plot(xs, ys, marker="o", label=name, linestyle="-" if lines else "none", alpha=0.8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -326,7 +332,8 @@ def plot_lines(xs_ys: dict[str, tuple[list[float], list[float]]], xlabel: str, y
     plt.close(fig)
 
 
-def _plot_with_pil(xs_ys: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, path: Path) -> None:
+def _plot_with_pil(xs_ys: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, path: Path,
+                   lines: bool = True) -> None:
     """A plain line plot for machines without matplotlib."""
     w, h, m = 520, 360, 50
     im = Image.new("RGB", (w, h), "white")
@@ -342,7 +349,7 @@ def _plot_with_pil(xs_ys: dict[str, tuple[list[float], list[float]]], xlabel: st
     for i, (name, (a, b)) in enumerate(xs_ys.items()):
         color = colors[i % len(colors)]
         pts = [(sx(x), sy(y)) for x, y in zip(a, b)]
-        if len(pts) > 1:
+        if lines and len(pts) > 1:
             d.line(pts, fill=color, width=2)
         for px, py in pts:
             d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
