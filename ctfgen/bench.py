@@ -107,7 +107,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     cells = bench_cells(args.grid, seeds, args.quick, args.data, args.data_dir, args.steps, args.size)
     meta = {"grid": args.grid + (" (quick)" if args.quick else ""), "seeds": seeds, "data": args.data}
     summary = run_bench(out, cells, meta, args.data_dir, args.cache_dir, args.run, args.device, args.force, args.resume,
-                        classifier_epochs=1 if args.quick else 2)
+                        classifier_epochs=1 if args.quick else 2, classifier_limit=10000 if args.quick else 20000)
     for i, setup in enumerate(summary["setups"], 1):
         print(f"setup {i}:", *setup["verdict"], sep="\n  ")
     print(f"report -> {Path(out) / 'BENCHMARKS.md'}")

@@ -102,12 +102,12 @@ def test_compute_matched_steps(tmp_path: Path, fm: Path) -> None:
 
 
 def record(side: str, seed: int, fid: float, nll: float, flops: float = 1.0, refiner: tuple = (1.0, 1.0),
-           compute_of: list | None = None) -> dict:
+           compute_of: list | None = None, k: int = 16) -> dict:
     cell = {**json.loads(json.dumps(TOY.__dict__, default=lambda o: o.__dict__)), "side": side, "seed": seed,
             "refiner_depth": refiner[0], "refiner_steps": refiner[1], "compute_of": compute_of}
     final = {"fid": fid, "n": 100, "settings": {"cfg1": 1.0}, "images_per_s": 10.0}
     return {"key": f"{side}{seed}{refiner}{compute_of}", "cell": cell, "wall_s": 1.0, "result": {
-        "label": side, "K": 16, "flops": flops, "final": final, "artifacts": {"tokenizer": "t", "classifier": "c"}, "points": [{"settings": {"cfg1": 1.0}, "fid": fid, "n": 50}],
+        "label": side, "K": k, "flops": flops, "final": final, "artifacts": {"tokenizer": "t", "classifier": "c"}, "points": [{"settings": {"cfg1": 1.0}, "fid": fid, "n": 50}],
         "nll": {"coarse": nll / 2, "within": nll / 2, "nll": nll}, "samples": "x.png"}}
 
 
@@ -124,6 +124,8 @@ def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:
     assert "0.5x depth" in lines[-1] and "0.60x the full CTF's training FLOPs" in lines[-1]
     one_seed = [record("ctf", 0, 1.0, 1.0), record("baseline", 0, 9.0, 9.0)]
     assert "tie (within the spread)" in verdict(group(one_seed)[0])[0]  # one seed proves nothing
+    other_k = [record("ctf", 0, 1.0, 1.0), record("baseline", 0, 9.0, 9.0, k=64)]
+    assert "coarse part" in lines[0] and "coarse part" not in verdict(group(other_k)[0])[0]  # split needs one K
     Image.new("L", (16, 16)).save(tmp_path / "x.png")
     summary = write_report(records, {"grid": "g", "data": "d", "command": "c", "machine": "m", "date": "t"}, tmp_path)
     assert summary["setups"][0]["verdict"] == lines

@@ -133,11 +133,13 @@ def verdict(setup: Setup) -> list[str]:
                 continue
             a, b = ctf.of(fid), other.of(fid)
             na, nb = ctf.of(nll("nll")), other.of(nll("nll"))
+            # the baseline's split depends on the clusters: compare the parts only at the same K
+            same_k = ctf.records[0]["result"]["K"] == other.records[0]["result"]["K"]
+            parts = (f" (coarse part {_s(ctf.of(nll('coarse')), 3)} vs {_s(other.of(nll('coarse')), 3)}, within "
+                     f"{_s(ctf.of(nll('within')), 3)} vs {_s(other.of(nll('within')), 3)})" if same_k else "")
             lines.append(f"{name} against the {other.label(False)}: FID {_s(a)} vs {_s(b)} -> "
                          f"{_words(compare(a, b), 'CTF', 'baseline')}; NLL {_s(na, 3)} vs {_s(nb, 3)} nats/token -> "
-                         f"{_words(compare(na, nb), 'CTF', 'baseline')} (coarse part "
-                         f"{_s(ctf.of(nll('coarse')), 3)} vs {_s(other.of(nll('coarse')), 3)}, within "
-                         f"{_s(ctf.of(nll('within')), 3)} vs {_s(other.of(nll('within')), 3)}).")
+                         f"{_words(compare(na, nb), 'CTF', 'baseline')}{parts}.")
     variants = setup.row("ctf", full=False)
     full = [r for r in variants if r.full_refiner]
     if len(variants) > len(full) and full and not with_k:
