@@ -100,6 +100,10 @@ class _Pipeline:
         check_class_labels(labels, self.num_classes)
         return labels
 
+    def compile_decode(self, **options: Any) -> None:
+        """torch.compile the autoregressive model's decode step (`Transformer.compile_step`)."""
+        (self.coarse if isinstance(self, CTFPipeline) else self.model).compile_step(**options)
+
     def _grid(self, codes: torch.Tensor) -> torch.Tensor:
         g = self.tokenizer.config.grid_size
         return codes.view(-1, g, g).cpu()
@@ -249,6 +253,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=arg_type(Count), default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off for many "
+                   "images; the first batch waits for the compiler)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_output_flags(p)  # --force: replace a finished --out-dir
 
@@ -262,6 +268,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     png_folder = plan_output(args.out_dir, SAMPLES_KIND, force=args.force) if args.out_dir else None
     device = pick_device(args.device)
     pipe = load_pipeline(args.run, args.kind, device)
+    if args.compile:
+        pipe.compile_decode()
     labels = sample_labels(args, pipe.num_classes)
     out = pipe(labels, **sample_settings(args), batch_size=args.batch_size,
                generator=make_generator(args.seed, device), progress=not args.quiet)
@@ -307,6 +315,8 @@ def sample_npz_command(args: argparse.Namespace) -> None:
     dist = setup_distributed(args.device)
     try:
         pipe = load_pipeline(args.run, args.kind, dist.device)
+        if args.compile:
+            pipe.compile_decode()
         labels = sample_labels(args, pipe.num_classes)
         check_class_labels(labels, pipe.num_classes)
         write_sample_npz(pipe, labels, npz_path, sample_settings(args), args.batch_size, args.seed, dist,

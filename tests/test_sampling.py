@@ -185,6 +185,22 @@ def test_pipeline_round_trip(run_dir: Path, tmp_path_factory: pytest.TempPathFac
     assert b1.coarse is None and torch.equal(b1.tokens, b2.tokens)
 
 
+def test_compiled_decode_step_samples_the_same(run_dir: Path) -> None:
+    """One graph serves every cache position (dynamic), and the samples do not change (the eager backend
+    traces as torch.compile does without generating code, which a CPU test cannot wait for)."""
+    import torch._dynamo
+
+    for kind in ("ctf", "baseline"):
+        plain = load_pipeline(run_dir, kind)([0, 2, 4, 1], generator=gen(5), progress=False, batch_size=2)
+        pipe = load_pipeline(run_dir, kind)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        pipe.compile_decode(backend="eager")
+        compiled = pipe([0, 2, 4, 1], generator=gen(5), progress=False, batch_size=2)
+        assert torch.equal(plain.tokens, compiled.tokens)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # two batches, 15 positions
+
+
 def test_pipeline_rejects_mismatched_artifacts(run_dir: Path, hierarchy: Hierarchy) -> None:
     save_hierarchy(Hierarchy(hierarchy.coarse_of, K, tokenizer_fingerprint="0123456789abcdef"), run_dir / "hierarchy")
     with pytest.raises(ArtifactError, match="fingerprint"):

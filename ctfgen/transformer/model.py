@@ -302,6 +302,11 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def compile_step(self, **options: Any) -> None:
+        """Compile the one-token decode step (torch.compile; `options` go to it, e.g. backend). The cache
+        position is a dynamic integer, so one graph serves every position."""
+        self.step = torch.compile(self.step, dynamic=True, **options)  # the instance attribute shadows the method
+
     def make_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
         """A cache for causal decoding of one full image (class token + seq_len - 1 tokens)."""
         p = self.head.weight
