@@ -53,13 +53,13 @@ def test_grids_are_data() -> None:
 
 def test_cells_run_resume_and_report(tmp_path: Path, fm: Path) -> None:
     """A toy versus grid runs every piece of the protocol; a second run recomputes nothing."""
-    cells = versus(TOY, (3,), 2, ((1.0, 1.0), (0.5, 0.5)), ((1.0, 1.0),))
+    cells = versus(TOY, (3, 4), 2, ((1.0, 1.0), (0.5, 0.5)), ((1.0, 1.0),))
     out = tmp_path / "bench"
     meta = {"grid": "toy", "data": "fashion-mnist", "seeds": 2}
     summary = run_bench(out, cells, meta, data_dir=str(fm), classifier_epochs=1, classifier_limit=128)
     records = Results(out / "cells.jsonl").load()
     assert [r["key"] for r in records] == [cell_key(c) for c in cells]
-    by_label = {(r["result"]["label"], r["cell"]["seed"]): r["result"] for r in records}
+    by_label = {(r["result"]["label"], r["cell"]["seed"]): r["result"] for r in records if r["cell"]["steps"] == 3}
     ctf = by_label[("CTF", 0)]
     assert set(ctf["train"]) == {"coarse", "refiner"} and ctf["train"]["refiner"]["steps"] == 3
     assert by_label[("CTF (refiner 0.5x depth, 0.5x steps)", 0)]["train"]["refiner"]["steps"] == 2  # round(3 * 0.5)
@@ -72,12 +72,14 @@ def test_cells_run_resume_and_report(tmp_path: Path, fm: Path) -> None:
     assert "floors" not in base and base["train"]["baseline"]["steps"] == 3
     assert matched["train"]["baseline"]["steps"] > 3 and matched["flops"] >= ctf["flops"] > base["flops"]
     # the same CTF coarse model serves both refiners: trained once
-    assert len(list((out / "models").glob("coarse-*"))) == 2  # one per seed
-    for name in ("BENCHMARKS.md", "summary.json", "fid_vs_recall.png", "is_vs_fid.png", "samples.png"):
+    assert len(list((out / "models").glob("coarse-*"))) == 2 * 2  # one per seed and budget
+    for name in ("BENCHMARKS.md", "summary.json", "fid_vs_recall.png", "is_vs_fid.png", "samples.png",
+                 "fid_vs_steps.png"):
         assert (out / name).is_file(), name
     report = (out / "BENCHMARKS.md").read_text()
     assert "FID at own best (n=30)" in report and "true-coarse+uniform" in report
-    assert len(summary["setups"]) == 1 and any("equal steps" in v for v in summary["setups"][0]["verdict"])
+    assert "| side | 3 steps | 4 steps |" in report  # FID against the budget, each budget its own run
+    assert len(summary["setups"]) == 2 and any("equal steps" in v for v in summary["setups"][0]["verdict"])
 
     calls = []
     workshop = Workshop(out, str(fm), classifier_limit=128)
