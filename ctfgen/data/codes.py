@@ -69,7 +69,8 @@ class CodeDataset(Dataset):
             raise IndexError(i)
         return torch.from_numpy(self.codes[i].astype(np.int64).reshape(-1)), int(self.labels[i])
 
-    def batch(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: torch.Tensor,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Fancy-indexed batch of items without a DataLoader: (long[B, h*w], long[B]); each item's view is
         drawn from `generator` when there are several, else view 0."""
         rows = indices.numpy().astype(np.int64)

@@ -34,7 +34,8 @@ class ImageTransform:
             raise CtfgenError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if views not in VIEWS:
             raise CtfgenError(f"views must be one of {sorted(VIEWS)}, got {views!r}")
-        self.resolution, self.channels, self.hflip, self.pad_small, self.views = resolution, channels, hflip, pad_small, views
+        self.resolution, self.channels, self.hflip = resolution, channels, hflip
+        self.pad_small, self.views = pad_small, views
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """float[C,H,W], or float[views, C, H, W] when `views` is not "none"."""

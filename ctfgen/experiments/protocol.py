@@ -187,7 +187,8 @@ class Workshop:
 
             def build(folder: Path) -> None:
                 tok = load_tokenizer(tok_dir)
-                ds = build_dataset(cell.data, split, tok.config.image_size, tok.config.in_channels, data_dir=self.data_dir)
+                ds = build_dataset(cell.data, split, tok.config.image_size, tok.config.in_channels,
+                                   data_dir=self.data_dir)
                 extract_codes(tok, ds, folder, dataset_name=cell.data, split=split, progress=False)
             return self._built(art / f"codes-{split}-{tag}", CODES_KIND, build)
 
@@ -199,7 +200,8 @@ class Workshop:
             tok = load_tokenizer(tok_dir)
             images = None
             if cell.k == "auto":  # K is chosen on training images, never on the test split that scores it
-                ds = build_dataset(cell.data, "train", tok.config.image_size, tok.config.in_channels, data_dir=self.data_dir)
+                ds = build_dataset(cell.data, "train", tok.config.image_size, tok.config.in_channels,
+                                   data_dir=self.data_dir)
                 images = take_images(Subset(ds, balanced_subset(dataset_labels(ds), 512, 0)))
             h = build_hierarchy(tok, "kmeans", cell.k, images=images)
             open_output(folder, HIERARCHY_KIND).write(lambda path: save_hierarchy(h, path))
@@ -287,7 +289,8 @@ class Workshop:
         points = []
         for point in s.points(cell.side):
             images = sample_with(pipe, s.point_per_class, 1000 * cell.seed + 1, **point)
-            points.append({"settings": point, **brief(score(images.images, images.labels, extractor, ref, self.device))})
+            scores = score(images.images, images.labels, extractor, ref, self.device)
+            points.append({"settings": point, **brief(scores)})
         best = min(points, key=lambda p: p["fid"])
         start = time.perf_counter()
         final_set = sample_with(pipe, s.final_per_class, 1000 * cell.seed + 2, **best["settings"])

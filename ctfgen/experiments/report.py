@@ -223,7 +223,7 @@ def gap(ctf: Row, base: Row, metric: Callable[[dict[str, Any]], float]) -> tuple
 
 
 def map_table(setups: list[Setup]) -> list[str]:
-    lines = ["| V | size | steps | K | FID gap (CTF - baseline) | call | NLL gap | call |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| V | size | steps | K | FID gap (CTF - baseline) | call | NLL gap | call |", "|" + "---|" * 8]
     for setup in setups:
         base = setup.baseline
         if base is None:
@@ -233,8 +233,9 @@ def map_table(setups: list[Setup]) -> list[str]:
             fid_gap, fid_call = gap(ctf, base, final("fid"))
             nll_gap, nll_call = gap(ctf, base, nll("nll"))
             k = ctf.records[0]["result"]["K"]
-            lines.append(f"| {f['codebook']} | {f['size']} | {f['steps']} | {k}{' (auto)' if ctf.cell['k'] == 'auto' else ''} | "
-                         f"{fid_gap} | {fid_call} | {nll_gap} | {nll_call} |")
+            auto = " (auto)" if ctf.cell["k"] == "auto" else ""
+            lines.append(f"| {f['codebook']} | {f['size']} | {f['steps']} | {k}{auto} | {fid_gap} | {fid_call} | "
+                         f"{nll_gap} | {nll_call} |")
     return lines
 
 
@@ -276,7 +277,8 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], out: Path)
     if any(len({json.dumps(s.fields[f]) for s in setups}) > 1 for f in MAP_FIELDS) or any(
             len({r.cell["k"] for r in s.row("ctf")}) > 1 for s in setups):
         lines += ["## The map: CTF minus the baseline at equal steps", "",
-                  "Negative FID and NLL gaps favour CTF; +- is the sum of the two sides' sds.", ""] + map_table(setups) + [""]
+                  "Negative FID and NLL gaps favour CTF; +- is the sum of the two sides' sds.", ""]
+        lines += map_table(setups) + [""]
     lines += ["## Cells", "", "| side | V | K | size | steps | seed | wall s |", "|---|---|---|---|---|---|---|"]
     for r in records:
         c = r["cell"]
@@ -368,7 +370,8 @@ def side_by_side(grids: dict[str, Path], path: Path) -> None:
         canvas.paste(grid, (0, 14))
         ImageDraw.Draw(canvas).text((2, 1), name[:40], fill="black")
         titled.append(canvas)
-    out = Image.new("RGB", (sum(g.width for g in titled) + 8 * (len(titled) - 1), max(g.height for g in titled)), "white")
+    width = sum(g.width for g in titled) + 8 * (len(titled) - 1)
+    out = Image.new("RGB", (width, max(g.height for g in titled)), "white")
     x = 0
     for g in titled:
         out.paste(g, (x, 0))

@@ -22,15 +22,16 @@ from .model import VQTokenizer
 
 @torch.no_grad()
 def extract_codes(tokenizer: VQTokenizer, dataset: Dataset, out: str | Path, *, views: str = "none",
-                  batch_size: int = 256, num_workers: int = 0, dataset_name: str = "", split: str = "", device: str | torch.device = "cpu",
-                  progress: bool = True, force: bool = False, dist: DistInfo | None = None) -> dict:
+                  batch_size: int = 256, num_workers: int = 0, dataset_name: str = "", split: str = "",
+                  device: str | torch.device = "cpu", progress: bool = True, force: bool = False,
+                  dist: DistInfo | None = None) -> dict:
     """Write codes.npy / labels.npy / meta.json to `out`; returns the meta dict (on rank 0; {} elsewhere).
 
     With `views` ("flip", "ten-crop"; the dataset built with the same `views`, its items float[views, C, H, W])
-    view v of item i is stored at row v * items + i; training draws one view per item. Under torchrun every rank calls this: rank 0 creates
-    the memory-mapped array, each rank encodes its contiguous share of the items and writes their rows,
-    and after a barrier rank 0 writes the labels and meta.json (the result does not depend on the number
-    of processes). A finished codes folder is replaced only with `force` (see ctfgen.outputs); an
+    view v of item i is stored at row v * items + i; training draws one view per item. Under torchrun every
+    rank calls this: rank 0 creates the memory-mapped array, each rank encodes its contiguous share of the
+    items and writes their rows, and after a barrier rank 0 writes the labels and meta.json (the result
+    does not depend on the number of processes). A finished codes folder is replaced only with `force` (see ctfgen.outputs); an
     interrupted one is redone.
     """
     dist = dist or DistInfo(0, 1, 0, torch.device(device), owns_group=False)

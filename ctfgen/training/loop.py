@@ -46,7 +46,8 @@ from ..transformer.model import (ARTIFACT_KIND, Transformer, TransformerConfig, 
                                  preset_config, save_model)
 from . import checks
 from .config import TrainConfig
-from ..distributed import DistInfo, all_reduce_sum_, barrier, env_world_size, setup_distributed, single_process, teardown_distributed
+from ..distributed import (DistInfo, all_reduce_sum_, barrier, env_world_size, setup_distributed, single_process,
+                           teardown_distributed)
 from .preview import Preview
 
 log = logging.getLogger(__name__)
