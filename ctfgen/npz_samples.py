@@ -34,9 +34,8 @@ def chunk_seed(seed: int, chunk: int) -> int:
 
 def write_sample_npz(pipe: Any, labels: torch.Tensor, path: str | Path, settings: dict[str, Any], batch_size: int,
                      seed: int, dist: DistInfo, progress: bool = True) -> Path:
-    """Sample one image per label into `path` (every rank calls this; rank 0 writes the .npz)."""
-    from .pipeline import make_generator
-
+    """Sample one image per label into `path` (every rank calls this; rank 0 writes the .npz). `pipe` is a
+    CTFPipeline or BaselinePipeline (ctfgen.pipeline, which calls this)."""
     path = Path(path)
     n, size, channels = len(labels), pipe.tokenizer.config.image_size, pipe.tokenizer.config.in_channels
     rows = path.parent / f".{path.name}.arr_0.npy"
@@ -49,7 +48,7 @@ def write_sample_npz(pipe: Any, labels: torch.Tensor, path: str | Path, settings
     for c in tqdm(chunks, desc="sampling", unit="batch", disable=not (progress and dist.is_main)):
         part = slice(c * batch_size, min(n, (c + 1) * batch_size))
         out = pipe(labels[part], **settings, batch_size=batch_size, progress=False,
-                   generator=make_generator(chunk_seed(seed, c), pipe.device))
+                   generator=torch.Generator(device=pipe.device).manual_seed(chunk_seed(seed, c)))
         images[part] = to_uint8(out.pixels)
     images.flush()
     del images
