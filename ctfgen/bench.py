@@ -45,9 +45,9 @@ def machine() -> str:
 
 def bench_cells(grid: str, seeds: int, quick: bool, data: str, data_dir: str | None, steps: int | None = None,
                 size: str | None = None) -> list[Cell]:
-    """The grid's cells, with `steps` and `size` overriding every cell's (duplicates dropped)."""
-    check_data(data, data_dir)
-    train_items = len(build_dataset(data, "train", data_dir=data_dir))  # budgets in epochs need it
+    """The grid's cells, with `steps` and `size` overriding every cell's (duplicates dropped). Reading the
+    training set (budgets in epochs need its size) also checks `data`."""
+    train_items = len(build_dataset(data, "train", data_dir=data_dir))
     cells = GRIDS[grid](Cell(side="ctf", steps=1, data=data), seeds, quick, train_items)
     if steps is not None:
         cells = [replace(c, steps=steps) for c in cells]
@@ -63,11 +63,11 @@ def run_bench(out: str | Path, cells: list[Cell], meta: dict[str, Any], data_dir
     folder is replaced only with `force`; an interrupted one continues (cells done stay done) only with
     `resume` (see ctfgen.outputs)."""
     start = time.perf_counter()
+    device = str(pick_device(device))  # every check before the folder is created
     for data in {c.data for c in cells}:
         check_data(data, data_dir)
     output = plan_output(out, BENCH_KIND, force=force, resume=resume, resumable=True).open()
-    workshop = Workshop(output.path, data_dir, cache_dir, run, str(pick_device(device)), classifier_epochs,
-                        classifier_limit)
+    workshop = Workshop(output.path, data_dir, cache_dir, run, device, classifier_epochs, classifier_limit)
     records = run_grid(cells, workshop.run, Results(output.path / RESULTS_NAME))
     meta = {"command": " ".join(sys.argv), **meta, "machine": machine(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),

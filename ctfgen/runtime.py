@@ -25,7 +25,10 @@ log = logging.getLogger(__name__)
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CtfgenError(f"--device {name!r} is not a device (cpu, cuda, cuda:N or auto)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CtfgenError("--device cuda was asked for but CUDA is not available")
     return device
