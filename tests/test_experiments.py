@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ctfgen.data.codes import CodeDataset
-from ctfgen.experiments import Results, by_seeds, cell_key, compare, floor_sets, nll_split, run_grid, spread
+from ctfgen.experiments import Results, cell_key, compare, floor_sets, nll_split, run_grid, spread
 from ctfgen.hierarchy import Hierarchy
 from test_sampling import GRID, K, V, random_model, tiny_tokenizer
 from test_training import write_codes
@@ -117,5 +117,3 @@ def test_a_grid_resumes_and_never_recomputes_a_finished_cell(tmp_path) -> None:
     assert [r["result"]["fid"] for r in records] == [10.0, 11.0, 20.0, 21.0]
     assert run_grid(grid, run, results) == records and len(runs) == 5  # all done: nothing runs
     assert cell_key(ToyCell(1, 0)) != cell_key(ToyCell(1, 1)) == cell_key(ToyCell(1, 1))
-    groups = by_seeds(records, lambda r: r["fid"])
-    assert [(fields, s.mean, s.n) for fields, s in groups] == [({"k": 1}, 10.5, 2), ({"k": 2}, 20.5, 2)]

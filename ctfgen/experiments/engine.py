@@ -3,7 +3,7 @@
 A cell is a frozen dataclass holding everything that changes its numbers (data, sizes, budget, seed, ...);
 its key is a hash of those values. `run_grid` appends one JSON line per finished cell to a results file
 and skips every cell whose key is already there, so an interrupted grid resumes where it stopped and a
-finished cell is never recomputed. Reports read the file (`Results.load`, `by_seeds`) and run nothing.
+finished cell is never recomputed. Reports read the file (`Results.load`) and run nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from .stats import Spread, spread
 
 log = logging.getLogger(__name__)
 C = TypeVar("C")
@@ -79,13 +78,3 @@ def run_grid(cells: Iterable[C], run: Callable[[C], dict[str, Any]], results: Re
         done[key] = record
     return [done[cell_key(c)] for c in cells]
 
-
-def by_seeds(records: Iterable[dict[str, Any]], metric: Callable[[dict[str, Any]], float],
-             seed_field: str = "seed") -> list[tuple[dict[str, Any], Spread]]:
-    """(the other cell fields, the spread of `metric(result)`) for each group of cells that differ only
-    in their seed, in the order the groups first appear."""
-    groups: dict[str, tuple[dict[str, Any], list[float]]] = {}
-    for r in records:
-        rest = {k: v for k, v in r["cell"].items() if k != seed_field}
-        groups.setdefault(json.dumps(rest, sort_keys=True), (rest, []))[1].append(metric(r["result"]))
-    return [(fields, spread(values)) for fields, values in groups.values()]

@@ -151,6 +151,7 @@ class Workshop:
         self.cache_dir = cache_dir or str(self.root / "cache")
         self.reuse = Path(reuse) if reuse else None
         self.classifier_epochs, self.classifier_limit = classifier_epochs, classifier_limit
+        self._artifacts: dict[tuple[Any, ...], Artifacts] = {}  # built or found once per (data, V, K, steps)
 
     # --- artifacts ------------------------------------------------------------------------------
     def _reusable(self, name: str, kind: str, fits: Any = lambda folder: True) -> Path | None:
@@ -164,6 +165,12 @@ class Workshop:
         return str(folder)
 
     def artifacts(self, cell: Cell) -> Artifacts:
+        key = (cell.data, cell.codebook, cell.k, cell.tokenizer_steps)
+        if key not in self._artifacts:
+            self._artifacts[key] = self._find_or_build(cell)
+        return self._artifacts[key]
+
+    def _find_or_build(self, cell: Cell) -> Artifacts:
         from ..metrics.classifier import train_classifier
         from ..tokenizer.extract import extract_codes
         from ..tokenizer.train import TokenizerTrainConfig, train_tokenizer
@@ -226,7 +233,9 @@ class Workshop:
     def flops_per_step(self, spec: ModelSpec, art: Artifacts) -> float:
         """6 x matmul parameters x tokens of one step (forward + backward; attention scores left out)."""
         config = self._config(spec, art)
-        return 6.0 * matmul_parameters(build_model(config)) * spec.batch_size * config.grid_h * config.grid_w
+        with torch.device("meta"):  # shapes only: counting a GPT-L's parameters allocates nothing
+            model = build_model(config)
+        return 6.0 * matmul_parameters(model) * spec.batch_size * config.grid_h * config.grid_w
 
     def model(self, spec: ModelSpec, art: Artifacts) -> tuple[Path, dict[str, Any]]:
         """The trained model's folder (trained now unless an earlier cell did) and its compute."""

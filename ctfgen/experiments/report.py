@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw
 
 from .stats import Spread, compare, spread
 
-SETUP_FIELDS_OUT = ("side", "k", "refiner_depth", "refiner_steps", "compute_of", "seed")
-ROW_FIELDS = ("side", "k", "refiner_depth", "refiner_steps", "compute_of")
+ROW_FIELDS = ("side", "k", "refiner_depth", "refiner_steps", "compute_of")  # what tells rows of a setup apart
+SETUP_FIELDS_OUT = ROW_FIELDS + ("seed",)  # a setup: every other field
 MAP_FIELDS = ("codebook", "size", "steps")
 
 
@@ -209,9 +209,9 @@ def points_table(setup: Setup) -> tuple[list[str], dict[str, tuple[list[float], 
                  for k, ps in points.items()}
         n = row.records[0]["result"]["points"][0]["n"]
         lines.append(f"| {row.label(True)} | {n} | " + ", ".join(f"{k}: {v['fid']:.2f}" for k, v in means.items()) + " |")
-        order = sorted(means.values(), key=lambda v: v.get("recall", 0.0))
-        curves[row.label(True)] = ([v.get("recall", 0.0) for v in order], [v["fid"] for v in order],
-                                   [v.get("is_mean", 0.0) for v in order])
+        pts = list(means.values())  # plotted as points: they have no order
+        curves[row.label(True)] = ([v.get("recall", 0.0) for v in pts], [v["fid"] for v in pts],
+                                   [v.get("is_mean", 0.0) for v in pts])
     return ["| side | n per point | mean FID at each point |", "|---|---|---|"] + lines, curves
 
 
