@@ -123,6 +123,11 @@ def _split(hint: Any) -> tuple[type, tuple[Constraint, ...]]:
     return hint, constraints
 
 
+def check_typed(name: str, value: Any, hint: Any) -> None:
+    """`check_value` against the constraints of a constrained type (for values that come from outside argparse)."""
+    check_value(name, value, _split(hint)[1])
+
+
 def arg_type(hint: Any) -> Callable[[str], Any]:
     """The argparse `type=` of a constrained type: `add_argument("--images", type=arg_type(Count))`."""
     kind, constraints = _split(hint)

@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_evaluate_args, cmd_evaluate
     from .metrics.classifier import add_classifier_args, cmd_train_classifier
     from .pipeline import add_sample_args, cmd_sample
+    from .serve import add_serve_args, cmd_serve
 
     # stages whose flags live beside their library code
     for name, help_text, add_args, func in [
@@ -254,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench", "CTF against the baseline on Fashion-MNIST or --data: quality, compute, speed (BENCHMARKS.md)", add_bench_args, cmd_bench),
         ("train-classifier", "train the dataset's own classifier (the 'domain' feature extractor)", add_classifier_args,
          cmd_train_classifier),
+        ("serve", "a web demo of a run: CTF and the baseline side by side, the coarse stage shown (needs .[demo])",
+         add_serve_args, cmd_serve),
     ]:
         p = sub.add_parser(name, help=help_text)
         add_args(p)

@@ -202,4 +202,5 @@ def summarize(run: Path, metrics: dict) -> dict:
     print(f"sample grids (one row per class): {run / 'samples-ctf.png'}, {run / 'samples-baseline.png'}")
     print(f"metrics: {run / 'metrics.json'}; reconstructions: {run / 'tokenizer' / 'reconstructions.png'}; "
           f"TensorBoard: tensorboard --logdir {run}")
+    print(f"in a browser: ctfgen serve {run} (needs pip install -e \".[demo]\")")
     return summary

@@ -27,7 +27,7 @@ from .errors import CtfgenError
 from .hierarchy import Hierarchy, check_compatible, load_hierarchy, save_hierarchy
 from .outputs import add_output_flags, check_output_file, plan_output
 from .runtime import pick_device
-from .sampling import StageSettings, check_class_labels, in_batches, sample_baseline, sample_ctf
+from .sampling import StageSettings, check_class_labels, in_batches, sample_baseline, sample_causal, sample_ctf
 from .tokenizer.model import VQTokenizer, load_tokenizer, save_tokenizer
 from .transformer.model import Transformer, load_model, save_model
 
@@ -49,6 +49,11 @@ class PipelineOutput:
     class_labels: torch.Tensor  # long [B]
     pixels: torch.Tensor  # float [B, C, H, W] in [-1, 1], the decoder's output
     coarse: torch.Tensor | None = None  # long [B, h, w]: CTF's stage-1 coarse labels
+
+
+def pil_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """float [B, C, H, W] in [-1, 1] -> PIL images (greyscale for one channel)."""
+    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in to_uint8(pixels)]
 
 
 def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -116,27 +121,30 @@ class _Pipeline:
     def _output(self, tokens: torch.Tensor, labels: torch.Tensor, batch_size: int,
                 coarse: torch.Tensor | None = None) -> PipelineOutput:
         pixels = self.decode(tokens, batch_size)
-        images = [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in to_uint8(pixels)]
-        return PipelineOutput(images, tokens, labels, pixels, coarse)
+        return PipelineOutput(pil_images(pixels), tokens, labels, pixels, coarse)
 
 
 class CTFPipeline(_Pipeline):
     """Two-stage sampling: coarse AR over K labels, one refiner pass over V codewords, decoder."""
 
-    def __init__(self, tokenizer: VQTokenizer, hierarchy: Hierarchy, coarse: Transformer, refiner: Transformer) -> None:
+    def __init__(self, tokenizer: VQTokenizer, hierarchy: Hierarchy, coarse: Transformer,
+                 refiner: Transformer | None) -> None:
+        """refiner=None: stage 2 draws a uniformly random member of each cluster (the bench's floor (c)),
+        which shows what a trained refiner adds."""
         check_compatible(hierarchy, fingerprint=tokenizer.fingerprint, codebook_size=tokenizer.config.codebook_size)
         check_role(coarse, "coarse", "coarse")
-        check_role(refiner, "refiner", "refiner")
         if coarse.config.vocab_size != hierarchy.K:
             raise ArtifactError(f"the coarse model has vocabulary {coarse.config.vocab_size}, but the hierarchy has K={hierarchy.K}")
-        if refiner.config.vocab_size != hierarchy.K:
-            raise ArtifactError(f"the refiner reads vocabulary {refiner.config.vocab_size}, but the hierarchy has K={hierarchy.K}")
-        if refiner.config.head_size != hierarchy.V:
-            raise ArtifactError(f"the refiner predicts {refiner.config.head_size} codewords, but the codebook has V={hierarchy.V}")
-        if coarse.config.num_classes != refiner.config.num_classes:
-            raise ArtifactError(f"the coarse model knows {coarse.config.num_classes} classes, the refiner {refiner.config.num_classes}")
         check_grid(coarse, tokenizer, "coarse")
-        check_grid(refiner, tokenizer, "refiner")
+        if refiner is not None:
+            check_role(refiner, "refiner", "refiner")
+            if refiner.config.vocab_size != hierarchy.K:
+                raise ArtifactError(f"the refiner reads vocabulary {refiner.config.vocab_size}, but the hierarchy has K={hierarchy.K}")
+            if refiner.config.head_size != hierarchy.V:
+                raise ArtifactError(f"the refiner predicts {refiner.config.head_size} codewords, but the codebook has V={hierarchy.V}")
+            if coarse.config.num_classes != refiner.config.num_classes:
+                raise ArtifactError(f"the coarse model knows {coarse.config.num_classes} classes, the refiner {refiner.config.num_classes}")
+            check_grid(refiner, tokenizer, "refiner")
         self.tokenizer, self.hierarchy, self.coarse, self.refiner = tokenizer, hierarchy, coarse, refiner
         self.num_classes = coarse.config.num_classes
 
@@ -154,7 +162,8 @@ class CTFPipeline(_Pipeline):
         save_tokenizer(self.tokenizer, run / "tokenizer")
         save_hierarchy(self.hierarchy, run / "hierarchy")
         save_model(self.coarse, run / "coarse")
-        save_model(self.refiner, run / "refiner")
+        if self.refiner is not None:
+            save_model(self.refiner, run / "refiner")
 
     def __call__(self, class_labels: int | Sequence[int] | torch.Tensor, *, cfg1: float = DEFAULTS["cfg1"],
                  cfg2: float = DEFAULTS["cfg2"], t1: float = DEFAULTS["t1"], t2: float = DEFAULTS["t2"],
@@ -168,10 +177,17 @@ class CTFPipeline(_Pipeline):
         cfg1 = cfg1 if guidance_scale is None else guidance_scale
         stage1, stage2 = StageSettings(cfg1, t1, top_k1, top_p1), StageSettings(cfg2, t2, top_k2, top_p2)
         stage1.validate(self.coarse, 1)
-        stage2.validate(self.refiner, 2)
-        mask = self.hierarchy.member_mask if refiner_mask else None
-        coarse, fine = in_batches(lambda y: sample_ctf(self.coarse, self.refiner, y, stage1, stage2, generator, mask),
-                                  labels, batch_size, progress, desc="CTF sampling")
+        if self.refiner is None:
+            def sample(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                coarse = sample_causal(self.coarse, y, stage1, generator)
+                return coarse, self.hierarchy.random_members(coarse, generator).to(coarse.device)
+        else:
+            stage2.validate(self.refiner, 2)
+            mask = self.hierarchy.member_mask if refiner_mask else None
+
+            def sample(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return sample_ctf(self.coarse, self.refiner, y, stage1, stage2, generator, mask)
+        coarse, fine = in_batches(sample, labels, batch_size, progress, desc="CTF sampling")
         return self._output(self._grid(fine), labels, batch_size, self._grid(coarse))
 
 
@@ -333,4 +349,4 @@ def sample_npz_command(args: argparse.Namespace) -> None:
 
 
 __all__ = ["BaselinePipeline", "CTFPipeline", "DEFAULTS", "SETTING_TYPES", "PipelineOutput", "add_sample_args", "cmd_sample",
-           "load_pipeline", "make_generator"]
+           "load_pipeline", "make_generator", "pil_images"]

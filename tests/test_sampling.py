@@ -185,6 +185,17 @@ def test_pipeline_round_trip(run_dir: Path, tmp_path_factory: pytest.TempPathFac
     assert b1.coarse is None and torch.equal(b1.tokens, b2.tokens)
 
 
+def test_pipeline_without_refiner_draws_a_uniform_member_of_each_cluster(run_dir: Path, hierarchy: Hierarchy) -> None:
+    full = CTFPipeline.from_pretrained(run_dir)
+    pipe = CTFPipeline(full.tokenizer, full.hierarchy, full.coarse, None)
+    out = pipe([0, 1, 2, 3], generator=gen(2), progress=False, batch_size=3)
+    assert torch.equal(hierarchy.to_coarse(out.tokens), out.coarse)  # every code inside its coarse cluster
+    first = pipe([0, 1, 2], generator=gen(2), progress=False)  # one batch: stage 1 draws before stage 2
+    assert torch.equal(first.coarse, full([0, 1, 2], generator=gen(2), progress=False).coarse)
+    assert torch.equal(out.tokens, pipe([0, 1, 2, 3], generator=gen(2), progress=False, batch_size=3).tokens)
+    assert not torch.equal(out.tokens, pipe([0, 1, 2, 3], generator=gen(3), progress=False, batch_size=3).tokens)
+
+
 def test_compiled_decode_step_samples_the_same(run_dir: Path) -> None:
     """One graph serves every cache position (dynamic), and the samples do not change (the eager backend
     traces as torch.compile does without generating code, which a CPU test cannot wait for)."""

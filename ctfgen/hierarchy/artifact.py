@@ -71,10 +71,13 @@ class Hierarchy:
         return self.indices[self.offsets[k]:self.offsets[k + 1]]
 
     def random_members(self, coarse: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Coarse labels of any shape -> a uniformly random member codeword of each (same shape, on the CPU)."""
+        """Coarse labels of any shape -> a uniformly random member codeword of each (same shape, on the CPU).
+        The draw is made on the generator's device, so a CUDA generator works too."""
         flat = coarse.flatten().long().cpu()
         size = self.sizes[flat]
-        r = (torch.rand(len(flat), generator=generator, dtype=torch.float64) * size).long().clamp_max(size - 1)
+        device = generator.device if generator is not None else torch.device("cpu")
+        u = torch.rand(len(flat), generator=generator, dtype=torch.float64, device=device).cpu()
+        r = (u * size).long().clamp_max(size - 1)
         return self.indices[self.offsets[flat] + r].view(coarse.shape)
 
     def to_coarse(self, codes: torch.Tensor) -> torch.Tensor:
