@@ -92,7 +92,7 @@ def main() -> None:
                 start = time.perf_counter()
                 try:
                     job = clients[i % len(clients)].submit(i % 10, i, args.images, 2.0, 1.1, 0, 1.0, 1.0, 1.1, 0, 1.0,
-                                                           True, api_name="/generate")
+                                                           True, 1, api_name="/generate")
                     ctf, coarse, uniform, baseline, animation, status = job.result(timeout=args.timeout)
                 except Exception as e:  # counted and reported: a lost request is the finding
                     return time.perf_counter() - start, f"failed: {type(e).__name__}: {e}"

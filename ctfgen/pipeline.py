@@ -168,10 +168,11 @@ class CTFPipeline(_Pipeline):
     def __call__(self, class_labels: int | Sequence[int] | torch.Tensor, *, cfg1: float = DEFAULTS["cfg1"],
                  cfg2: float = DEFAULTS["cfg2"], t1: float = DEFAULTS["t1"], t2: float = DEFAULTS["t2"],
                  top_k1: int = DEFAULTS["top_k1"], top_k2: int = DEFAULTS["top_k2"], top_p1: float = DEFAULTS["top_p1"],
-                 top_p2: float = DEFAULTS["top_p2"], refiner_mask: bool = True, batch_size: int = 64,
-                 generator: torch.Generator | None = None, progress: bool = True,
+                 top_p2: float = DEFAULTS["top_p2"], refiner_mask: bool = True, refine_steps: int = 1,
+                 batch_size: int = 64, generator: torch.Generator | None = None, progress: bool = True,
                  guidance_scale: float | None = None) -> PipelineOutput:
         """Sample one image per label. refiner_mask: keep each fine code inside its coarse cluster.
+        refine_steps: stage 2 in this many passes (> 1 needs a refiner trained with --reveal).
         guidance_scale: another name for cfg1 (the stage-1 guidance the paper uses)."""
         labels = self._labels(class_labels)
         cfg1 = cfg1 if guidance_scale is None else guidance_scale
@@ -186,7 +187,7 @@ class CTFPipeline(_Pipeline):
             mask = self.hierarchy.member_mask if refiner_mask else None
 
             def sample(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                return sample_ctf(self.coarse, self.refiner, y, stage1, stage2, generator, mask)
+                return sample_ctf(self.coarse, self.refiner, y, stage1, stage2, generator, mask, refine_steps)
         coarse, fine = in_batches(sample, labels, batch_size, progress, desc="CTF sampling")
         return self._output(self._grid(fine), labels, batch_size, self._grid(coarse))
 
@@ -217,9 +218,9 @@ class BaselinePipeline(_Pipeline):
                  t1: float = DEFAULTS["t1"], top_k1: int = DEFAULTS["top_k1"], top_p1: float = DEFAULTS["top_p1"],
                  batch_size: int = 64, generator: torch.Generator | None = None, progress: bool = True,
                  guidance_scale: float | None = None, **stage2_settings: object) -> PipelineOutput:
-        """Sample one image per label; cfg2/t2/top_k2/top_p2/refiner_mask are accepted and ignored.
+        """Sample one image per label; cfg2/t2/top_k2/top_p2/refiner_mask/refine_steps are accepted and ignored.
         guidance_scale: another name for cfg1."""
-        unknown = set(stage2_settings) - {"cfg2", "t2", "top_k2", "top_p2", "refiner_mask"}
+        unknown = set(stage2_settings) - {"cfg2", "t2", "top_k2", "top_p2", "refiner_mask", "refine_steps"}
         if unknown:
             raise TypeError(f"unexpected arguments {sorted(unknown)}")
         labels = self._labels(class_labels)
@@ -266,6 +267,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
                            help=f"{what} {text} (default: {DEFAULTS[key]})")
     p.add_argument("--refiner-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="keep each fine code inside its coarse cluster (default: on)")
+    p.add_argument("--refine-steps", type=arg_type(Count), default=1, help="stage 2 in this many passes, the most "
+                   "confident codes first (> 1 needs a refiner trained with --reveal; default: 1, the paper's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=arg_type(Count), default=64)
     p.add_argument("--device", default="auto")
@@ -314,7 +317,8 @@ def sample_labels(args: argparse.Namespace, num_classes: int) -> torch.Tensor:
 
 
 def sample_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {**{name: getattr(args, name) for name in DEFAULTS}, "refiner_mask": args.refiner_mask}
+    return {**{name: getattr(args, name) for name in DEFAULTS}, "refiner_mask": args.refiner_mask,
+            "refine_steps": args.refine_steps}
 
 
 def sample_npz_command(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ model and the baseline go through the same function, `sample_causal`; CTF adds o
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -88,11 +89,16 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def token_probs(logits: torch.Tensor, settings: StageSettings) -> torch.Tensor:
+    """The distribution a token is drawn from: logits [..., V] (guidance applied) after temperature,
+    top-k and top-p; probabilities [N, V], one row per token."""
+    flat = logits.reshape(-1, logits.shape[-1]) / settings.temperature
+    return filter_top_p(filter_top_k(flat, settings.top_k), settings.top_p).softmax(dim=-1)
+
+
 def sample_tokens(logits: torch.Tensor, settings: StageSettings, generator: torch.Generator | None) -> torch.Tensor:
     """Draw one token per row of logits [..., V] (guidance already applied); long [...]."""
-    flat = logits.reshape(-1, logits.shape[-1]) / settings.temperature
-    flat = filter_top_p(filter_top_k(flat, settings.top_k), settings.top_p)
-    return draw(flat.softmax(dim=-1), generator).view(logits.shape[:-1])
+    return draw(token_probs(logits, settings), generator).view(logits.shape[:-1])
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -162,27 +168,65 @@ def sample_causal(model: Transformer, class_labels: torch.Tensor, settings: Stag
     return codes
 
 
+def decided_after(step: int, steps: int, hidden: torch.Tensor) -> torch.Tensor:
+    """How many of `hidden` undecided positions are decided once `step` of `steps` steps are done: MaskGIT's
+    cosine schedule (few early, when the refiner has least to go on; all after the last)."""
+    if step >= steps:
+        return hidden
+    return torch.ceil(hidden * (1 - math.cos(math.pi / 2 * step / steps))).long().clamp(max=hidden)
+
+
 def refine(refiner: Transformer, coarse: torch.Tensor, class_labels: torch.Tensor, settings: StageSettings,
            generator: torch.Generator | None = None, member_mask: torch.Tensor | None = None,
-           *, guidance: bool | None = None) -> torch.Tensor:
-    """Stage 2: one refiner pass over coarse codes [B, T] -> sampled fine codes [B, T].
+           *, guidance: bool | None = None, steps: int = 1, revealed: torch.Tensor | None = None,
+           states_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Stage 2: refiner passes over coarse codes [B, T] -> sampled fine codes [B, T].
 
+    steps = 1 is the paper's refiner: one pass draws every position. With steps S > 1 (a refiner trained
+    with `reveal`), each pass draws every undecided position and keeps the most confident ones (the drawn
+    token's probability), as many as the cosine schedule says, and the next pass reads them.
+    revealed: fine codes already known, long [B, T] with `hidden_id` elsewhere; they are never changed.
     member_mask (bool [K, V]): restrict each position to the codewords of its cluster. The mask is
     applied after guidance, since uncond + s * (cond - uncond) of two -inf logits is NaN.
+    states_out: if given, receives the fine codes after each pass (for tests).
     """
     if refiner.config.role != "refiner":
         raise CtfgenError(f"refine needs a refiner, got role {refiner.config.role!r}")
+    if steps < 1:
+        raise CtfgenError(f"--refine-steps must be >= 1, got {steps}")
+    if (steps > 1 or revealed is not None) and not refiner.config.reveal:
+        raise CtfgenError("--refine-steps > 1 needs a refiner trained with --reveal (it reads the codes decided so far)")
     guided = settings.guided if guidance is None else guidance
     device = refiner.head.weight.device
     coarse, class_labels = coarse.to(device), class_labels.to(device)
+    hidden_id = refiner.config.hidden_id
+    fine = torch.full_like(coarse, hidden_id) if revealed is None else revealed.to(device).clone()
+    undecided_at_start = (fine == hidden_id).sum(1)
     with inference_mode(refiner):
-        if guided:
-            logits = apply_guidance(refiner(coarse.repeat(2, 1), with_null_labels(refiner, class_labels)), settings.cfg)
-        else:
-            logits = refiner(coarse, class_labels)
-        if member_mask is not None:
-            logits = mask_to_clusters(logits, coarse, member_mask.to(device))
-        return sample_tokens(logits, settings, generator)
+        for step in range(1, steps + 1):
+            reads = {"fine": fine} if refiner.config.reveal else {}
+            if guided:
+                both = {k: v.repeat(2, 1) for k, v in reads.items()}
+                logits = apply_guidance(refiner(coarse.repeat(2, 1), with_null_labels(refiner, class_labels), **both),
+                                        settings.cfg)
+            else:
+                logits = refiner(coarse, class_labels, **reads)
+            if member_mask is not None:
+                logits = mask_to_clusters(logits, coarse, member_mask.to(device))
+            probs = token_probs(logits, settings)
+            drawn = draw(probs, generator)
+            confidence = probs.gather(1, drawn[:, None]).view(coarse.shape)
+            drawn = drawn.view(coarse.shape)
+            undecided = fine == hidden_id
+            wanted = decided_after(step, steps, undecided_at_start) - (undecided_at_start - undecided.sum(1))
+            # rank the undecided positions by confidence; decided ones rank last and are never picked
+            order = confidence.masked_fill(~undecided, -1.0).argsort(dim=1, descending=True, stable=True)
+            rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=device).expand_as(order))
+            pick = undecided & (rank < wanted[:, None])
+            fine = torch.where(pick, drawn, fine)
+            if states_out is not None:
+                states_out.append(fine.clone())
+    return fine
 
 
 def check_stages_fit(coarse_model: Transformer, refiner: Transformer) -> None:
@@ -197,14 +241,14 @@ def check_stages_fit(coarse_model: Transformer, refiner: Transformer) -> None:
 
 def sample_ctf(coarse_model: Transformer, refiner: Transformer, class_labels: torch.Tensor,
                stage1: StageSettings, stage2: StageSettings, generator: torch.Generator | None = None,
-               member_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two-stage sampling: (coarse codes [B, T], fine codes [B, T])."""
+               member_mask: torch.Tensor | None = None, refine_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-stage sampling: (coarse codes [B, T], fine codes [B, T]); stage 2 in `refine_steps` passes."""
     check_stages_fit(coarse_model, refiner)
     check_class_labels(class_labels, coarse_model.config.num_classes)
     stage1.validate(coarse_model, 1)
     stage2.validate(refiner, 2)
     coarse = sample_causal(coarse_model, class_labels, stage1, generator)
-    return coarse, refine(refiner, coarse, class_labels, stage2, generator, member_mask)
+    return coarse, refine(refiner, coarse, class_labels, stage2, generator, member_mask, steps=refine_steps)
 
 
 def sample_baseline(model: Transformer, class_labels: torch.Tensor, stage1: StageSettings,
@@ -228,6 +272,6 @@ def in_batches(fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], class_lab
 
 __all__ = [
     "StageSettings", "apply_guidance", "check_class_labels", "check_stages_fit", "filter_top_k", "filter_top_p",
-    "draw", "in_batches", "inference_mode", "refine", "sample_baseline", "sample_causal", "sample_ctf", "sample_tokens",
-    "with_null_labels",
+    "decided_after", "draw", "in_batches", "inference_mode", "refine", "sample_baseline", "sample_causal", "sample_ctf",
+    "sample_tokens", "token_probs", "with_null_labels",
 ]

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 DISPLAY_PX = 192  # images are enlarged (nearest neighbour) to about this many pixels a side
 MAX_SEED = 2**63 - 1
 GIF_RING = 64  # animation files kept on disk
+STAGE2_SWITCHES = {"refiner_mask": True, "refine_steps": 1}  # stage-2 settings besides DEFAULTS, and their defaults
 
 
 @dataclass
@@ -135,20 +136,23 @@ class Showroom:
             raise CtfgenError(f"seed must be in 0..{MAX_SEED}, got {seed}")
         if not 1 <= count <= self.max_images:
             raise CtfgenError(f"images must be in 1..{self.max_images}, got {count}")
-        unknown = set(settings) - set(DEFAULTS) - {"refiner_mask"}
+        unknown = set(settings) - set(DEFAULTS) - set(STAGE2_SWITCHES)
         if unknown:
             raise CtfgenError(f"unknown settings {sorted(unknown)}")
         for name, value in settings.items():
-            if name != "refiner_mask":
+            if name in SETTING_TYPES:
                 check_typed(name, value, SETTING_TYPES[name])
+        if "refine_steps" in settings:
+            check_typed("refine_steps", as_whole("refine_steps", settings["refine_steps"]), Count)
         return label, seed, count
 
     def generate(self, label: int, seed: int = 0, count: int = 4, **settings: Any) -> Generation:
         """`count` images of class `label` from every part the run has; settings are `ctfgen sample`'s
-        (cfg1, t1, top_k1, top_p1, cfg2, t2, top_k2, top_p2, refiner_mask), defaults where left out."""
+        (cfg1, t1, top_k1, top_p1, cfg2, t2, top_k2, top_p2, refiner_mask, refine_steps), defaults where
+        left out."""
         label, seed, count = self.check(label, seed, count, settings)
-        settings = {**DEFAULTS, "refiner_mask": True, **settings}
-        settings.update({k: as_whole(k, settings[k]) for k in ("top_k1", "top_k2")})
+        settings = {**DEFAULTS, **STAGE2_SWITCHES, **settings}
+        settings.update({k: as_whole(k, settings[k]) for k in ("top_k1", "top_k2", "refine_steps")})
         labels = [label] * count
         out = Generation()
         with self._lock:
@@ -225,11 +229,13 @@ def build_app(showroom: Showroom) -> Any:
     import gradio as gr
 
     ctf, refiner, baseline = showroom.ctf is not None, showroom.has_refiner, showroom.baseline is not None
+    reveal = refiner and showroom.ctf.refiner.config.reveal  # only such a refiner refines in several passes
 
-    def on_generate(label, seed, count, cfg1, t1, top_k1, top_p1, cfg2, t2, top_k2, top_p2, refiner_mask):
+    def on_generate(label, seed, count, cfg1, t1, top_k1, top_p1, cfg2, t2, top_k2, top_p2, refiner_mask, refine_steps):
         try:
             g = showroom.generate(label, seed, count, cfg1=cfg1, t1=t1, top_k1=top_k1, top_p1=top_p1, cfg2=cfg2,
-                                  t2=t2, top_k2=top_k2, top_p2=top_p2, refiner_mask=bool(refiner_mask))
+                                  t2=t2, top_k2=top_k2, top_p2=top_p2, refiner_mask=bool(refiner_mask),
+                                  refine_steps=refine_steps)
         except CtfgenError as e:
             return [], [], [], [], None, f"**Error:** {e}"
         except Exception:  # a bug, not a bad setting: the log has the traceback, the visitor a sentence
@@ -262,7 +268,9 @@ def build_app(showroom: Showroom) -> Any:
                               gr.Slider(0.05, 3, value=DEFAULTS["t2"], step=0.05, label="temperature (--t2)"),
                               gr.Number(DEFAULTS["top_k2"], precision=0, label="top-k (--top-k2; 0 = off)"),
                               gr.Slider(0.01, 1, value=DEFAULTS["top_p2"], step=0.01, label="top-p (--top-p2; 1 = off)"),
-                              gr.Checkbox(True, label="refiner mask: keep each code inside its cluster")]
+                              gr.Checkbox(True, label="refiner mask: keep each code inside its cluster"),
+                              gr.Slider(1, 16, value=1, step=1, label="refinement passes (--refine-steps; 1 = the "
+                                        "paper's one pass)", visible=reveal)]
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 animation = gr.Image(label="the first CTF sample: stage 1 in raster order, then stage 2",
                                      type="filepath", elem_id="animation", visible=ctf, interactive=False)

@@ -119,6 +119,8 @@ def test_a_run_without_refiner_or_baseline_shows_what_it_has(run: Path, tmp_path
     (dict(top_k1=10**6), "--top-k1: top-k must be in 0..8"),
     (dict(top_k2=2.5), "top_k2 must be a whole number"),
     (dict(bogus=1), "unknown settings"),
+    (dict(refine_steps=0), "--refine-steps must be >= 1"),
+    (dict(refine_steps=2), "needs a refiner trained with --reveal"),
 ])
 def test_bad_settings_are_one_message(run: Path, call: dict, message: str) -> None:
     room = Showroom(run)

@@ -32,6 +32,8 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> None:
         raise CtfgenError(f"the {cfg.role} model trains on coarse labels: give --hierarchy (the folder written by clustering)")
     if cfg.refiner_mask and cfg.role != "refiner":
         raise CtfgenError(f"--refiner-mask applies to the refiner only, not to --role {cfg.role}")
+    if cfg.reveal and cfg.role != "refiner":
+        raise CtfgenError(f"--reveal applies to the refiner only, not to --role {cfg.role}")
     if cfg.sample_every and cfg.role == "refiner":
         raise CtfgenError("--sample-every: sample grids are for the coarse and baseline roles (the refiner needs a coarse model)")
     if cfg.sample_every and not cfg.sample_tokenizer:
@@ -102,10 +104,12 @@ def role_vocabularies(role: str, codes: CodeDataset, hierarchy: Hierarchy | None
     return {"vocab_size": K, "head_size": K if role == "coarse" else V}
 
 
-def expected_model_fields(role: str, codes: CodeDataset, hierarchy: Hierarchy | None) -> dict[str, tuple[Any, str]]:
+def expected_model_fields(role: str, codes: CodeDataset, hierarchy: Hierarchy | None,
+                          reveal: bool = False) -> dict[str, tuple[Any, str]]:
     grid_h, grid_w = codes.grid
     return {"role": (role, "--role"), **role_vocabularies(role, codes, hierarchy),
-            "grid_h": (grid_h, "grid of the codes"), "grid_w": (grid_w, "grid of the codes")}
+            "grid_h": (grid_h, "grid of the codes"), "grid_w": (grid_w, "grid of the codes"),
+            "reveal": (reveal, "--reveal")}
 
 
 def check_model_fits(config: TransformerConfig, expected: dict[str, tuple[Any, str]], source: str) -> None:

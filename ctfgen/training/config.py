@@ -35,6 +35,7 @@ class TrainConfig:
     class_dropout: Rate = 0.1
     dropout: Rate = 0.1  # token embedding, residual and FFN dropout
     refiner_mask: bool = False  # refiner: CE over the members of the true cluster only (paper: full head)
+    reveal: bool = False  # refiner: also read codewords already decided, trained with a random share shown (sample --refine-steps)
     seed: int = 0
     device: str = "auto"
     compile: bool = False

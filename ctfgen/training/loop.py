@@ -74,6 +74,24 @@ def role_batch(role: str, fine: torch.Tensor, hierarchy: Hierarchy | None) -> tu
     return (coarse, coarse) if role == "coarse" else (coarse, fine)
 
 
+def hide_some(fine: torch.Tensor, hidden_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A `reveal` refiner's training input, drawn from the global RNG (seeded per step): in each item a
+    share cos(pi/2 * u), u ~ U[0, 1), of the positions is hidden (at least one), the rest show their
+    codeword. MaskGIT's schedule: often all or nearly all hidden, as in the first pass of sampling.
+    Returns (fine codes with `hidden_id` where hidden, bool hidden)."""
+    batch, length = fine.shape
+    share = torch.cos(math.pi / 2 * torch.rand(batch, 1, device=fine.device))
+    rank = torch.rand(batch, length, device=fine.device).argsort(dim=1).argsort(dim=1)  # a random order per item
+    hidden = rank < (share * length).ceil().clamp(min=1)
+    return fine.masked_fill(hidden, hidden_id), hidden
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the tokens `scored` marks (all when None)."""
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return ce.mean() if scored is None else (ce * scored.flatten()).sum() / scored.sum().clamp(min=1)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices (dim >= 2: linear weights, embeddings, head), none on norm gains."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -217,7 +235,7 @@ class Trainer:
     # --- set-up -------------------------------------------------------------------------------
     def _build_model(self) -> Transformer:
         cfg = self.cfg
-        expected = checks.expected_model_fields(cfg.role, self.codes, self.hierarchy)
+        expected = checks.expected_model_fields(cfg.role, self.codes, self.hierarchy, cfg.reveal)
         dropouts = dict(class_dropout_prob=cfg.class_dropout, token_dropout_p=cfg.dropout,
                         resid_dropout_p=cfg.dropout, ffn_dropout_p=cfg.dropout)
         if cfg.init is None:
@@ -294,7 +312,7 @@ class Trainer:
         if state.get("format_version") != CHECKPOINT_FORMAT:
             raise ArtifactError(f"{path}: unknown checkpoint format {state.get('format_version')!r}")
         stored = TransformerConfig(**json.loads(state["model_config"]))
-        checks.check_model_fits(stored, checks.expected_model_fields(self.cfg.role, self.codes, self.hierarchy),
+        checks.check_model_fits(stored, checks.expected_model_fields(self.cfg.role, self.codes, self.hierarchy, self.cfg.reveal),
                                 f"checkpoint {path}")
         checks.check_same_architecture(stored, self.model.config, f"checkpoint {path}")
         for key, now in self._data_fingerprints().items():
@@ -327,17 +345,20 @@ class Trainer:
         fine, labels = self.codes.batch(idx, views)
         inputs, targets = role_batch(cfg.role, fine.to(self.device), self.hierarchy)
         labels = labels.to(self.device)
+        parts = [inputs, targets, labels]
+        if self.model.config.reveal:  # the refiner reads some codewords and is scored on the hidden ones
+            parts += hide_some(targets, self.model.config.hidden_id)
         loss_sum = torch.zeros((), device=self.device)
-        micro = zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum), labels.chunk(cfg.grad_accum))
-        for i, (x, t, y) in enumerate(micro):
+        for i, (x, t, y, *reveal) in enumerate(zip(*(part.chunk(cfg.grad_accum) for part in parts))):
+            shown, scored = reveal or (None, None)
             # DDP all-reduces gradients only on the last micro-batch of the step.
             sync = i == cfg.grad_accum - 1 or not self.dist.enabled
             with nullcontext() if sync else self.forward_model.no_sync():
                 with autocast(self.device):
-                    logits = self.forward_model(x, y, self.member_mask)
+                    logits = self.forward_model(x, y, self.member_mask, shown)
                 # Equal micro-batches on every rank: mean / grad_accum, averaged over ranks by DDP,
-                # is the mean over the global batch.
-                loss = F.cross_entropy(logits.flatten(0, 1), t.flatten()) / cfg.grad_accum
+                # is the mean over the global batch (of the scored tokens, with reveal: nearly so).
+                loss = token_loss(logits, t, scored) / cfg.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf

@@ -4,6 +4,8 @@
 * ``baseline``: causal, reads and predicts codewords (vocabulary V); this is LlamaGen's GPT.
 * ``refiner``:  bidirectional, reads the whole coarse grid (vocabulary K) and predicts the
   codeword of every position at once (head over V), optionally masked to each position's cluster.
+  With ``reveal`` it also reads the codewords already decided (id V = not yet), which lets it
+  refine in several steps (`ctfgen.sampling.refine`); with nothing revealed it is the paper's refiner.
 
 The block follows LlamaGen's GPT (autoregressive/models/gpt.py): pre-norm RMSNorm, fused QKV
 attention with 2D rotary embeddings over the token grid, SwiGLU feed-forward, a class token from a
@@ -55,6 +57,7 @@ class TransformerConfig:
     grid_h: int = 16
     grid_w: int = 16
     causal: bool | None = None  # None: from role (refiner is bidirectional, the others causal)
+    reveal: bool = False  # refiner: also reads the fine codes already decided (few-step refinement)
     class_dropout_prob: float = 0.1
     token_dropout_p: float = 0.1
     attn_dropout_p: float = 0.0
@@ -71,6 +74,8 @@ class TransformerConfig:
             self.causal = self.role != "refiner"
         if self.causal != (self.role != "refiner"):
             raise CtfgenError(f"role {self.role!r} needs causal={self.role != 'refiner'}")
+        if self.reveal and self.role != "refiner":
+            raise CtfgenError(f"reveal (reading decided fine codes) is for the refiner, not role {self.role!r}")
         if self.head_size is None:
             if self.role == "refiner":
                 raise CtfgenError("a refiner needs head_size = V (its input vocabulary is K)")
@@ -108,6 +113,11 @@ class TransformerConfig:
     def null_class(self) -> int:
         """Label id of the unconditional ("null") class row, used for CFG."""
         return self.num_classes
+
+    @property
+    def hidden_id(self) -> int:
+        """Fine-code id a `reveal` refiner reads where a codeword is not decided yet (one past the last)."""
+        return self.head_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -275,6 +285,8 @@ class Transformer(nn.Module):
         self.config = config
         self.class_embed = nn.Embedding(config.num_classes + 1, config.dim)  # last row = null class
         self.tok_embed = nn.Embedding(config.vocab_size, config.dim)
+        # added to the coarse-code embedding; zero at first, so a fresh reveal refiner starts as a plain one
+        self.fine_embed = nn.Embedding(config.head_size + 1, config.dim) if config.reveal else None
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
@@ -294,6 +306,8 @@ class Transformer(nn.Module):
                 nn.init.ones_(m.weight)
         # A zero head makes every initial prediction uniform.
         nn.init.zeros_(self.head.weight)
+        if self.fine_embed is not None:
+            nn.init.zeros_(self.fine_embed.weight)
 
     @property
     def null_class(self) -> int:
@@ -339,11 +353,13 @@ class Transformer(nn.Module):
             raise CtfgenError(f"codes must be [B={batch}, T], got shape {tuple(codes.shape)}")
 
     def forward(self, codes: torch.Tensor, class_labels: torch.Tensor,
-                member_mask: torch.Tensor | None = None) -> torch.Tensor:
+                member_mask: torch.Tensor | None = None, fine: torch.Tensor | None = None) -> torch.Tensor:
         """Full-sequence logits [B, T, head_size] (training and scoring).
 
         member_mask: refiner only, bool [K, V]; when given, logits of codewords outside each
         position's cluster (the cluster given by its coarse code) become -inf.
+        fine: `reveal` refiner only, long [B, T]: the fine codes decided so far, `hidden_id` elsewhere;
+        None means none decided.
         """
         self._check_codes(codes, class_labels.shape[0])
         T = codes.shape[1]
@@ -355,7 +371,16 @@ class Transformer(nn.Module):
                 raise CtfgenError("member_mask applies only to the refiner")
             h = torch.cat([cls, self.tok_embed(codes[:, :-1])], dim=1)  # the last code predicts nothing
             return self._run(h, 0, None)
-        h = torch.cat([cls, self.tok_embed(codes)], dim=1)
+        tokens = self.tok_embed(codes)
+        if self.fine_embed is not None:
+            if fine is None:
+                fine = torch.full_like(codes, self.config.hidden_id)
+            elif fine.shape != codes.shape:
+                raise CtfgenError(f"fine must have the coarse codes' shape {tuple(codes.shape)}, got {tuple(fine.shape)}")
+            tokens = tokens + self.fine_embed(fine)
+        elif fine is not None:
+            raise CtfgenError("this refiner was not trained to read decided fine codes (train it with --reveal)")
+        h = torch.cat([cls, tokens], dim=1)
         logits = self._run(h, 0, None)[:, 1:]  # the class token's output predicts nothing
         if member_mask is not None:
             logits = mask_to_clusters(logits, codes, member_mask)

@@ -1,0 +1,177 @@
+"""The refiner's options beyond the paper (issue 12): few-step refinement (`reveal`, `refine --steps`).
+
+Tiny models on synthetic codes (4x4 grid, V=32, K=8 with cluster k = {k, k+8, k+16, k+24}), CPU only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctfgen.errors import CtfgenError
+from ctfgen.hierarchy import Hierarchy, save_hierarchy
+from ctfgen.sampling import StageSettings, decided_after, refine
+from ctfgen.training import train, TrainConfig
+from ctfgen.training.loop import hide_some
+from ctfgen.transformer import build_model, load_model, preset_config
+from test_sampling import CLASSES, GRID, K, V, gen, random_model
+
+T = GRID * GRID
+HIERARCHY = Hierarchy(torch.arange(V) % K, K, tokenizer_fingerprint="tok-a")
+
+
+def reveal_refiner(seed: int = 0) -> torch.nn.Module:
+    """A `reveal` refiner with a random (not zero) fine-code embedding, so the codes it reads matter."""
+    torch.manual_seed(seed)
+    model = build_model(preset_config("tiny", role="refiner", vocab_size=K, head_size=V, num_classes=CLASSES,
+                                      grid_h=GRID, grid_w=GRID, reveal=True))
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    torch.nn.init.normal_(model.fine_embed.weight, std=0.5)
+    return model.eval()
+
+
+def coarse_grids(n: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = gen(seed)
+    return torch.randint(0, K, (n, T), generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def test_one_step_is_the_papers_refiner() -> None:
+    """A fresh reveal refiner (its fine-code embedding starts at zero) holding a plain refiner's weights
+    draws exactly the plain refiner's samples at S = 1, guided or not, masked or not."""
+    plain = random_model("refiner", seed=3)
+    torch.manual_seed(0)
+    revealing = build_model(preset_config("tiny", role="refiner", vocab_size=K, head_size=V, num_classes=CLASSES,
+                                          grid_h=GRID, grid_w=GRID, reveal=True, class_dropout_prob=0.1))
+    missing, unexpected = revealing.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["fine_embed.weight"] and not unexpected
+    coarse, labels = coarse_grids()
+    for settings, mask in ((StageSettings(temperature=1.1), HIERARCHY.member_mask), (StageSettings(cfg=2.0), None)):
+        a = refine(plain, coarse, labels, settings, gen(7), mask)
+        b = refine(revealing.eval(), coarse, labels, settings, gen(7), mask, steps=1)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("steps", [2, 4, 8])
+def test_steps_follow_the_schedule_and_never_change_a_decided_code(steps: int) -> None:
+    model = reveal_refiner()
+    coarse, labels = coarse_grids()
+    revealed = torch.full_like(coarse, model.config.hidden_id)
+    known = torch.rand(coarse.shape, generator=gen(1)) < 0.3
+    revealed[known] = HIERARCHY.random_members(coarse, gen(2))[known]
+    states: list[torch.Tensor] = []
+    fine = refine(model, coarse, labels, StageSettings(cfg=1.5), gen(3), HIERARCHY.member_mask, steps=steps,
+                  revealed=revealed, states_out=states)
+    assert len(states) == steps and torch.equal(states[-1], fine)
+    assert torch.equal(fine[known], revealed[known])  # given codes stay
+    assert (fine != model.config.hidden_id).all() and torch.equal(HIERARCHY.to_coarse(fine), coarse)  # in the cluster
+    hidden_at_start = (~known).sum(1)
+    for step, (before, after) in enumerate(zip([revealed] + states, states), 1):
+        decided_before = before != model.config.hidden_id
+        assert torch.equal(after[decided_before], before[decided_before])  # a decided code never changes
+        newly = ((after != model.config.hidden_id).sum(1) - known.sum(1))
+        assert torch.equal(newly, decided_after(step, steps, hidden_at_start))
+
+
+def test_several_steps_need_a_reveal_refiner() -> None:
+    coarse, labels = coarse_grids()
+    with pytest.raises(CtfgenError, match="--reveal"):
+        refine(random_model("refiner"), coarse, labels, StageSettings(), gen(0), steps=2)
+    with pytest.raises(CtfgenError, match="--refine-steps must be >= 1"):
+        refine(reveal_refiner(), coarse, labels, StageSettings(), gen(0), steps=0)
+    with pytest.raises(CtfgenError, match="--reveal"):
+        random_model("refiner")(coarse, labels, fine=coarse)
+
+
+def test_hide_some_is_seeded_and_hides_at_least_one() -> None:
+    fine = torch.randint(0, V, (64, T), generator=gen(0))
+    torch.manual_seed(5)
+    shown, hidden = hide_some(fine, V)
+    torch.manual_seed(5)
+    again, _ = hide_some(fine, V)
+    assert torch.equal(shown, again) and (hidden.sum(1) >= 1).all()
+    assert torch.equal(shown[~hidden], fine[~hidden]) and (shown[hidden] == V).all()
+    assert (hidden.sum(1) == T).any() and (hidden.sum(1) < T // 2).any()  # all hidden sometimes, few other times
+
+
+# --- learning: a refiner that reads decided codes resolves what one pass cannot -------------------
+
+def write_shared_choice_codes(folder: Path, n: int, seed: int) -> Path:
+    """Codes whose within-cluster choice is one per item: position t holds c(t) + 8 m, m in 0..3 drawn per
+    item. One pass cannot know m (its best loss is ln 4); a refiner that reads one decided code can."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, n)
+    coarse = (3 * labels[:, None] + np.arange(T)[None, :]) % K
+    codes = coarse + K * rng.integers(0, V // K, (n, 1))
+    folder.mkdir(parents=True)
+    np.save(folder / "codes.npy", codes.reshape(n, GRID, GRID).astype(np.int16))
+    np.save(folder / "labels.npy", labels.astype(np.int64))
+    meta = {"kind": "codes", "count": n, "grid": [GRID, GRID], "codebook_size": V, "tokenizer_fingerprint": "tok-a",
+            "dataset": "synthetic", "split": "train", "views": ["original"], "num_classes": CLASSES, "classes": None}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.slow
+def test_a_reveal_refiner_learns_what_one_pass_cannot(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    codes = write_shared_choice_codes(tmp_path / "codes", 512, 0)
+    save_hierarchy(HIERARCHY, tmp_path / "hierarchy")
+    cfg = TrainConfig(role="refiner", size="tiny", codes=str(codes), hierarchy=str(tmp_path / "hierarchy"),
+                      out=str(tmp_path / "refiner"), steps=150, batch_size=32, lr=3e-3, dropout=0.0, class_dropout=0.1,
+                      reveal=True, refiner_mask=True, device="cpu", save_every=1000, log_every=50)
+    train(cfg, progress=False)
+    model = load_model(tmp_path / "refiner")
+    test = torch.from_numpy(np.load(write_shared_choice_codes(tmp_path / "test", 64, 1) / "codes.npy")).long().view(64, T)
+    labels = torch.from_numpy(np.load(tmp_path / "test" / "labels.npy"))
+    coarse = HIERARCHY.to_coarse(test)
+
+    def within_loss(shown: torch.Tensor) -> float:
+        with torch.no_grad():
+            logits = model(coarse, labels, HIERARCHY.member_mask, shown)
+        hidden = shown == model.config.hidden_id
+        return torch.nn.functional.cross_entropy(logits[hidden], test[hidden]).item()
+
+    one_shown = torch.full_like(test, model.config.hidden_id)
+    one_shown[:, 0] = test[:, 0]
+    assert within_loss(torch.full_like(test, model.config.hidden_id)) > 0.8 * math.log(4)  # nothing to go on
+    assert within_loss(one_shown) < 0.3 * math.log(4)  # one decided code gives the item's choice away
+
+    def consistent(steps: int) -> float:
+        fine = refine(model, coarse, labels, StageSettings(), gen(0), HIERARCHY.member_mask, steps=steps)
+        choice = fine // K
+        return (choice == choice[:, :1]).all(1).float().mean().item()
+
+    one_pass, four_passes = consistent(1), consistent(4)
+    print(f"items whose 16 codes share one choice: S=1 {one_pass:.2f}, S=4 {four_passes:.2f}")
+    assert four_passes > 0.8 and four_passes > one_pass + 0.5
+
+
+def test_train_and_sample_commands(tmp_path: Path) -> None:
+    from ctfgen.cli import main
+    from ctfgen.transformer import save_model
+    from test_sampling import tiny_tokenizer
+    from ctfgen.tokenizer.model import save_tokenizer
+
+    codes = write_shared_choice_codes(tmp_path / "codes", 32, 0)
+    save_hierarchy(HIERARCHY, tmp_path / "hierarchy")
+    main(["train", "--role", "refiner", "--reveal", "--size", "tiny", "--codes", str(codes), "--hierarchy",
+          str(tmp_path / "hierarchy"), "--steps", "2", "--batch-size", "8", "--device", "cpu", "--quiet",
+          "--out", str(tmp_path / "trained")])
+    assert load_model(tmp_path / "trained").config.reveal
+
+    run = tmp_path / "run"
+    tok = tiny_tokenizer()
+    save_tokenizer(tok, run / "tokenizer")
+    save_hierarchy(Hierarchy(HIERARCHY.coarse_of, K, tokenizer_fingerprint=tok.fingerprint), run / "hierarchy")
+    save_model(random_model("coarse"), run / "coarse")
+    save_model(reveal_refiner(), run / "refiner")
+    main(["sample", "--run", str(run), "--refine-steps", "4", "--cfg2", "1.5", "--classes", "1", "2", "--per-class",
+          "3", "--out", str(tmp_path / "grid.png"), "--tokens", str(tmp_path / "t.npz"), "--device", "cpu", "--quiet"])
+    with np.load(tmp_path / "t.npz") as f:
+        tokens, coarse = f["tokens"], f["coarse"]
+    assert tokens.shape == (6, GRID, GRID) and (HIERARCHY.coarse_of[torch.from_numpy(tokens)].numpy() == coarse).all()
