@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from .arguments import AtLeast, Between, Count, NonNegative, Positive, arg_type
-from .artifacts import CONFIG_NAME, ArtifactError, read_json
+from .artifacts import CONFIG_NAME, ArtifactError, fingerprint_tensors, read_json
 from .data.transforms import image_grid, to_uint8, uint8_to_float
 from .errors import CtfgenError
 from .hierarchy import Hierarchy, check_compatible, load_hierarchy, save_hierarchy
@@ -80,14 +80,20 @@ def check_role(model: Transformer, role: str, name: str) -> None:
         raise ArtifactError(f"{name}/ holds a {model.config.role!r} model, expected a {role!r} model")
 
 
-def check_trained_on(folder: Path, hierarchy: Hierarchy) -> None:
-    """If the model folder records the hierarchy it was trained with, it must be this one."""
+def check_trained_on(folder: Path, hierarchy: Hierarchy, coarse: Transformer | None = None) -> None:
+    """If the model folder records the hierarchy it was trained with, it must be this one; a refiner that
+    read a coarse model in training (features, corrupted labels) must be sampled with that model."""
     info_path = folder / TRAIN_INFO_NAME
     if not info_path.is_file():
         return
-    trained = read_json(info_path).get("hierarchy_fingerprint")
+    info = read_json(info_path)
+    trained = info.get("hierarchy_fingerprint")
     if trained is not None and trained != hierarchy.fingerprint:
         raise ArtifactError(f"{folder} was trained with hierarchy {trained}, but the run's hierarchy is {hierarchy.fingerprint}")
+    stage1 = info.get("stage1_fingerprint")
+    if stage1 is not None and coarse is not None and info.get("stage1_features") and stage1 != fingerprint_tensors(coarse.state_dict()):
+        raise ArtifactError(f"{folder} reads the hidden states of the coarse model {info.get('stage1')} "
+                            f"(weights {stage1}), not of this run's coarse model")
 
 
 class _Pipeline:
@@ -153,9 +159,10 @@ class CTFPipeline(_Pipeline):
         run = Path(run_dir)
         tokenizer = load_tokenizer(run / "tokenizer", device)
         hierarchy = load_hierarchy(run / "hierarchy", tokenizer=tokenizer)
-        for name in ("coarse", "refiner"):
-            check_trained_on(run / name, hierarchy)
-        return cls(tokenizer, hierarchy, load_model(run / "coarse", device), load_model(run / "refiner", device))
+        coarse = load_model(run / "coarse", device)
+        check_trained_on(run / "coarse", hierarchy)
+        check_trained_on(run / "refiner", hierarchy, coarse)
+        return cls(tokenizer, hierarchy, coarse, load_model(run / "refiner", device))
 
     def save_pretrained(self, run_dir: str | Path) -> None:
         run = Path(run_dir)

@@ -139,12 +139,15 @@ def with_null_labels(model: Transformer, class_labels: torch.Tensor) -> torch.Te
 
 def sample_causal(model: Transformer, class_labels: torch.Tensor, settings: StageSettings,
                   generator: torch.Generator | None = None, *, guidance: bool | None = None,
-                  logits_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+                  logits_out: list[torch.Tensor] | None = None,
+                  hidden_out: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Raster-order AR sampling of one full grid per label with the KV cache: long [B, seq_len].
 
     Used for both the coarse model (tokens are coarse labels) and the baseline (fine codes).
     guidance: run the doubled [cond; null] batch; None means "when settings.cfg != 1".
     logits_out: if given, receives the guided logits [B, V] each token was drawn from (for tests).
+    hidden_out: if given, receives the conditional hidden state [B, dim] each token's logits came from
+    (what a refiner with `feature_dim` reads; `Transformer.hidden_states` computes the same teacher-forced).
     """
     if not model.config.causal:
         raise CtfgenError(f"sample_causal needs a causal model, got role {model.config.role!r}")
@@ -156,11 +159,16 @@ def sample_causal(model: Transformer, class_labels: torch.Tensor, settings: Stag
     codes = torch.empty(batch, seq_len, dtype=torch.long, device=device)
     with inference_mode(model):
         cache = model.make_cache(inputs.shape[0], torch.bfloat16 if device.type == "cuda" else None)  # bf16 on GPUs
-        logits = model.prefill(inputs, cache)[:, -1]
+        want_hidden = hidden_out is not None
+        out = model.prefill(inputs, cache, with_hidden=want_hidden)
         for t in range(seq_len):
             if t > 0:
                 previous = codes[:, t - 1:t]
-                logits = model.step(previous.repeat(2, 1) if guided else previous, cache)[:, -1]
+                out = model.step(previous.repeat(2, 1) if guided else previous, cache, with_hidden=want_hidden)
+            logits, hidden = out if want_hidden else (out, None)
+            logits = logits[:, -1]
+            if hidden is not None:
+                hidden_out.append(hidden[:batch, -1])  # the conditional half under guidance
             next_logits = apply_guidance(logits, settings.cfg) if guided else logits
             if logits_out is not None:
                 logits_out.append(next_logits)
@@ -179,13 +187,14 @@ def decided_after(step: int, steps: int, hidden: torch.Tensor) -> torch.Tensor:
 def refine(refiner: Transformer, coarse: torch.Tensor, class_labels: torch.Tensor, settings: StageSettings,
            generator: torch.Generator | None = None, member_mask: torch.Tensor | None = None,
            *, guidance: bool | None = None, steps: int = 1, revealed: torch.Tensor | None = None,
-           states_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+           features: torch.Tensor | None = None, states_out: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Stage 2: refiner passes over coarse codes [B, T] -> sampled fine codes [B, T].
 
     steps = 1 is the paper's refiner: one pass draws every position. With steps S > 1 (a refiner trained
     with `reveal`), each pass draws every undecided position and keeps the most confident ones (the drawn
     token's probability), as many as the cosine schedule says, and the next pass reads them.
     revealed: fine codes already known, long [B, T] with `hidden_id` elsewhere; they are never changed.
+    features: the coarse model's hidden states [B, T, dim] (a refiner with `feature_dim` needs them).
     member_mask (bool [K, V]): restrict each position to the codewords of its cluster. The mask is
     applied after guidance, since uncond + s * (cond - uncond) of two -inf logits is NaN.
     states_out: if given, receives the fine codes after each pass (for tests).
@@ -205,8 +214,10 @@ def refine(refiner: Transformer, coarse: torch.Tensor, class_labels: torch.Tenso
     with inference_mode(refiner):
         for step in range(1, steps + 1):
             reads = {"fine": fine} if refiner.config.reveal else {}
+            if features is not None:
+                reads["features"] = features.to(device)
             if guided:
-                both = {k: v.repeat(2, 1) for k, v in reads.items()}
+                both = {k: torch.cat([v, v]) for k, v in reads.items()}
                 logits = apply_guidance(refiner(coarse.repeat(2, 1), with_null_labels(refiner, class_labels), **both),
                                         settings.cfg)
             else:
@@ -237,6 +248,8 @@ def check_stages_fit(coarse_model: Transformer, refiner: Transformer) -> None:
     for name in ("vocab_size", "grid_h", "grid_w", "num_classes"):
         if getattr(c, name) != getattr(r, name):
             raise CtfgenError(f"the coarse model has {name}={getattr(c, name)} but the refiner has {getattr(r, name)}")
+    if r.feature_dim and r.feature_dim != c.dim:
+        raise CtfgenError(f"the refiner reads stage-1 features of width {r.feature_dim}, the coarse model's are {c.dim}")
 
 
 def sample_ctf(coarse_model: Transformer, refiner: Transformer, class_labels: torch.Tensor,
@@ -247,8 +260,11 @@ def sample_ctf(coarse_model: Transformer, refiner: Transformer, class_labels: to
     check_class_labels(class_labels, coarse_model.config.num_classes)
     stage1.validate(coarse_model, 1)
     stage2.validate(refiner, 2)
-    coarse = sample_causal(coarse_model, class_labels, stage1, generator)
-    return coarse, refine(refiner, coarse, class_labels, stage2, generator, member_mask, steps=refine_steps)
+    hidden: list[torch.Tensor] | None = [] if refiner.config.feature_dim else None
+    coarse = sample_causal(coarse_model, class_labels, stage1, generator, hidden_out=hidden)
+    features = torch.stack(hidden, dim=1) if hidden is not None else None
+    return coarse, refine(refiner, coarse, class_labels, stage2, generator, member_mask, steps=refine_steps,
+                          features=features)
 
 
 def sample_baseline(model: Transformer, class_labels: torch.Tensor, stage1: StageSettings,

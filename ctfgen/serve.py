@@ -109,9 +109,9 @@ class Showroom:
         if (run / "coarse").is_dir() and (run / "hierarchy").is_dir():
             hierarchy = load_hierarchy(run / "hierarchy", tokenizer=tokenizer)
             parts = [name for name in ("coarse", "refiner") if (run / name).is_dir()]
-            for name in parts:
-                check_trained_on(run / name, hierarchy)
             models = {name: load_model(run / name, self.device) for name in parts}
+            for name in parts:
+                check_trained_on(run / name, hierarchy, models["coarse"])
             self.ctf = CTFPipeline(tokenizer, hierarchy, models["coarse"], models.get("refiner"))
         if (run / "baseline").is_dir():
             self.baseline = BaselinePipeline(tokenizer, load_model(run / "baseline", self.device))

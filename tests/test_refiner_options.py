@@ -1,4 +1,5 @@
-"""The refiner's options beyond the paper (issue 12): few-step refinement (`reveal`, `refine --steps`).
+"""The refiner's options beyond the paper (issue 12): few-step refinement (`reveal`, `refine(steps=S)`),
+stage-1 features (`feature_dim`, `Transformer.hidden_states`) and training on corrupted coarse labels.
 
 Tiny models on synthetic codes (4x4 grid, V=32, K=8 with cluster k = {k, k+8, k+16, k+24}), CPU only.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +177,103 @@ def test_train_and_sample_commands(tmp_path: Path) -> None:
     with np.load(tmp_path / "t.npz") as f:
         tokens, coarse = f["tokens"], f["coarse"]
     assert tokens.shape == (6, GRID, GRID) and (HIERARCHY.coarse_of[torch.from_numpy(tokens)].numpy() == coarse).all()
+
+
+# --- stage-1 features and corrupted coarse labels ---------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_hidden_states_while_sampling_equal_the_teacher_forced_ones(cfg: float) -> None:
+    """What the refiner reads at sampling (collected as stage 1 samples) is what it was trained on
+    (teacher-forced over the same grid): one definition, two ways to compute it."""
+    coarse_model = random_model("coarse", seed=4)
+    _, labels = coarse_grids()
+    hidden: list[torch.Tensor] = []
+    from ctfgen.sampling import sample_causal
+    codes = sample_causal(coarse_model, labels, StageSettings(cfg=cfg), gen(0), hidden_out=hidden)
+    collected = torch.stack(hidden, dim=1)
+    assert collected.shape == (len(labels), T, coarse_model.config.dim)
+    torch.testing.assert_close(collected, coarse_model.hidden_states(codes, labels), atol=1e-5, rtol=1e-4)
+    # and their head gives the coarse model's logits
+    torch.testing.assert_close(coarse_model.head_logits(collected), coarse_model(codes, labels), atol=1e-5, rtol=1e-4)
+
+
+def test_a_fresh_feature_refiner_samples_as_a_plain_one_and_needs_its_features() -> None:
+    coarse_model, plain = random_model("coarse", seed=4), random_model("refiner", seed=3)
+    torch.manual_seed(0)
+    reading = build_model(preset_config("tiny", role="refiner", vocab_size=K, head_size=V, num_classes=CLASSES,
+                                        grid_h=GRID, grid_w=GRID, feature_dim=coarse_model.config.dim))
+    reading.load_state_dict(plain.state_dict(), strict=False)
+    reading.eval()
+    from ctfgen.sampling import sample_ctf
+    _, labels = coarse_grids()
+    a = sample_ctf(coarse_model, plain, labels, StageSettings(cfg=1.5), StageSettings(), gen(9), HIERARCHY.member_mask)
+    b = sample_ctf(coarse_model, reading, labels, StageSettings(cfg=1.5), StageSettings(), gen(9), HIERARCHY.member_mask)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    coarse, _ = coarse_grids()
+    with pytest.raises(CtfgenError, match="reads stage-1 features"):
+        reading(coarse, labels)
+    with pytest.raises(CtfgenError, match="--stage1-features"):
+        plain(coarse, labels, features=torch.zeros(len(labels), T, 64))
+
+
+def test_corruption_redraws_the_share_asked_from_the_coarse_model() -> None:
+    from ctfgen.training.loop import stage1_view
+    coarse_model = random_model("coarse", seed=4)
+    coarse, labels = coarse_grids(n=400)
+    torch.manual_seed(0)
+    same, features = stage1_view(coarse_model, coarse, labels, 0.0, True)
+    assert torch.equal(same, coarse) and features.shape == (400, T, coarse_model.config.dim)
+    torch.manual_seed(0)
+    corrupted, none = stage1_view(coarse_model, coarse, labels, 0.5, False)
+    assert none is None
+    probs = coarse_model(coarse, labels).softmax(-1)
+    p_same = probs.gather(-1, coarse[..., None]).mean().item()  # a redraw may land on the true label
+    changed = (corrupted != coarse).float().mean().item()
+    assert changed == pytest.approx(0.5 * (1 - p_same), abs=0.02)
+
+
+def _train_refiner(tmp_path: Path, name: str, seed: int, **options) -> Path:
+    codes = tmp_path / "codes"
+    if not codes.exists():
+        write_shared_choice_codes(codes, 64, 0)
+        save_hierarchy(HIERARCHY, tmp_path / "hierarchy")
+        train(TrainConfig(role="coarse", size="tiny", codes=str(codes), hierarchy=str(tmp_path / "hierarchy"),
+                          out=str(tmp_path / "coarse"), steps=3, batch_size=8, device="cpu"), progress=False)
+    out = tmp_path / name
+    train(TrainConfig(role="refiner", size="tiny", codes=str(codes), hierarchy=str(tmp_path / "hierarchy"), out=str(out),
+                      steps=3, batch_size=8, device="cpu", seed=seed, coarse_model=str(tmp_path / "coarse"),
+                      val_codes=str(codes), val_limit=16, **options), progress=False)
+    return out
+
+
+def test_corrupted_label_training_is_reproducible_for_a_seed(tmp_path: Path) -> None:
+    from ctfgen.artifacts import load_tensors
+    runs = [_train_refiner(tmp_path, name, seed, corrupt=0.3) for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    a, b, c = (load_tensors(run / "model.safetensors") for run in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    info = json.loads((runs[0] / "train_info.json").read_text())
+    assert info["corrupt"] == 0.3 and info["stage1"] == str(tmp_path / "coarse") and info["stage1_fingerprint"]
+
+
+def test_a_feature_refiner_trains_scores_and_samples_with_its_coarse_model(tmp_path: Path) -> None:
+    from ctfgen.pipeline import CTFPipeline
+    from ctfgen.artifacts import ArtifactError
+    from ctfgen.tokenizer.model import save_tokenizer
+    from test_sampling import tiny_tokenizer
+
+    refiner = _train_refiner(tmp_path, "refiner", 0, stage1_features=True, corrupt=0.2, reveal=True)
+    info = json.loads((refiner / "train_info.json").read_text())
+    assert info["held_out"]["loss"] > 0 and load_model(refiner).config.feature_dim == 64
+    run = tmp_path / "run"
+    tok = tiny_tokenizer()
+    save_tokenizer(tok, run / "tokenizer")
+    save_hierarchy(Hierarchy(HIERARCHY.coarse_of, K, tokenizer_fingerprint=tok.fingerprint), run / "hierarchy")
+    shutil.copytree(tmp_path / "coarse", run / "coarse")
+    shutil.copytree(refiner, run / "refiner")
+    out = CTFPipeline.from_pretrained(run)([0, 1, 2], refine_steps=3, generator=gen(0), progress=False)
+    assert torch.equal(HIERARCHY.to_coarse(out.tokens), out.coarse)
+    from ctfgen.transformer import save_model
+    save_model(random_model("coarse", seed=8), run / "coarse")  # another coarse model: its features mean nothing
+    with pytest.raises(ArtifactError, match="reads the hidden states of the coarse model"):
+        CTFPipeline.from_pretrained(run)

@@ -19,8 +19,10 @@ from ..transformer.model import Transformer
 @torch.no_grad()
 def floor_sets(tokenizer: VQTokenizer, hierarchy: Hierarchy, images: torch.Tensor, labels: torch.Tensor,
                refiner: Transformer | None = None, settings: StageSettings = StageSettings(temperature=1.1),
-               refiner_mask: bool = True, seed: int = 0, batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Real images float[N, C, H, W] in [-1, 1] (and their labels) -> {floor name: decoded images, on the CPU}."""
+               refiner_mask: bool = True, seed: int = 0, batch_size: int = 64,
+               coarse_model: Transformer | None = None) -> dict[str, torch.Tensor]:
+    """Real images float[N, C, H, W] in [-1, 1] (and their labels) -> {floor name: decoded images, on the CPU}.
+    coarse_model: the one whose hidden states a refiner with `feature_dim` reads (teacher-forced on the true grid)."""
     generator = torch.Generator(device=tokenizer.codebook.device).manual_seed(seed)
     cpu_generator = torch.Generator().manual_seed(seed)
     device = tokenizer.codebook.device
@@ -32,7 +34,9 @@ def floor_sets(tokenizer: VQTokenizer, hierarchy: Hierarchy, images: torch.Tenso
         grids = {"reconstruction": fine, "true-coarse+uniform": hierarchy.random_members(coarse, cpu_generator).to(device)}
         if refiner is not None:
             mask = hierarchy.member_mask if refiner_mask else None
-            refined = refine(refiner, coarse.flatten(1), y, settings, generator, mask)
+            grid, y = coarse.flatten(1), y.to(device)
+            features = coarse_model.hidden_states(grid, y) if refiner.config.feature_dim else None
+            refined = refine(refiner, grid, y, settings, generator, mask, features=features)
             grids["true-coarse+refiner"] = refined.view(fine.shape)
         for name, grid in grids.items():
             parts.setdefault(name, []).append(tokenizer.decode(grid).cpu())

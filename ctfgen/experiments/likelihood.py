@@ -22,7 +22,7 @@ def nll_split(codes: CodeDataset, hierarchy: Hierarchy, *, coarse: Transformer |
     out: dict[str, dict[str, float]] = {}
     if coarse is not None and refiner is not None:
         c = evaluate(coarse, codes, "coarse", hierarchy, limit, batch_size)
-        r = evaluate(refiner, codes, "refiner", hierarchy, limit, batch_size)
+        r = evaluate(refiner, codes, "refiner", hierarchy, limit, batch_size, stage1=coarse)
         within = r["loss_masked" if masked else "loss"]
         out["ctf"] = {"coarse": c["loss"], "within": within, "nll": c["loss"] + within, "items": c["items"]}
     if baseline is not None:

@@ -316,19 +316,20 @@ class Workshop:
                   "flops": sum(t["flops"] for t in train.values()), "nll": nll, "points": points, "final": final,
                   "samples": str(samples.relative_to(self.root))}
         if cell.side == "ctf" and s.floor_per_class:
-            result["floors"] = self.floors(cell, tokenizer, hierarchy, pipe.refiner, extractor, ref)
+            result["floors"] = self.floors(cell, pipe, extractor, ref)
         return result
 
-    def floors(self, cell: Cell, tokenizer: Any, hierarchy: Any, refiner: torch.nn.Module, extractor: Any,
-               ref: Reference) -> dict[str, dict[str, Any]]:
+    def floors(self, cell: Cell, pipe: CTFPipeline, extractor: Any, ref: Reference) -> dict[str, dict[str, Any]]:
+        tokenizer = pipe.tokenizer
         ds = build_dataset(cell.data, "test", tokenizer.config.image_size, tokenizer.config.in_channels,
                            data_dir=self.data_dir)
         labels = dataset_labels(ds)
         n = min(len(ds), cell.scoring.floor_per_class * len(set(labels.tolist())))
         ds = Subset(ds, balanced_subset(labels, n, cell.seed))
         y = torch.from_numpy(ds.labels)
-        sets = floor_sets(tokenizer, hierarchy, take_images(ds), y, refiner=refiner,
-                          settings=StageSettings(temperature=DEFAULTS["t2"]), seed=1000 * cell.seed + 3)
+        sets = floor_sets(tokenizer, pipe.hierarchy, take_images(ds), y, refiner=pipe.refiner,
+                          settings=StageSettings(temperature=DEFAULTS["t2"]), seed=1000 * cell.seed + 3,
+                          coarse_model=pipe.coarse)
         return {name: brief(score(x, y, extractor, ref, self.device)) for name, x in sets.items()}
 
 

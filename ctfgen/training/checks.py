@@ -6,16 +6,17 @@ codes, a hierarchy, a model or a checkpoint that belong to different tokenizers 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..artifacts import ArtifactError
+from ..artifacts import ArtifactError, read_json
 from ..data.codes import CodeDataset
 from ..errors import CtfgenError
 from ..hierarchy import Hierarchy, check_compatible, load_hierarchy
-from ..transformer.model import MODEL_SIZES, TransformerConfig
-from .config import TrainConfig
+from ..transformer.model import MODEL_SIZES, Transformer, TransformerConfig, load_model
+from .config import INFO_NAME, TrainConfig
 
 ROLES_WITH_HIERARCHY = ("coarse", "refiner")
 # Fields that may change between a checkpoint and its resumed run: they shape no weight.
@@ -34,6 +35,14 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> None:
         raise CtfgenError(f"--refiner-mask applies to the refiner only, not to --role {cfg.role}")
     if cfg.reveal and cfg.role != "refiner":
         raise CtfgenError(f"--reveal applies to the refiner only, not to --role {cfg.role}")
+    stage1_reads = cfg.stage1_features or cfg.corrupt > 0
+    if (stage1_reads or cfg.coarse_model) and cfg.role != "refiner":
+        raise CtfgenError(f"--coarse-model, --stage1-features and --corrupt apply to the refiner only, not to --role {cfg.role}")
+    if stage1_reads and not cfg.coarse_model:
+        raise CtfgenError("--stage1-features and --corrupt read a trained coarse model: give --coarse-model DIR")
+    if cfg.corrupt > 0 and cfg.refiner_mask:
+        raise CtfgenError("--corrupt trains on coarse labels that may not hold the true codeword, so the cluster-masked "
+                          "objective (--refiner-mask) cannot score it; leave out --refiner-mask")
     if cfg.sample_every and cfg.role == "refiner":
         raise CtfgenError("--sample-every: sample grids are for the coarse and baseline roles (the refiner needs a coarse model)")
     if cfg.sample_every and not cfg.sample_tokenizer:
@@ -104,12 +113,25 @@ def role_vocabularies(role: str, codes: CodeDataset, hierarchy: Hierarchy | None
     return {"vocab_size": K, "head_size": K if role == "coarse" else V}
 
 
-def expected_model_fields(role: str, codes: CodeDataset, hierarchy: Hierarchy | None,
-                          reveal: bool = False) -> dict[str, tuple[Any, str]]:
+def expected_model_fields(role: str, codes: CodeDataset, hierarchy: Hierarchy | None, reveal: bool = False,
+                          feature_dim: int = 0) -> dict[str, tuple[Any, str]]:
     grid_h, grid_w = codes.grid
     return {"role": (role, "--role"), **role_vocabularies(role, codes, hierarchy),
             "grid_h": (grid_h, "grid of the codes"), "grid_w": (grid_w, "grid of the codes"),
-            "reveal": (reveal, "--reveal")}
+            "reveal": (reveal, "--reveal"), "feature_dim": (feature_dim, "--stage1-features (the coarse model's width)")}
+
+
+def load_stage1(cfg: TrainConfig, codes: CodeDataset, hierarchy: Hierarchy | None, device: Any) -> Transformer:
+    """The coarse model a refiner reads (--coarse-model): trained on this hierarchy, for these codes."""
+    model = load_model(cfg.coarse_model, device)
+    source = f"--coarse-model {cfg.coarse_model}"
+    check_model_fits(model.config, expected_model_fields("coarse", codes, hierarchy), source)
+    check_labels(codes, model.config.num_classes, source)
+    info = Path(cfg.coarse_model) / INFO_NAME
+    trained = read_json(info).get("hierarchy_fingerprint") if info.is_file() else None
+    if trained is not None and hierarchy is not None and trained != hierarchy.fingerprint:
+        raise ArtifactError(f"{source} was trained with hierarchy {trained}, this run's is {hierarchy.fingerprint}")
+    return model
 
 
 def check_model_fits(config: TransformerConfig, expected: dict[str, tuple[Any, str]], source: str) -> None:

@@ -9,6 +9,8 @@ from typing import Annotated
 from ..arguments import AtLeast, Count, NonNegative, OneOf, Positive, Rate, check_fields
 from ..transformer.model import ROLES
 
+INFO_NAME = "train_info.json"  # what a finished run records beside its model
+
 
 @dataclass
 class TrainConfig:
@@ -36,6 +38,9 @@ class TrainConfig:
     dropout: Rate = 0.1  # token embedding, residual and FFN dropout
     refiner_mask: bool = False  # refiner: CE over the members of the true cluster only (paper: full head)
     reveal: bool = False  # refiner: also read codewords already decided, trained with a random share shown (sample --refine-steps)
+    coarse_model: str | None = None  # refiner: the trained coarse model that --stage1-features and --corrupt read
+    stage1_features: bool = False  # refiner: also read the coarse model's last hidden state at each position
+    corrupt: Rate = 0.0  # refiner: share of coarse labels redrawn from the coarse model's predictions (its errors)
     seed: int = 0
     device: str = "auto"
     compile: bool = False

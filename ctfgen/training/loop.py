@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..artifacts import ArtifactError, write_json
+from ..artifacts import ArtifactError, fingerprint_tensors, write_json
 from ..data.codes import CodeDataset
 from ..data.sampler import batch_indices
-from ..errors import Stopped
+from ..errors import CtfgenError, Stopped
 from ..hierarchy import Hierarchy
 from ..outputs import Output, plan_output
 from ..runtime import (StopRequest, load_checkpoint, lr_at, rng_state, save_checkpoint, seed_everything,
@@ -45,7 +45,7 @@ from ..runtime import (StopRequest, load_checkpoint, lr_at, rng_state, save_chec
 from ..transformer.model import (ARTIFACT_KIND, Transformer, TransformerConfig, build_model, load_model, mask_to_clusters,
                                  preset_config, save_model)
 from . import checks
-from .config import TrainConfig
+from .config import INFO_NAME, TrainConfig
 from ..distributed import (DistInfo, all_reduce_sum_, barrier, env_world_size, setup_distributed, single_process,
                            teardown_distributed)
 from .preview import Preview
@@ -53,7 +53,6 @@ from .preview import Preview
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
-INFO_NAME = "train_info.json"
 CONFIG_NAME = "train_config.json"
 CHECKPOINT_FORMAT = 1
 
@@ -84,6 +83,20 @@ def hide_some(fine: torch.Tensor, hidden_id: int) -> tuple[torch.Tensor, torch.T
     rank = torch.rand(batch, length, device=fine.device).argsort(dim=1).argsort(dim=1)  # a random order per item
     hidden = rank < (share * length).ceil().clamp(min=1)
     return fine.masked_fill(hidden, hidden_id), hidden
+
+
+def stage1_view(stage1: Transformer, coarse: torch.Tensor, labels: torch.Tensor, corrupt: float,
+                features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a refiner reads from stage 1 in training, drawn from the global RNG (seeded per step): the coarse
+    grid with a share `corrupt` of its labels redrawn from the coarse model's own teacher-forced predictions
+    (t = 1, no guidance: the errors it makes when it samples), and with `features` its hidden states. Both
+    come from one pass over the true grid. Returns (coarse codes, features or None)."""
+    hidden = stage1.hidden_states(coarse, labels)
+    if corrupt > 0:
+        probs = stage1.head_logits(hidden).softmax(dim=-1)
+        redrawn = torch.multinomial(probs.flatten(0, 1), 1).view(coarse.shape)
+        coarse = torch.where(torch.rand(coarse.shape, device=coarse.device) < corrupt, redrawn, coarse)
+    return coarse, hidden if features else None
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,10 +148,11 @@ class EMA:
 
 @torch.no_grad()
 def evaluate(model: Transformer, codes: CodeDataset, role: str, hierarchy: Hierarchy | None, limit: int,
-             batch_size: int = 256) -> dict[str, float]:
+             batch_size: int = 256, stage1: Transformer | None = None) -> dict[str, float]:
     """Mean CE and top-1 accuracy per token on the first `limit` items.
 
-    For the refiner (given the true coarse labels), also with logits masked to each position's cluster.
+    For the refiner (given the true coarse labels, nothing revealed; `stage1`: the coarse model whose
+    hidden states a refiner with `feature_dim` reads), also with logits masked to each position's cluster.
     For the baseline with a hierarchy, also its likelihood split: `loss_coarse` = -log of the probability
     mass of the true token's cluster (the baseline's implied coarse prediction) and `loss_within` =
     loss - loss_coarse (the choice inside the cluster), comparable to CTF's coarse and refiner losses.
@@ -152,8 +166,14 @@ def evaluate(model: Transformer, codes: CodeDataset, role: str, hierarchy: Hiera
     for start in range(0, n, batch_size):
         fine, labels = codes.batch(torch.arange(start, min(n, start + batch_size)))
         inputs, targets = role_batch(role, fine.to(device), hierarchy)
+        labels = labels.to(device)
+        features = None
+        if model.config.feature_dim:
+            if stage1 is None:
+                raise CtfgenError("this refiner reads stage-1 features: give the coarse model it was trained with")
+            features = stage1.hidden_states(inputs, labels)
         with autocast(device):
-            logits = model(inputs, labels.to(device))
+            logits = model(inputs, labels, features=features)
         variants = {"": logits}
         if role == "refiner":
             assert hierarchy is not None
@@ -214,6 +234,9 @@ class Trainer:
         checks.check_batch_fits(self.codes, cfg.batch_size)
         self.hierarchy = checks.load_matching_hierarchy(cfg, self.codes)
         self.val_codes = checks.load_codes(cfg.val_codes, "--val-codes") if cfg.val_codes else None
+        self.stage1 = (checks.load_stage1(cfg, self.codes, self.hierarchy, self.device)
+                       if cfg.role == "refiner" and cfg.coarse_model else None)
+        self.stage1_fingerprint = fingerprint_tensors(self.stage1.state_dict()) if self.stage1 is not None else None
 
         seed_everything(cfg.seed)  # identical initial weights on every rank
         self.model = self._build_model().to(self.device)
@@ -235,7 +258,7 @@ class Trainer:
     # --- set-up -------------------------------------------------------------------------------
     def _build_model(self) -> Transformer:
         cfg = self.cfg
-        expected = checks.expected_model_fields(cfg.role, self.codes, self.hierarchy, cfg.reveal)
+        expected = self._expected_fields()
         dropouts = dict(class_dropout_prob=cfg.class_dropout, token_dropout_p=cfg.dropout,
                         resid_dropout_p=cfg.dropout, ffn_dropout_p=cfg.dropout)
         if cfg.init is None:
@@ -252,6 +275,11 @@ class Trainer:
         model.load_state_dict(init.state_dict())
         return model.train()
 
+    def _expected_fields(self) -> dict[str, tuple[Any, str]]:
+        cfg = self.cfg
+        width = self.stage1.config.dim if self.stage1 is not None and cfg.stage1_features else 0
+        return checks.expected_model_fields(cfg.role, self.codes, self.hierarchy, cfg.reveal, width)
+
     def _wrap(self, model: Transformer) -> torch.nn.Module:
         """The module the training forward goes through: optionally compiled, DDP-wrapped when distributed."""
         wrapped: torch.nn.Module = torch.compile(model) if self.cfg.compile else model
@@ -266,7 +294,8 @@ class Trainer:
 
     def _data_fingerprints(self) -> dict[str, Any]:
         return {"codes_fingerprint": self.codes.fingerprint,
-                "hierarchy_fingerprint": self.hierarchy.fingerprint if self.hierarchy else None}
+                "hierarchy_fingerprint": self.hierarchy.fingerprint if self.hierarchy else None,
+                "stage1_fingerprint": self.stage1_fingerprint}
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes everything needed to continue exactly (atomic: a crash keeps the last good file)."""
@@ -312,12 +341,11 @@ class Trainer:
         if state.get("format_version") != CHECKPOINT_FORMAT:
             raise ArtifactError(f"{path}: unknown checkpoint format {state.get('format_version')!r}")
         stored = TransformerConfig(**json.loads(state["model_config"]))
-        checks.check_model_fits(stored, checks.expected_model_fields(self.cfg.role, self.codes, self.hierarchy, self.cfg.reveal),
-                                f"checkpoint {path}")
+        checks.check_model_fits(stored, self._expected_fields(), f"checkpoint {path}")
         checks.check_same_architecture(stored, self.model.config, f"checkpoint {path}")
         for key, now in self._data_fingerprints().items():
-            if state["data"][key] != now:
-                raise ArtifactError(f"{path} was trained with {key} {state['data'][key]}, but this run has {now}")
+            if state["data"].get(key) != now:  # checkpoints older than a key hold None for it
+                raise ArtifactError(f"{path} was trained with {key} {state['data'].get(key)}, but this run has {now}")
         changed = {k: v for k, v in json.loads(state["train_config"]).items()
                    if asdict(self.cfg).get(k) != v and k not in self._inert_fields()}
         if state["data"]["world_size"] != self.dist.world_size:
@@ -345,20 +373,25 @@ class Trainer:
         fine, labels = self.codes.batch(idx, views)
         inputs, targets = role_batch(cfg.role, fine.to(self.device), self.hierarchy)
         labels = labels.to(self.device)
-        parts = [inputs, targets, labels]
-        if self.model.config.reveal:  # the refiner reads some codewords and is scored on the hidden ones
-            parts += hide_some(targets, self.model.config.hidden_id)
+        features = None
+        if self.stage1 is not None:
+            with autocast(self.device):
+                inputs, features = stage1_view(self.stage1, inputs, labels, cfg.corrupt, cfg.stage1_features)
+        shown, scored = hide_some(targets, self.model.config.hidden_id) if self.model.config.reveal else (None, None)
+        parts = {"codes": inputs, "targets": targets, "labels": labels, "fine": shown, "scored": scored,
+                 "features": features}
+        chunks = {name: part.chunk(cfg.grad_accum) for name, part in parts.items() if part is not None}
         loss_sum = torch.zeros((), device=self.device)
-        for i, (x, t, y, *reveal) in enumerate(zip(*(part.chunk(cfg.grad_accum) for part in parts))):
-            shown, scored = reveal or (None, None)
+        for i in range(cfg.grad_accum):
+            m = {name: chunk[i] for name, chunk in chunks.items()}
             # DDP all-reduces gradients only on the last micro-batch of the step.
             sync = i == cfg.grad_accum - 1 or not self.dist.enabled
             with nullcontext() if sync else self.forward_model.no_sync():
                 with autocast(self.device):
-                    logits = self.forward_model(x, y, self.member_mask, shown)
+                    logits = self.forward_model(m["codes"], m["labels"], self.member_mask, m.get("fine"), m.get("features"))
                 # Equal micro-batches on every rank: mean / grad_accum, averaged over ranks by DDP,
                 # is the mean over the global batch (of the scored tokens, with reveal: nearly so).
-                loss = token_loss(logits, t, scored) / cfg.grad_accum
+                loss = token_loss(logits, m["targets"], m.get("scored")) / cfg.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -460,7 +493,7 @@ class Trainer:
         if self.val_codes is not None:
             micro_batch = self.per_rank_batch // cfg.grad_accum  # known to fit in memory (with gradients, even)
             held_out = {"codes": cfg.val_codes, **evaluate(model, self.val_codes, cfg.role, self.hierarchy,
-                                                          cfg.val_limit, micro_batch)}
+                                                          cfg.val_limit, micro_batch, self.stage1)}
             for k, v in held_out.items():
                 if k not in ("codes", "items"):
                     writer.add_scalar(f"val/{k}", v, self.step)
@@ -485,6 +518,11 @@ class Trainer:
             "weights": "ema" if self.ema else "raw",
             "ema_decay": cfg.ema_decay,
             "refiner_mask": cfg.refiner_mask if cfg.role == "refiner" else None,
+            "reveal": cfg.reveal,
+            "stage1": cfg.coarse_model,  # the coarse model a refiner read (features) or learned the errors of
+            "stage1_fingerprint": self.stage1_fingerprint,
+            "stage1_features": cfg.stage1_features,
+            "corrupt": cfg.corrupt,
             "final_train_loss": float(np.mean(self.recent_losses)) if self.recent_losses else None,
             "val_loss": held_out[objective] if held_out else None,
             "held_out": held_out,

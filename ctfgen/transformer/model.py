@@ -6,6 +6,8 @@
   codeword of every position at once (head over V), optionally masked to each position's cluster.
   With ``reveal`` it also reads the codewords already decided (id V = not yet), which lets it
   refine in several steps (`ctfgen.sampling.refine`); with nothing revealed it is the paper's refiner.
+  With ``feature_dim`` it also reads a coarse model's last hidden state at each position
+  (`Transformer.hidden_states`; computed while stage 1 samples, at no extra cost).
 
 The block follows LlamaGen's GPT (autoregressive/models/gpt.py): pre-norm RMSNorm, fused QKV
 attention with 2D rotary embeddings over the token grid, SwiGLU feed-forward, a class token from a
@@ -58,6 +60,7 @@ class TransformerConfig:
     grid_w: int = 16
     causal: bool | None = None  # None: from role (refiner is bidirectional, the others causal)
     reveal: bool = False  # refiner: also reads the fine codes already decided (few-step refinement)
+    feature_dim: int = 0  # refiner: also reads stage-1 hidden states of this width (0: no)
     class_dropout_prob: float = 0.1
     token_dropout_p: float = 0.1
     attn_dropout_p: float = 0.0
@@ -76,6 +79,10 @@ class TransformerConfig:
             raise CtfgenError(f"role {self.role!r} needs causal={self.role != 'refiner'}")
         if self.reveal and self.role != "refiner":
             raise CtfgenError(f"reveal (reading decided fine codes) is for the refiner, not role {self.role!r}")
+        if self.feature_dim and self.role != "refiner":
+            raise CtfgenError(f"feature_dim (reading stage-1 hidden states) is for the refiner, not role {self.role!r}")
+        if self.feature_dim < 0:
+            raise CtfgenError(f"feature_dim must be >= 0, got {self.feature_dim}")
         if self.head_size is None:
             if self.role == "refiner":
                 raise CtfgenError("a refiner needs head_size = V (its input vocabulary is K)")
@@ -287,6 +294,7 @@ class Transformer(nn.Module):
         self.tok_embed = nn.Embedding(config.vocab_size, config.dim)
         # added to the coarse-code embedding; zero at first, so a fresh reveal refiner starts as a plain one
         self.fine_embed = nn.Embedding(config.head_size + 1, config.dim) if config.reveal else None
+        self.feature_proj = nn.Linear(config.feature_dim, config.dim, bias=False) if config.feature_dim else None  # likewise
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
@@ -306,8 +314,9 @@ class Transformer(nn.Module):
                 nn.init.ones_(m.weight)
         # A zero head makes every initial prediction uniform.
         nn.init.zeros_(self.head.weight)
-        if self.fine_embed is not None:
-            nn.init.zeros_(self.fine_embed.weight)
+        for extra in (self.fine_embed, self.feature_proj):
+            if extra is not None:
+                nn.init.zeros_(extra.weight)
 
     @property
     def null_class(self) -> int:
@@ -336,7 +345,7 @@ class Transformer(nn.Module):
         return self.class_embed(class_labels)[:, None]  # [B, 1, dim]
 
     def _run(self, h: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
-        """Blocks + norm + head over input positions start..start+L; returns fp32 logits."""
+        """Blocks + final norm over input positions start..start+L: the last hidden states (`head` makes logits)."""
         L = h.shape[1]
         if start + L > self.rope_cos.shape[0]:
             raise CtfgenError(f"sequence of {start + L} positions exceeds 1 + grid ({self.rope_cos.shape[0]})")
@@ -346,20 +355,26 @@ class Transformer(nn.Module):
             h = block(h, cos, sin, cache, i, start)
         if cache is not None:
             cache.pos = start + L
-        return self.head(self.norm(h)).float()
+        return self.norm(h)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of last hidden states (`hidden_states`, or what `prefill`/`step` return with_hidden)."""
+        return self.head(hidden).float()
 
     def _check_codes(self, codes: torch.Tensor, batch: int) -> None:
         if codes.dim() != 2 or codes.shape[0] != batch:
             raise CtfgenError(f"codes must be [B={batch}, T], got shape {tuple(codes.shape)}")
 
-    def forward(self, codes: torch.Tensor, class_labels: torch.Tensor,
-                member_mask: torch.Tensor | None = None, fine: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, codes: torch.Tensor, class_labels: torch.Tensor, member_mask: torch.Tensor | None = None,
+                fine: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         """Full-sequence logits [B, T, head_size] (training and scoring).
 
         member_mask: refiner only, bool [K, V]; when given, logits of codewords outside each
         position's cluster (the cluster given by its coarse code) become -inf.
         fine: `reveal` refiner only, long [B, T]: the fine codes decided so far, `hidden_id` elsewhere;
         None means none decided.
+        features: refiner with `feature_dim` only, float [B, T, feature_dim]: the coarse model's
+        `hidden_states` of the coarse codes.
         """
         self._check_codes(codes, class_labels.shape[0])
         T = codes.shape[1]
@@ -370,7 +385,7 @@ class Transformer(nn.Module):
             if member_mask is not None:
                 raise CtfgenError("member_mask applies only to the refiner")
             h = torch.cat([cls, self.tok_embed(codes[:, :-1])], dim=1)  # the last code predicts nothing
-            return self._run(h, 0, None)
+            return self.head_logits(self._run(h, 0, None))
         tokens = self.tok_embed(codes)
         if self.fine_embed is not None:
             if fine is None:
@@ -380,17 +395,37 @@ class Transformer(nn.Module):
             tokens = tokens + self.fine_embed(fine)
         elif fine is not None:
             raise CtfgenError("this refiner was not trained to read decided fine codes (train it with --reveal)")
+        if self.feature_proj is not None:
+            expected = (*codes.shape, self.config.feature_dim)
+            if features is None or tuple(features.shape) != expected:
+                raise CtfgenError(f"this refiner reads stage-1 features {expected}, got "
+                                  f"{None if features is None else tuple(features.shape)}")
+            tokens = tokens + self.feature_proj(features.to(tokens.dtype))
+        elif features is not None:
+            raise CtfgenError("this refiner was not trained to read stage-1 features (train it with --stage1-features)")
         h = torch.cat([cls, tokens], dim=1)
-        logits = self._run(h, 0, None)[:, 1:]  # the class token's output predicts nothing
+        logits = self.head_logits(self._run(h, 0, None))[:, 1:]  # the class token's output predicts nothing
         if member_mask is not None:
             logits = mask_to_clusters(logits, codes, member_mask)
         return logits
 
     @torch.no_grad()
-    def prefill(self, class_labels: torch.Tensor, cache: KVCache, codes: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, codes: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """Causal models: the last hidden state [B, T, dim] whose logits predict each of codes [B, T] (it has
+        read the class and the codes before it): what a refiner with `feature_dim` reads. Teacher-forced."""
+        if not self.config.causal:
+            raise CtfgenError("hidden_states are a causal model's")
+        self._check_codes(codes, class_labels.shape[0])
+        h = torch.cat([self._class_token(class_labels), self.tok_embed(codes[:, :-1])], dim=1)
+        return self._run(h, 0, None)
+
+    @torch.no_grad()
+    def prefill(self, class_labels: torch.Tensor, cache: KVCache, codes: torch.Tensor | None = None,
+                with_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Start causal decoding: feed the class token (and optional known prefix codes [B, n]).
 
-        Resets the cache. Returns logits [B, 1 + n, head_size]; row i predicts token i.
+        Resets the cache. Returns logits [B, 1 + n, head_size]; row i predicts token i (with_hidden: and
+        the hidden states those logits came from).
         Pass null labels (``model.null_class``) in the batch for classifier-free guidance.
         """
         if not self.config.causal:
@@ -400,11 +435,14 @@ class Transformer(nn.Module):
         if codes is not None:
             self._check_codes(codes, class_labels.shape[0])
             h = torch.cat([h, self.tok_embed(codes)], dim=1)
-        return self._run(h, 0, cache)
+        hidden = self._run(h, 0, cache)
+        return (self.head_logits(hidden), hidden) if with_hidden else self.head_logits(hidden)
 
     @torch.no_grad()
-    def step(self, codes: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed the next codes [B, n] after what the cache holds; logits [B, n, head_size].
+    def step(self, codes: torch.Tensor, cache: KVCache,
+             with_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Feed the next codes [B, n] after what the cache holds; logits [B, n, head_size] (with_hidden: and
+        their hidden states).
 
         With the cache at position p (class token + p - 1 tokens), row i predicts token p + i.
         """
@@ -413,7 +451,8 @@ class Transformer(nn.Module):
         if cache.pos == 0:
             raise CtfgenError("call prefill before step")
         self._check_codes(codes, cache.batch_size)
-        return self._run(self.tok_embed(codes), cache.pos, cache)
+        hidden = self._run(self.tok_embed(codes), cache.pos, cache)
+        return (self.head_logits(hidden), hidden) if with_hidden else self.head_logits(hidden)
 
 
 def mask_to_clusters(logits: torch.Tensor, coarse_codes: torch.Tensor, member_mask: torch.Tensor) -> torch.Tensor:
