@@ -89,6 +89,44 @@ def test_cells_run_resume_and_report(tmp_path: Path, fm: Path) -> None:
     assert calls == [] and workshop.baseline_steps(cells[0], workshop.artifacts(cells[0])) == 3
 
 
+def test_refiner_options_are_cells_too(tmp_path: Path, fm: Path) -> None:
+    """A CTF whose refiner reads decided codes, stage-1 features and corrupted labels, sampled in 2 passes:
+    trained on the same coarse model as the plain CTF, charged for reading it, labelled by its options."""
+    plain = TOY
+    options = replace(TOY, refiner_reveal=True, refine_steps=2, refiner_features=True, refiner_corrupt=0.2)
+    two_pass_only = replace(options, refine_steps=1)  # the same refiner, sampled in one pass
+    out = tmp_path / "bench"
+    meta = {"grid": "toy", "data": "fashion-mnist", "seeds": 1}
+    run_bench(out, [plain, options, two_pass_only], meta, data_dir=str(fm), classifier_epochs=1, classifier_limit=128)
+    records = {r["result"]["label"]: r["result"] for r in Results(out / "cells.jsonl").load()}
+    label = "CTF (refiner reads decided codes, 2 passes, reads stage-1 features, trained on 20% corrupted labels)"
+    assert set(records) == {"CTF", label, label.replace(" 2 passes,", "")}
+    assert len(list((out / "models").glob("coarse-*"))) == 1 and len(list((out / "models").glob("refiner-*"))) == 2
+    assert records[label]["train"]["refiner"]["flops"] > records["CTF"]["train"]["refiner"]["flops"]
+    with pytest.raises(ValueError, match="refiner_reveal"):
+        replace(TOY, refine_steps=4)
+
+
+def test_a_field_added_with_a_default_keeps_the_keys() -> None:
+    """Results recorded before a cell field existed are still found: a default value is not hashed."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Cell:  # noqa: F811 (two versions of one type, as a project sees them over time)
+        a: int
+        b: int = 2
+
+    before = cell_key(Cell(1))
+
+    @dataclass(frozen=True)
+    class Cell:  # noqa: F811
+        a: int
+        b: int = 2
+        c: bool = False
+
+    assert cell_key(Cell(1)) == before and cell_key(Cell(1, c=True)) != before and cell_key(Cell(1, 3)) != before
+
+
 def test_compute_matched_steps(tmp_path: Path, fm: Path) -> None:
     """The matched baseline's steps reach the named CTF's FLOPs; a cheaper refiner buys it fewer."""
     workshop = Workshop(tmp_path, str(fm), classifier_limit=128)

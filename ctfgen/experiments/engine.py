@@ -24,8 +24,13 @@ C = TypeVar("C")
 
 
 def cell_key(cell: Any) -> str:
-    """A stable hash of the cell's type and values."""
-    text = json.dumps({"type": type(cell).__name__, **dataclasses.asdict(cell)}, sort_keys=True)
+    """A stable hash of the cell's type and of its values that differ from the field defaults, so that a
+    field added later with a default leaves the keys of earlier cells (and their results) as they were."""
+    values = dataclasses.asdict(cell)
+    for f in dataclasses.fields(cell):
+        if f.default is not dataclasses.MISSING and getattr(cell, f.name) == f.default:
+            del values[f.name]
+    text = json.dumps({"type": type(cell).__name__, **values}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -5,10 +5,13 @@
   those CTFs. The report compares each side at its own best operating point, over seeds.
 - `map`: where CTF helps. CTF and the baseline at equal steps over codebook size V, clusters K
   (and `auto`), model size and training length in epochs.
+- `refiner`: the refiner options against the plain CTF and the baselines: one that reads decided
+  codes (sampled in 1, 2, 4 and 8 passes), one that reads stage-1 features, one trained on labels
+  the coarse model corrupts.
 Each grid has a full form (what a GPU runs in hours) and a quick one (minutes on a 2-core CPU; it
-shows the instrument works, not the verdict). `cpu` is the versus grid cut to what one 2-core CPU
-session fits (tiny models with the whole protocol, small ones at equal steps); docs/bench.md says what
-it costs.
+shows the instrument works, not the verdict). `cpu` is the versus grid cut to what a 2-core CPU
+fits in a few hours (tiny models with the whole protocol at 400 steps and at equal steps over 200 and
+800 steps, small ones at equal steps); docs/bench.md says what it costs.
 """
 
 from __future__ import annotations
@@ -59,7 +62,28 @@ def cpu_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell
     base = replace(base, steps=400, scoring=CPU_SCORING)
     tiny = replace(base, size="tiny", refiner_size="tiny")
     return (versus(tiny, (400,), seeds, (FULL_REFINER, (0.5, 1.0)), (FULL_REFINER,))
+            + versus(tiny, (200, 800), seeds, (FULL_REFINER,), ())  # steps-to-FID: each budget its own run
             + versus(base, (400,), seeds, (FULL_REFINER,), ()))  # small models: the size dimension, equal steps
+
+
+# the refiner options of issue 12 (docs/bench.md): each against the plain CTF and the baselines of one setup
+REFINER_OPTIONS = ({"refiner_reveal": True}, {"refiner_reveal": True, "refine_steps": 4}, {"refiner_features": True},
+                   {"refiner_corrupt": 0.2})
+MORE_PASSES = ({"refiner_reveal": True, "refine_steps": 2}, {"refiner_reveal": True, "refine_steps": 8})
+
+
+def refiner_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell]:
+    """The `cpu` grid's tiny setup (CTF, the baseline at equal steps and at CTF's compute) and CTF with each
+    refiner option; the extra pass counts come last, so the main options finish first."""
+    if quick:
+        base, steps, options, more = replace(base, **QUICK_BASE), 200, REFINER_OPTIONS[1:3], ()
+    else:
+        base, steps, options, more = replace(base, size="tiny", refiner_size="tiny", scoring=CPU_SCORING), 400, \
+            REFINER_OPTIONS, MORE_PASSES
+    cells = versus(base, (steps,), seeds, (FULL_REFINER,), (FULL_REFINER,))
+    for group in (options, more):
+        cells += [replace(base, side="ctf", steps=steps, seed=seed, **o) for seed in range(seeds) for o in group]
+    return cells
 
 
 def map_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell]:
@@ -82,4 +106,4 @@ def map_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell
 
 
 GRIDS: dict[str, Callable[[Cell, int, bool, int], list[Cell]]] = {
-    "versus": versus_grid, "cpu": cpu_grid, "map": map_grid}
+    "versus": versus_grid, "cpu": cpu_grid, "map": map_grid, "refiner": refiner_grid}

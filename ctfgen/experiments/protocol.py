@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -44,7 +44,6 @@ from ..transformer.model import ARTIFACT_KIND as MODEL_KIND, preset_config
 from .engine import cell_key
 from .floors import floor_sets
 from .likelihood import nll_split
-from .report import side_label
 
 log = logging.getLogger(__name__)
 Fraction = Annotated[float, Between(0.0, 1.0, lo_open=True)]
@@ -87,6 +86,10 @@ class Cell:
     refiner_depth: Fraction = 1.0  # share of refiner_size's layers
     refiner_steps: Fraction = 1.0  # share of `steps` the refiner trains for
     compute_of: tuple[float, float] | None = None  # baseline: (refiner_depth, refiner_steps) of the CTF it matches
+    refiner_reveal: bool = False  # the refiner also reads decided codewords (trained with --reveal)
+    refine_steps: Count = 1  # stage-2 passes when sampling (> 1 needs refiner_reveal)
+    refiner_features: bool = False  # the refiner reads the coarse model's hidden states (--stage1-features)
+    refiner_corrupt: Rate = 0.0  # share of coarse labels redrawn by the coarse model in refiner training (--corrupt)
     batch_size: Count = 64
     lr: Positive = 1e-3
     warmup_steps: NonNegative = 50  # capped at a quarter of a run
@@ -98,11 +101,33 @@ class Cell:
         check_fields(self)
         if self.k != "auto" and not (isinstance(self.k, int) and 2 <= self.k <= self.codebook):
             raise ValueError(f"k must be 'auto' or an integer in [2, {self.codebook}], got {self.k!r}")
+        if self.refine_steps > 1 and not self.refiner_reveal:
+            raise ValueError("refine_steps > 1 needs refiner_reveal (a refiner that reads decided codewords)")
 
     @property
     def label(self) -> str:
         """What the report calls this side."""
-        return side_label(self.side, self.refiner_depth, self.refiner_steps, self.compute_of)
+        return side_label(asdict(self))
+
+
+def side_label(cell: dict[str, Any]) -> str:
+    """What the report calls a side, from a cell's fields: "CTF (refiner 0.5x depth)", "baseline, equal
+    steps", "CTF (refiner reads decided codes, 4 passes)", ... (fields a record lacks take their defaults)."""
+    c = {**CELL_DEFAULTS, **cell}
+
+    def refiner(depth: float, steps: float, options: bool) -> str:
+        parts = ([f"{depth:g}x depth"] if depth != 1 else []) + ([f"{steps:g}x steps"] if steps != 1 else [])
+        if options:
+            parts += (["reads decided codes"] if c["refiner_reveal"] else []) + (
+                [f"{c['refine_steps']} passes"] if c["refine_steps"] != 1 else []) + (
+                ["reads stage-1 features"] if c["refiner_features"] else []) + (
+                [f"trained on {100 * c['refiner_corrupt']:g}% corrupted labels"] if c["refiner_corrupt"] else [])
+        return f" (refiner {', '.join(parts)})" if parts else ""
+
+    if c["side"] == "ctf":
+        return "CTF" + refiner(c["refiner_depth"], c["refiner_steps"], True)
+    matched = c["compute_of"]
+    return "baseline, equal steps" if matched is None else "baseline, compute of CTF" + refiner(*matched, False)
 
 
 @dataclass(frozen=True)
@@ -122,6 +147,14 @@ class ModelSpec:
     warmup_steps: int
     dropout: float
     tokenizer_steps: int
+    # refiner options (defaults keep the folder names of models trained before they existed)
+    reveal: bool = False
+    corrupt: float = 0.0
+    features: bool = False
+    stage1: "ModelSpec | None" = None  # the coarse model a refiner reads (features or corrupted labels)
+
+
+CELL_DEFAULTS = {f.name: f.default for f in fields(Cell) if f.default is not MISSING}
 
 
 def matmul_parameters(model: torch.nn.Module) -> int:
@@ -226,20 +259,29 @@ class Workshop:
     def _config(self, spec: ModelSpec, art: Artifacts) -> Any:
         codes = CodeDataset(art.codes_train)
         hierarchy = None if spec.role == "baseline" else load_hierarchy(art.hierarchy)
-        fields = {name: value for name, (value, _) in expected_model_fields(spec.role, codes, hierarchy).items()}
-        config = preset_config(spec.size, num_classes=codes.num_classes, **fields)
+        width = self._config(spec.stage1, art).dim if spec.features else 0
+        expected = expected_model_fields(spec.role, codes, hierarchy, spec.reveal, width)
+        config = preset_config(spec.size, num_classes=codes.num_classes, **{k: v for k, (v, _) in expected.items()})
         return replace(config, n_layer=max(1, round(config.n_layer * spec.depth)))
 
     def flops_per_step(self, spec: ModelSpec, art: Artifacts) -> float:
-        """6 x matmul parameters x tokens of one step (forward + backward; attention scores left out)."""
+        """6 x matmul parameters x tokens of one step (forward + backward; attention scores left out), plus
+        2 x those of the coarse model a refiner reads (its forward pass, every step)."""
+        def matmuls(s: ModelSpec) -> int:
+            config = self._config(s, art)
+            with torch.device("meta"):  # shapes only: counting a GPT-L's parameters allocates nothing
+                return matmul_parameters(build_model(config))
+
         config = self._config(spec, art)
-        with torch.device("meta"):  # shapes only: counting a GPT-L's parameters allocates nothing
-            model = build_model(config)
-        return 6.0 * matmul_parameters(model) * spec.batch_size * config.grid_h * config.grid_w
+        tokens = spec.batch_size * config.grid_h * config.grid_w
+        return (6.0 * matmuls(spec) + (2.0 * matmuls(spec.stage1) if spec.stage1 else 0.0)) * tokens
+
+    def model_folder(self, spec: ModelSpec) -> Path:
+        return self.root / "models" / f"{spec.role}-{cell_key(spec)}"
 
     def model(self, spec: ModelSpec, art: Artifacts) -> tuple[Path, dict[str, Any]]:
         """The trained model's folder (trained now unless an earlier cell did) and its compute."""
-        folder = self.root / "models" / f"{spec.role}-{cell_key(spec)}"
+        folder = self.model_folder(spec)
         if not is_finished(folder, MODEL_KIND):
             init = folder.parent / f".{folder.name}.init"
             torch.manual_seed(spec.seed)
@@ -249,6 +291,8 @@ class Workshop:
                 role=spec.role, codes=art.codes_train, hierarchy=None if spec.role == "baseline" else art.hierarchy,
                 out=str(folder), init=str(init), steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
                 warmup_steps=min(spec.warmup_steps, spec.steps // 4), lr_decay="cosine", dropout=spec.dropout,
+                reveal=spec.reveal, corrupt=spec.corrupt, stage1_features=spec.features,
+                coarse_model=str(self.model_folder(spec.stage1)) if spec.stage1 else None,
                 seed=spec.seed, device=str(self.device), save_every=max(1, spec.steps // 4),
                 log_every=max(1, min(25, spec.steps))), resume=True, progress=False)
         info = read_json(folder / INFO_NAME)
@@ -261,15 +305,21 @@ class Workshop:
                          cell.refiner_size if role == "refiner" else cell.size, depth, cell.batch_size, cell.lr,
                          cell.warmup_steps, cell.dropout, cell.tokenizer_steps)
 
-    def _ctf_specs(self, cell: Cell, depth: float, share: float) -> tuple[ModelSpec, ModelSpec]:
-        return (self._spec(cell, "coarse", cell.steps),
-                self._spec(cell, "refiner", max(1, round(cell.steps * share)), depth))
+    def _ctf_specs(self, cell: Cell, depth: float, share: float, options: bool = True) -> tuple[ModelSpec, ModelSpec]:
+        """The coarse and refiner specs of a CTF; `options`: with the cell's refiner options (reveal, ...)."""
+        coarse = self._spec(cell, "coarse", cell.steps)
+        refiner = self._spec(cell, "refiner", max(1, round(cell.steps * share)), depth)
+        if options:
+            reads = cell.refiner_features or cell.refiner_corrupt > 0
+            refiner = replace(refiner, reveal=cell.refiner_reveal, corrupt=cell.refiner_corrupt,
+                              features=cell.refiner_features, stage1=coarse if reads else None)
+        return coarse, refiner
 
     def baseline_steps(self, cell: Cell, art: Artifacts) -> int:
         """`steps`, or the fewest steps whose FLOPs reach those of the CTF named by `compute_of`."""
         if cell.compute_of is None:
             return cell.steps
-        coarse, refiner = self._ctf_specs(cell, *cell.compute_of)
+        coarse, refiner = self._ctf_specs(cell, *cell.compute_of, options=False)  # the plain refiner's compute
         ctf = self.flops_per_step(coarse, art) * coarse.steps + self.flops_per_step(refiner, art) * refiner.steps
         return math.ceil(ctf / self.flops_per_step(self._spec(cell, "baseline", 1), art))
 
@@ -293,16 +343,17 @@ class Workshop:
             train = {"baseline": baseline}
             nll = nll_split(test_codes, hierarchy, baseline=pipe.model, limit=s.nll_items)["baseline"]
 
+        stage2 = {"refine_steps": cell.refine_steps} if cell.side == "ctf" else {}
         extractor = get_extractor("domain", path=art.classifier)
         ref = Reference(cell.data, "test", None, self.data_dir, self.cache_dir)
         points = []
         for point in s.points(cell.side):
-            images = sample_with(pipe, s.point_per_class, 1000 * cell.seed + 1, **point)
+            images = sample_with(pipe, s.point_per_class, 1000 * cell.seed + 1, **point, **stage2)
             scores = score(images.images, images.labels, extractor, ref, self.device)
             points.append({"settings": point, **brief(scores)})
         best = min(points, key=lambda p: p["fid"])
         start = time.perf_counter()
-        final_set = sample_with(pipe, s.final_per_class, 1000 * cell.seed + 2, **best["settings"])
+        final_set = sample_with(pipe, s.final_per_class, 1000 * cell.seed + 2, **best["settings"], **stage2)
         sample_s = time.perf_counter() - start
         final = {"settings": best["settings"], "sample_s": round(sample_s, 2),
                  "images_per_s": len(final_set.labels) / sample_s,

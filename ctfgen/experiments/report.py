@@ -16,9 +16,12 @@ from typing import Any, Callable
 
 from PIL import Image, ImageDraw
 
+from .protocol import CELL_DEFAULTS, side_label
 from .stats import Spread, compare, spread
 
-ROW_FIELDS = ("side", "k", "refiner_depth", "refiner_steps", "compute_of")  # what tells rows of a setup apart
+REFINER_OPTIONS = ("refiner_reveal", "refine_steps", "refiner_features", "refiner_corrupt")
+# what tells rows of a setup apart
+ROW_FIELDS = ("side", "k", "refiner_depth", "refiner_steps", "compute_of") + REFINER_OPTIONS
 SETUP_FIELDS_OUT = ROW_FIELDS + ("seed",)  # a setup: every other field
 MAP_FIELDS = ("codebook", "size", "steps")
 
@@ -36,11 +39,14 @@ class Row:
 
     @property
     def full_refiner(self) -> bool:
-        return self.cell["refiner_depth"] == 1 and self.cell["refiner_steps"] == 1
+        """The paper's refiner at full depth and steps, no options."""
+        c = self.cell
+        return (c["refiner_depth"] == 1 and c["refiner_steps"] == 1
+                and all(c[k] == CELL_DEFAULTS[k] for k in REFINER_OPTIONS))
 
     def label(self, with_k: bool) -> str:
         c = self.cell
-        text = side_label(c["side"], c["refiner_depth"], c["refiner_steps"], c["compute_of"])
+        text = side_label(c)
         if c["side"] == "ctf" and with_k:
             return f"{text}, K={self.records[0]['result']['K']}" + (" (auto)" if c["k"] == "auto" else "")
         return text
@@ -48,17 +54,6 @@ class Row:
     def of(self, metric: Callable[[dict[str, Any]], float | None]) -> Spread | None:
         values = [metric(r["result"]) for r in self.records]
         return spread(values) if values and all(v is not None for v in values) else None
-
-
-def side_label(side: str, refiner_depth: float, refiner_steps: float, compute_of: Any) -> str:
-    """What the report calls a side: "CTF (refiner 0.5x depth)", "baseline, equal steps", ..."""
-    def refiner(depth: float, steps: float) -> str:
-        parts = ([f"{depth:g}x depth"] if depth != 1 else []) + ([f"{steps:g}x steps"] if steps != 1 else [])
-        return f" (refiner {', '.join(parts)})" if parts else ""
-
-    if side == "ctf":
-        return "CTF" + refiner(refiner_depth, refiner_steps)
-    return "baseline, equal steps" if compute_of is None else "baseline, compute of CTF" + refiner(*compute_of)
 
 
 @dataclass
@@ -79,7 +74,7 @@ class Setup:
 def group(records: list[dict[str, Any]]) -> list[Setup]:
     setups: dict[str, Setup] = {}
     for rec in records:
-        cell = rec["cell"]
+        cell = {**CELL_DEFAULTS, **rec["cell"]}  # records from before a field existed: its default
         fields = {k: v for k, v in cell.items() if k not in SETUP_FIELDS_OUT}
         setup = setups.setdefault(json.dumps(fields, sort_keys=True), Setup(fields))
         row_fields = {k: cell[k] for k in ROW_FIELDS}
