@@ -3,6 +3,7 @@ KV cache's per-token decode time at the last position against the first.
 
     python benchmarks/bench_sampling.py --quick            # small shape at batch 1 and 64, GPT-B shape at batch 1
     python benchmarks/bench_sampling.py --device cuda      # also GPT-B at batch 8
+    python benchmarks/bench_sampling.py --refine-passes 1,2,4,8   # also CTF with stage 2 in that many passes
 
 Random weights (speed does not depend on them; the heads are re-initialised so sampling is not
 uniform). Two shapes:
@@ -10,7 +11,8 @@ uniform). Two shapes:
   the coarse model, the baseline and the refiner;
 - "GPT-B": LlamaGen's B shape, 16x16 grid, V=16384, K=512, 1000 classes, GPT-B for all three.
 "CTF/base" is the speed ratio (> 1: CTF is faster); "stage 2" is the share of CTF's time spent in the
-refiner pass and its sampling. Images/s counts token sampling (stage 1 with CFG 2.0, stage 2 without guidance, the pipeline's
+refiner pass and its sampling. With --refine-passes the refiner reads decided codes (`reveal`), and
+CTF is also timed with stage 2 in each number of passes (`refine(steps=S)`; S = 1 is the paper's). Images/s counts token sampling (stage 1 with CFG 2.0, stage 2 without guidance, the pipeline's
 defaults), not the tokenizer's decoder, which costs the same for both methods. On a shared CPU
 the figures move with the other load: compare rows of one run, not runs on different days.
 """
@@ -39,14 +41,15 @@ STAGE1 = StageSettings(cfg=2.0, temperature=1.1)
 STAGE2 = StageSettings(cfg=1.0, temperature=1.1)
 
 
-def random_models(shape: dict, device: torch.device) -> dict[str, Transformer]:
+def random_models(shape: dict, device: torch.device, reveal: bool = False) -> dict[str, Transformer]:
     common = dict(num_classes=shape["classes"], grid_h=shape["grid"], grid_w=shape["grid"])
     vocab = {"coarse": (shape["K"], shape["K"]), "refiner": (shape["K"], shape["V"]), "baseline": (shape["V"], shape["V"])}
     models = {}
     for role, (vocab_size, head_size) in vocab.items():
         torch.manual_seed(0)
         with torch.device(device):
-            model = build_model(preset_config(shape["size"], role=role, vocab_size=vocab_size, head_size=head_size, **common))
+            model = build_model(preset_config(shape["size"], role=role, vocab_size=vocab_size, head_size=head_size,
+                                              reveal=reveal and role == "refiner", **common))
         torch.nn.init.normal_(model.head.weight, std=0.02)
         models[role] = model.eval()
     return models
@@ -70,7 +73,7 @@ def seconds(fn: Callable[[], object], device: torch.device, repeats: int = 1) ->
 
 
 def images_per_s(models: dict[str, Transformer], shape: dict, batch: int, device: torch.device,
-                 repeats: int) -> dict[str, float]:
+                 repeats: int, passes: list[int]) -> dict[str, float]:
     labels = torch.arange(batch, device=device) % shape["classes"]
     g = torch.Generator(device=device).manual_seed(0)
     ctf = lambda: sample_ctf(models["coarse"], models["refiner"], labels, STAGE1, STAGE2, g)
@@ -79,9 +82,12 @@ def images_per_s(models: dict[str, Transformer], shape: dict, batch: int, device
     stage2 = lambda: refine(models["refiner"], coarse, labels, STAGE2, g)
     t_ctf, t_base = seconds(ctf, device, repeats), seconds(baseline, device, repeats)
     t_stage2 = seconds(stage2, device, repeats)
+    by_passes = {s: batch / seconds(lambda: sample_ctf(models["coarse"], models["refiner"], labels, STAGE1, STAGE2, g,
+                                                       refine_steps=s), device, repeats) for s in passes}
     return {"batch": batch, "ctf_images_per_s": batch / t_ctf, "baseline_images_per_s": batch / t_base,
             "ctf_s_per_image": t_ctf / batch, "baseline_s_per_image": t_base / batch,
-            "ctf_over_baseline_speed": t_base / t_ctf, "ctf_stage2_share": t_stage2 / t_ctf}
+            "ctf_over_baseline_speed": t_base / t_ctf, "ctf_stage2_share": t_stage2 / t_ctf,
+            "ctf_images_per_s_by_passes": by_passes}
 
 
 @torch.no_grad()
@@ -106,14 +112,14 @@ def decode_step_times(model: Transformer, batch: int, device: torch.device, repe
             "last_over_first": min(last_times) / min(first)}
 
 
-def bench_shape(name: str, batches: list[int], device: torch.device, repeats: int) -> dict:
+def bench_shape(name: str, batches: list[int], device: torch.device, repeats: int, passes: list[int]) -> dict:
     shape = SHAPES[name]
-    models = random_models(shape, device)
+    models = random_models(shape, device, reveal=bool(passes))
     for role in ("coarse", "baseline"):
         decode_step_times(models[role], 1, device, 1)  # warm-up: allocation, kernels
     result = {"shape": {"name": name, **shape},
               "params": {role: m.num_params() for role, m in models.items()},
-              "sampling": [images_per_s(models, shape, b, device, repeats) for b in batches],
+              "sampling": [images_per_s(models, shape, b, device, repeats, passes) for b in batches],
               "decode_step": {role: decode_step_times(models[role], 1, device, 31) for role in ("coarse", "baseline")}}
     return result
 
@@ -126,6 +132,13 @@ def print_table(results: list[dict]) -> None:
             print(f"{r['shape']['name']:7} {s['batch']:5d} {s['ctf_images_per_s']:10.3f} {s['baseline_images_per_s']:10.3f} "
                   f"{s['ctf_s_per_image']:10.3f} {s['baseline_s_per_image']:10.3f} {s['ctf_over_baseline_speed']:8.2f} "
                   f"{s['ctf_stage2_share']:8.0%}")
+    if any(s["ctf_images_per_s_by_passes"] for r in results for s in r["sampling"]):
+        print(f"\n{'shape':7} {'batch':>5} {'passes':>6} {'CTF img/s':>10} {'CTF/base':>8}  (stage 2 in S passes)")
+        for r in results:
+            for s in r["sampling"]:
+                for passes, ips in s["ctf_images_per_s_by_passes"].items():
+                    print(f"{r['shape']['name']:7} {s['batch']:5d} {passes:6d} {ips:10.3f} "
+                          f"{ips / s['baseline_images_per_s']:8.2f}")
     print(f"\n{'shape':7} {'model':8} {'first tok ms':>12} {'last tok ms':>12} {'last/first':>10}  (best of the repeats)")
     for r in results:
         for role, d in r["decode_step"].items():
@@ -140,7 +153,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="runs/bench-sampling/bench_sampling.json")
+    ap.add_argument("--refine-passes", default="", help="comma-separated stage-2 pass counts to time, e.g. 1,2,4,8")
     args = ap.parse_args()
+    passes = [int(p) for p in args.refine_passes.split(",") if p]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -149,7 +164,7 @@ def main() -> None:
     results = []
     for name in args.shapes.split(","):
         print(f"benchmarking the {name} shape ...", flush=True)
-        results.append(bench_shape(name, batches[name], device, repeats[name]))
+        results.append(bench_shape(name, batches[name], device, repeats[name], passes))
     print_table(results)
     report = {"date": str(date.today()), "device": str(device), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),

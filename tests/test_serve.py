@@ -193,3 +193,23 @@ def wait_for(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"the server did not answer within {timeout} s")
+
+
+def test_without_gradio_the_command_says_how_to_install_it(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import builtins
+
+    from ctfgen.serve import add_serve_args, cmd_serve
+
+    real_import = builtins.__import__
+
+    def no_gradio(name, *args, **kwargs):
+        if name.split(".")[0] == "gradio":
+            raise ImportError("No module named 'gradio'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gradio)
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    with pytest.raises(CtfgenError, match=r'pip install -e "\.\[demo\]"'):
+        cmd_serve(parser.parse_args([str(run), "--port", str(free_port()), "--device", "cpu"]))
