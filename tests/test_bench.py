@@ -103,6 +103,9 @@ def test_refiner_options_are_cells_too(tmp_path: Path, fm: Path) -> None:
     assert set(records) == {"CTF", label, label.replace(" 2 passes,", "")}
     assert len(list((out / "models").glob("coarse-*"))) == 1 and len(list((out / "models").glob("refiner-*"))) == 2
     assert records[label]["train"]["refiner"]["flops"] > records["CTF"]["train"]["refiner"]["flops"]
+    nll = records[label]["nll"]  # sampled in 2 passes: also the exact NLL of scoring in 2 (random-order) passes
+    assert nll["nll_in_passes"] == pytest.approx(nll["coarse"] + nll["within_in_passes"])
+    assert "nll_in_passes" not in records["CTF"]["nll"]
     with pytest.raises(ValueError, match="refiner_reveal"):
         replace(TOY, refine_steps=4)
 

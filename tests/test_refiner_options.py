@@ -138,6 +138,11 @@ def test_a_reveal_refiner_learns_what_one_pass_cannot(tmp_path: Path) -> None:
         hidden = shown == model.config.hidden_id
         return torch.nn.functional.cross_entropy(logits[hidden], test[hidden]).item()
 
+    from ctfgen.data.codes import CodeDataset
+    from ctfgen.experiments.likelihood import within_in_passes
+    held_out = CodeDataset(tmp_path / "test")
+    assert within_in_passes(model, held_out, HIERARCHY, 4) < 0.5 * within_in_passes(model, held_out, HIERARCHY, 1)
+
     one_shown = torch.full_like(test, model.config.hidden_id)
     one_shown[:, 0] = test[:, 0]
     assert within_loss(torch.full_like(test, model.config.hidden_id)) > 0.8 * math.log(4)  # nothing to go on
@@ -277,3 +282,19 @@ def test_a_feature_refiner_trains_scores_and_samples_with_its_coarse_model(tmp_p
     save_model(random_model("coarse", seed=8), run / "coarse")  # another coarse model: its features mean nothing
     with pytest.raises(ArtifactError, match="reads the hidden states of the coarse model"):
         CTFPipeline.from_pretrained(run)
+
+
+def test_scoring_in_passes(tmp_path: Path) -> None:
+    """One pass is the refiner's masked held-out loss; with passes, a refiner that reads decided codes scores
+    the shared-choice codes far better (the first group gives the item's choice away)."""
+    from ctfgen.data.codes import CodeDataset
+    from ctfgen.experiments.likelihood import within_in_passes
+    from ctfgen.training.loop import evaluate
+
+    codes = CodeDataset(write_shared_choice_codes(tmp_path / "codes", 48, 3))
+    model = reveal_refiner()
+    one = within_in_passes(model, codes, HIERARCHY, 1, batch_size=16)
+    assert one == pytest.approx(evaluate(model, codes, "refiner", HIERARCHY, 48, 16)["loss_masked"], rel=1e-5)
+    assert within_in_passes(model, codes, HIERARCHY, 4, seed=1) == within_in_passes(model, codes, HIERARCHY, 4, seed=1)
+    with pytest.raises(ValueError, match="reveal"):
+        within_in_passes(random_model("refiner"), codes, HIERARCHY, 2)

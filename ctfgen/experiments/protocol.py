@@ -43,7 +43,7 @@ from ..transformer import MODEL_SIZES, build_model, load_model, save_model
 from ..transformer.model import ARTIFACT_KIND as MODEL_KIND, preset_config
 from .engine import cell_key
 from .floors import floor_sets
-from .likelihood import nll_split
+from .likelihood import nll_split, within_in_passes
 
 log = logging.getLogger(__name__)
 Fraction = Annotated[float, Between(0.0, 1.0, lo_open=True)]
@@ -337,6 +337,10 @@ class Workshop:
                 tokenizer, hierarchy, load_model(coarse_dir, self.device), load_model(refiner_dir, self.device))
             train = {"coarse": coarse, "refiner": refiner}
             nll = nll_split(test_codes, hierarchy, coarse=pipe.coarse, refiner=pipe.refiner, limit=s.nll_items)["ctf"]
+            if cell.refine_steps > 1:  # the exact NLL of sampling in that many passes (in a random order)
+                nll["within_in_passes"] = within_in_passes(pipe.refiner, test_codes, hierarchy, cell.refine_steps,
+                                                           s.nll_items, stage1=pipe.coarse, seed=cell.seed)
+                nll["nll_in_passes"] = nll["coarse"] + nll["within_in_passes"]
         else:
             model_dir, baseline = self.model(self._spec(cell, "baseline", self.baseline_steps(cell, art)), art)
             pipe = BaselinePipeline(tokenizer, load_model(model_dir, self.device))

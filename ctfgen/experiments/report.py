@@ -135,6 +135,13 @@ def verdict(setup: Setup) -> list[str]:
             lines.append(f"{name} against the {other.label(False)}: FID {_s(a)} vs {_s(b)} -> "
                          f"{_words(compare(a, b), 'CTF', 'baseline')}; NLL {_s(na, 3)} vs {_s(nb, 3)} nats/token -> "
                          f"{_words(compare(na, nb), 'CTF', 'baseline')}{parts}.")
+    for ctf in setup.row("ctf", full=False):
+        in_passes = ctf.of(lambda r: r["nll"].get("nll_in_passes"))
+        if in_passes is not None and base is not None:
+            nb = base.of(nll("nll"))
+            lines.append(f"{ctf.label(with_k)}, NLL scored in its {ctf.cell['refine_steps']} passes (a random order): "
+                         f"{_s(in_passes, 3)} vs the {base.label(False)} {_s(nb, 3)} nats/token -> "
+                         f"{_words(compare(in_passes, nb), 'CTF', 'baseline')}.")
     variants = setup.row("ctf", full=False)
     full = [r for r in variants if r.full_refiner]
     if len(variants) > len(full) and full and not with_k:
