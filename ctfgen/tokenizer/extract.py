@@ -39,6 +39,7 @@ def extract_codes(tokenizer: VQTokenizer, dataset: Dataset, out: str | Path, *, 
     if n == 0:
         raise CtfgenError("the dataset is empty: nothing to extract")
     output = plan_output(out, CODES_KIND, force=force)
+    barrier(dist)  # every process reads the folder before rank 0 writes to it
     cfg = tokenizer.config
     if views not in VIEWS:
         raise CtfgenError(f"views must be one of {sorted(VIEWS)}, got {views!r}")
