@@ -101,7 +101,7 @@ def decode_step_times(model: Transformer, batch: int, device: torch.device, repe
     model.prefill(labels, cache)
 
     def step_at(pos: int) -> float:
-        cache.pos = pos  # what the slots hold does not change the cost: attention spans all of them
+        cache.pos = pos  # what the slots hold does not change the cost; attention reads slots 0..pos
         return seconds(lambda: model.step(token, cache), device)
 
     # Interleaved, so both positions see the same background load. The ratio uses the best of the

@@ -30,6 +30,7 @@ from .runtime import pick_device
 from .sampling import StageSettings, check_class_labels, in_batches, sample_baseline, sample_causal, sample_ctf
 from .tokenizer.model import VQTokenizer, load_tokenizer, save_tokenizer
 from .transformer.model import Transformer, load_model, save_model
+from .transformer.precision import DECODE_PRECISIONS, for_decoding
 
 TRAIN_INFO_NAME = "train_info.json"  # written by ctfgen.training next to each model
 
@@ -111,9 +112,15 @@ class _Pipeline:
         check_class_labels(labels, self.num_classes)
         return labels
 
-    def compile_decode(self, **options: Any) -> None:
-        """torch.compile the autoregressive model's decode step (`Transformer.compile_step`)."""
-        (self.coarse if isinstance(self, CTFPipeline) else self.model).compile_step(**options)
+    ar_name: str  # the attribute holding the autoregressive model: "coarse" or "model"
+
+    def prepare_decode(self, precision: str = "fp32", compile: bool = False, **compile_options: Any) -> None:
+        """Sample the autoregressive stage at `precision` (fp32, exact; bf16; int8 weight-only: see
+        ctfgen.transformer.precision) and/or with its decode step compiled (`Transformer.compile_step`)."""
+        model = for_decoding(getattr(self, self.ar_name), precision)
+        if compile:
+            model.compile_step(**compile_options)
+        setattr(self, self.ar_name, model)
 
     def _grid(self, codes: torch.Tensor) -> torch.Tensor:
         g = self.tokenizer.config.grid_size
@@ -152,6 +159,7 @@ class CTFPipeline(_Pipeline):
                 raise ArtifactError(f"the coarse model knows {coarse.config.num_classes} classes, the refiner {refiner.config.num_classes}")
             check_grid(refiner, tokenizer, "refiner")
         self.tokenizer, self.hierarchy, self.coarse, self.refiner = tokenizer, hierarchy, coarse, refiner
+        self.ar_name = "coarse"
         self.num_classes = coarse.config.num_classes
 
     @classmethod
@@ -209,6 +217,7 @@ class BaselinePipeline(_Pipeline):
                                 f"but the tokenizer's codebook has {tokenizer.config.codebook_size} codewords")
         check_grid(model, tokenizer, "baseline")
         self.tokenizer, self.model = tokenizer, model
+        self.ar_name = "model"
         self.num_classes = model.config.num_classes
 
     @classmethod
@@ -281,6 +290,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off for many "
                    "images; the first batch waits for the compiler)")
+    p.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32",
+                   help="weights of the autoregressive stage while sampling: fp32 (exact, the default), bf16, or int8 "
+                   "(weight-only; the fastest on a CPU); docs/sampling.md gives their speed and effect on FID")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_output_flags(p)  # --force: replace a finished --out-dir
 
@@ -294,8 +306,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     png_folder = plan_output(args.out_dir, SAMPLES_KIND, force=args.force) if args.out_dir else None
     device = pick_device(args.device)
     pipe = load_pipeline(args.run, args.kind, device)
-    if args.compile:
-        pipe.compile_decode()
+    pipe.prepare_decode(args.decode_precision, args.compile)
     labels = sample_labels(args, pipe.num_classes)
     out = pipe(labels, **sample_settings(args), batch_size=args.batch_size,
                generator=make_generator(args.seed, device), progress=not args.quiet)
@@ -342,8 +353,7 @@ def sample_npz_command(args: argparse.Namespace) -> None:
     dist = setup_distributed(args.device)
     try:
         pipe = load_pipeline(args.run, args.kind, dist.device)
-        if args.compile:
-            pipe.compile_decode()
+        pipe.prepare_decode(args.decode_precision, args.compile)
         labels = sample_labels(args, pipe.num_classes)
         check_class_labels(labels, pipe.num_classes)
         write_sample_npz(pipe, labels, npz_path, sample_settings(args), args.batch_size, args.seed, dist,

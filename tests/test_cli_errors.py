@@ -148,6 +148,7 @@ CASES = {
     "serve a folder that is not a run": ["serve", "{root}/codes", "--device", "cpu"],
     "serve a missing run": ["serve", "{root}/missing", "--device", "cpu"],
     "sample --refine-steps 0": SAMPLE + ["--refine-steps", "0"],
+    "sample --decode-precision int4": SAMPLE + ["--decode-precision", "int4"],
     "sample --refine-steps 2 with a one-pass refiner": SAMPLE + ["--refine-steps", "2", "--out", "{root}/new.png"],
     "train --reveal for the coarse role": TRAIN + ["--role", "coarse", "--reveal", "--out", "{root}/new"],
     "train --corrupt without --coarse-model": TRAIN + ["--role", "refiner", "--corrupt", "0.2", "--out", "{root}/new"],

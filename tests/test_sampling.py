@@ -206,7 +206,7 @@ def test_compiled_decode_step_samples_the_same(run_dir: Path) -> None:
         pipe = load_pipeline(run_dir, kind)
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        pipe.compile_decode(backend="eager")
+        pipe.prepare_decode(compile=True, backend="eager")
         compiled = pipe([0, 2, 4, 1], generator=gen(5), progress=False, batch_size=2)
         assert torch.equal(plain.tokens, compiled.tokens)
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # two batches, 15 positions

@@ -193,9 +193,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Preallocated keys/values for causal decoding: per layer [B, n_head, max_len, head_dim].
 
-    Shapes never change during sampling (attention always spans all max_len slots, with a mask
-    hiding the unwritten ones), which keeps the step function friendly to torch.compile / CUDA
-    graphs. `pos` counts the input positions already written (class token included).
+    The buffers never move or grow during sampling (attention reads the written slots, a view of
+    them), so a compiled step reuses its memory. `pos` counts the input positions already written
+    (class token included).
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
@@ -208,7 +208,7 @@ class KVCache:
         self.pos = 0
 
     def reset(self) -> None:
-        # Stale entries need no clearing: the attention mask never reads beyond `pos`.
+        # Stale entries need no clearing: attention never reads beyond `pos`.
         self.pos = 0
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,10 +242,12 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=dropout)
         else:
             keys, values = cache.update(layer, start, k, v)
-            key_pos = torch.arange(cache.max_len, device=x.device)
-            query_pos = torch.arange(start, start + L, device=x.device)
-            mask = key_pos[None, :] <= query_pos[:, None]  # causal, and hides unwritten slots
-            y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, dropout_p=dropout)
+            end = start + L
+            keys, values = keys[:, :, :end].to(q.dtype), values[:, :, :end].to(q.dtype)  # the written slots only
+            mask = None  # one new token sees every written slot
+            if L > 1:  # several new tokens: each sees the slots up to its own position
+                mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, L, D)))
 
 
@@ -332,7 +334,7 @@ class Transformer(nn.Module):
 
     def make_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
         """A cache for causal decoding of one full image (class token + seq_len - 1 tokens)."""
-        p = self.head.weight
+        p = self.tok_embed.weight  # the activations' dtype (an int8 head would not say it)
         return KVCache(self.config.n_layer, batch_size, self.config.n_head, self.config.seq_len,
                        self.config.head_dim, device=p.device, dtype=dtype or p.dtype)
 

@@ -1,0 +1,172 @@
+"""Decode speed of the autoregressive stage at LlamaGen's GPT-B shape: milliseconds per token against
+LlamaGen's own `generate` (same weights, same process) and against the memory-bandwidth bound.
+
+    python benchmarks/bench_decode.py --quick                         # batch 1, one run of each
+    python benchmarks/bench_decode.py --llamagen /path/to/LlamaGen    # also LlamaGen's sampler; batch 1 and 8
+    python benchmarks/bench_decode.py --profile                       # where one decode step's time goes
+
+Each row samples whole 16x16 grids (256 tokens, CFG 2.0, so the model runs on twice the batch) and
+reports wall time / 256. Rows run in turn, `--repeats` rounds, and each keeps its best round (the
+one least disturbed by other work on a shared machine); compare rows of one run, not runs of different
+days. Random weights (speed does not depend on them); with `--llamagen` they are a LlamaGen GPT_B's,
+imported into ctfgen with `import_llamagen_gpt`, so both samplers run the same numbers. LlamaGen is
+imported from the folder given at run time; nothing of it is copied here.
+
+The bound: one decode step reads every weight matrix once (`weight_bytes_per_token`), so it cannot be
+faster than those bytes over the memory's read bandwidth, measured here by summing a 256 MB buffer with
+the same threads. "/bound" is the measured time over that bound (1.0 would be perfect).
+Rows: `baseline` is ctfgen's AR sampler over V = 16384 codewords (LlamaGen's model), at each
+`--decode-precision`; `CTF stage 1` the same sampler over K = 512 coarse labels (a smaller head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+import warnings
+from datetime import date
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ctfgen.artifacts import write_json
+from ctfgen.sampling import StageSettings, sample_causal
+from ctfgen.transformer import build_model, import_llamagen_gpt, preset_config
+from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding, weight_bytes_per_token
+
+GRID, V, K, CLASSES = 16, 16384, 512, 1000
+TOKENS = GRID * GRID
+STAGE1 = StageSettings(cfg=2.0, temperature=1.0)
+
+
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes per second of reading a buffer far larger than the caches (best of `repeats`)."""
+    buffer = torch.ones(64 * 2 ** 20)  # 256 MB of fp32
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * buffer.element_size() / best
+
+
+def llamagen_gpt_b(folder: str) -> tuple[torch.nn.Module, Callable]:
+    """LlamaGen's GPT_B (random weights, the head re-drawn so sampling is not uniform) and its `generate`."""
+    if not (Path(folder) / "autoregressive" / "models" / "gpt.py").is_file():
+        sys.exit(f"--llamagen {folder}: not a LlamaGen checkout (autoregressive/models/gpt.py is missing)")
+    sys.path.insert(0, str(Path(folder).resolve()))
+    from autoregressive.models.generate import generate  # noqa: E402  (LlamaGen, from the user's checkout)
+    from autoregressive.models.gpt import GPT_B  # noqa: E402
+
+    torch.manual_seed(0)
+    model = GPT_B(vocab_size=V, block_size=TOKENS, num_classes=CLASSES, cls_token_num=1, model_type="c2i").eval()
+    torch.nn.init.normal_(model.output.weight, std=0.02)
+    return model, generate
+
+
+def ctfgen_models(llamagen: torch.nn.Module | None) -> dict[str, torch.nn.Module]:
+    """The baseline (LlamaGen's weights when given) and a GPT-B coarse model over K labels."""
+    torch.manual_seed(0)
+    if llamagen is not None:
+        baseline = import_llamagen_gpt(llamagen.state_dict(), "GPT-B", num_classes=CLASSES, grid=GRID, vocab_size=V)
+    else:
+        baseline = build_model(preset_config("GPT-B", role="baseline", vocab_size=V, num_classes=CLASSES,
+                                             grid_h=GRID, grid_w=GRID))
+    coarse = build_model(preset_config("GPT-B", role="coarse", vocab_size=K, num_classes=CLASSES, grid_h=GRID, grid_w=GRID))
+    for model in (baseline, coarse):
+        torch.nn.init.normal_(model.head.weight, std=0.02)
+    return {"baseline": baseline.eval(), "CTF stage 1": coarse.eval()}
+
+
+def profile_step(model: torch.nn.Module) -> dict[str, float]:
+    """Milliseconds of one decode step (batch 1 with CFG, at the middle position) by kind of operation."""
+    from torch.profiler import profile
+
+    cache = model.make_cache(2)
+    token = torch.zeros(2, 1, dtype=torch.long)
+    with torch.no_grad():
+        model.prefill(torch.tensor([0, CLASSES]), cache)
+        for _ in range(3):
+            cache.pos = TOKENS // 2
+            model.step(token, cache)
+        with profile() as prof:
+            for _ in range(10):
+                cache.pos = TOKENS // 2
+                model.step(token, cache)
+    kinds = {"matrix products": ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::bmm"),
+             "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")}
+    totals = {kind: 0.0 for kind in [*kinds, "everything else"]}
+    for event in prof.key_averages():
+        kind = next((k for k, names in kinds.items() if event.key in names), "everything else")
+        totals[kind] += event.self_cpu_time_total / 1e3 / 10  # microseconds over 10 steps -> ms per step
+    return totals
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="batch 1, one round (otherwise batch 1 and 8, 3 rounds)")
+    ap.add_argument("--llamagen", default=None, help="a LlamaGen checkout: also time its generate() on the same weights")
+    ap.add_argument("--precisions", default=",".join(DECODE_PRECISIONS), help="ctfgen decode precisions to time")
+    ap.add_argument("--repeats", type=int, default=None, help="rounds (default 3; quick 1)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--profile", action="store_true", help="also break one decode step down by operation")
+    ap.add_argument("--out", default="runs/bench-decode/bench_decode.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # LlamaGen's torch.backends.cuda.sdp_kernel
+    batches, repeats = ([1], args.repeats or 1) if args.quick else ([1, 8], args.repeats or 3)
+    precisions = args.precisions.split(",")
+    llamagen, generate = llamagen_gpt_b(args.llamagen) if args.llamagen else (None, None)
+    models = ctfgen_models(llamagen)
+    variants = {(role, p): for_decoding(model, p) for role, model in models.items() for p in precisions
+                if role == "baseline" or p in ("fp32", "int8")}
+    bandwidth = read_bandwidth()
+    print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s ({torch.get_num_threads()} threads)", flush=True)
+
+    rows = []
+    for batch in batches:
+        labels = torch.arange(batch) % CLASSES
+        runs: dict[str, Callable[[], object]] = {}
+        if llamagen is not None:
+            runs["LlamaGen generate (fp32)"] = lambda: generate(llamagen, labels, TOKENS, cfg_scale=STAGE1.cfg,
+                                                                temperature=STAGE1.temperature, top_k=0, top_p=1.0)
+        for (role, p), model in variants.items():
+            runs[f"ctfgen {role} ({p})"] = (lambda m: lambda: sample_causal(m, labels, STAGE1, torch.Generator()))(model)
+        best = {name: float("inf") for name in runs}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                with torch.no_grad():
+                    run()
+                best[name] = min(best[name], (time.perf_counter() - start) / TOKENS)
+                print(f"  batch {batch} {name}: {1e3 * best[name]:.1f} ms/token", flush=True)
+        reference = best.get("LlamaGen generate (fp32)")
+        bound = {f"ctfgen {role} ({p})": weight_bytes_per_token(m) / bandwidth for (role, p), m in variants.items()}
+        bound["LlamaGen generate (fp32)"] = bound["ctfgen baseline (fp32)"] if "fp32" in precisions else float("nan")
+        rows += [{"batch": batch, "sampler": name, "ms_per_token": 1e3 * s, "bound_ms": 1e3 * bound[name],
+                  "over_bound": s / bound[name], "speedup_over_llamagen": reference / s if reference else None}
+                 for name, s in best.items()]
+
+    print(f"\n{'batch':>5}  {'sampler':32} {'ms/token':>9} {'x LlamaGen':>10} {'bound ms':>9} {'/bound':>7}")
+    for r in rows:
+        speedup = f"{r['speedup_over_llamagen']:.2f}" if r["speedup_over_llamagen"] else "-"
+        print(f"{r['batch']:5d}  {r['sampler']:32} {r['ms_per_token']:9.1f} {speedup:>10} {r['bound_ms']:9.1f} "
+              f"{r['over_bound']:7.2f}")
+    profiles = {}
+    if args.profile:
+        for p in precisions:
+            profiles[p] = profile_step(variants[("baseline", p)])
+            print(f"\none decode step of the baseline ({p}, batch 1 with CFG), ms:",
+                  ", ".join(f"{kind} {ms:.1f}" for kind, ms in profiles[p].items()))
+    write_json(args.out, {"date": str(date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "cpu": platform.processor() or platform.machine(), "quick": args.quick, "repeats": repeats,
+                          "bandwidth_gb_s": bandwidth / 1e9, "rows": rows, "profile_ms": profiles})
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

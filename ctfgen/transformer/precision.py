@@ -1,0 +1,76 @@
+"""Lower-precision copies of a causal model for sampling: decoding one token at a time reads every
+weight once per token, so its speed is set by how many bytes the weights take.
+
+* ``fp32``: the model itself (exact; the default).
+* ``bf16``: weights, activations and KV cache in bfloat16 (half the bytes); logits stay fp32.
+* ``int8``: weight-only quantisation of every matrix in the blocks and the head (one scale per output
+  row, symmetric); activations in bf16 for the product (on the CPU torch's int8-weight GEMV kernel),
+  everything else in fp32. A quarter of the bytes.
+
+Each changes the sampled tokens a little; docs/sampling.md says by how much it moves FID.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import CtfgenError
+from .model import Transformer
+
+DECODE_PRECISIONS = ("fp32", "bf16", "int8")
+
+
+class Int8Linear(nn.Module):
+    """A bias-free nn.Linear with int8 weights: W ~ q * scale[:, None], q in [-127, 127]."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        if linear.bias is not None:
+            raise CtfgenError("Int8Linear quantises bias-free layers only")
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if flat.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
+        else:  # no int8-weight kernel everywhere: widen the weights on the fly (saves memory, not time)
+            y = F.linear(flat, self.weight.to(torch.bfloat16)) * self.scale
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def for_decoding(model: Transformer, precision: str = "fp32") -> Transformer:
+    """The model to sample a causal stage with at `precision` (a copy unless fp32; the model is unchanged)."""
+    if precision not in DECODE_PRECISIONS:
+        raise CtfgenError(f"--decode-precision must be one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return model
+    if not model.config.causal:
+        raise CtfgenError("lower-precision decoding is for the causal models (stage 1, the baseline)")
+    fast = copy.deepcopy(model).eval()
+    if precision == "bf16":
+        fast.to(torch.bfloat16)
+        fast.rope_cos, fast.rope_sin = model.rope_cos.clone(), model.rope_sin.clone()  # rotations stay fp32
+    else:
+        for parent in [fast, *fast.blocks.modules()]:
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Int8Linear(child))
+    return fast
+
+
+def weight_bytes_per_token(model: Transformer) -> int:
+    """Bytes of weights one decode step reads: the blocks, the final norm and the head (the embeddings are
+    read one row per token, which is negligible)."""
+    parts = [*model.blocks.modules(), model.norm, model.head]
+    return sum(t.numel() * t.element_size() for m in parts for t in [*m.parameters(False), *m.buffers(False)])
+
+
+__all__ = ["DECODE_PRECISIONS", "Int8Linear", "for_decoding", "weight_bytes_per_token"]

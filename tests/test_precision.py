@@ -1,0 +1,95 @@
+"""Lower-precision decoding (ctfgen.transformer.precision): close to fp32, consistent with itself through
+the KV cache, never touching the original model, and reachable from the pipelines and `ctfgen sample`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from ctfgen.errors import CtfgenError
+from ctfgen.pipeline import add_sample_args, cmd_sample, load_pipeline
+from ctfgen.transformer import build_model, preset_config
+from ctfgen.transformer.precision import DECODE_PRECISIONS, Int8Linear, for_decoding, weight_bytes_per_token
+from test_sampling import gen, hierarchy, models, run_dir  # noqa: F401  (fixtures)
+
+
+def causal_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(preset_config("tiny", role="baseline", vocab_size=64, num_classes=3, grid_h=4, grid_w=4))
+    nn.init.normal_(model.head.weight, std=0.1)
+    return model.eval()
+
+
+def test_int8_linear_is_the_rounded_matrix() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=False)
+    q = Int8Linear(linear)
+    assert q.weight.dtype == torch.int8 and q.weight.abs().max() == 127  # each row's largest weight maps to +-127
+    widened = q.weight.float() * q.scale.float()[:, None]
+    assert (widened - linear.weight).abs().max() <= q.scale.float().max()  # half a step, plus the bf16 scale's rounding
+    x = torch.randn(5, 3, 64)
+    torch.testing.assert_close(q(x), x @ widened.t(), rtol=0.02, atol=0.02)  # bf16 activations
+    assert q(x).dtype == torch.float32 and q(x).shape == (5, 3, 48)
+    with pytest.raises(CtfgenError, match="bias-free"):
+        Int8Linear(nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_lower_precision_copy_is_close_and_its_cache_agrees(precision: str) -> None:
+    model = causal_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = for_decoding(model, precision)
+    assert fast is not model and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    codes, labels = torch.randint(0, 64, (2, 16)), torch.tensor([0, 2])
+    with torch.no_grad():
+        exact, approx = model(codes, labels), fast(codes, labels)
+        assert approx.dtype == torch.float32
+        assert (approx - exact).abs().max() < 0.05 * exact.abs().max()
+        assert (approx.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
+        cache = fast.make_cache(2)
+        assert cache.k[0].dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        steps = [fast.prefill(labels, cache)] + [fast.step(codes[:, t:t + 1], cache) for t in range(15)]
+        torch.testing.assert_close(torch.cat(steps, 1), approx, rtol=0, atol=0.05 * exact.abs().max().item())
+    assert fast.rope_cos.dtype == torch.float32
+
+
+def test_fp32_is_the_model_and_bad_requests_fail() -> None:
+    model = causal_model()
+    assert for_decoding(model, "fp32") is model
+    with pytest.raises(CtfgenError, match="--decode-precision must be one of"):
+        for_decoding(model, "fp8")
+    refiner = build_model(preset_config("tiny", role="refiner", vocab_size=8, head_size=64, num_classes=3, grid_h=4,
+                                        grid_w=4))
+    with pytest.raises(CtfgenError, match="causal models"):
+        for_decoding(refiner, "int8")
+
+
+def test_weight_bytes_shrink_with_precision() -> None:
+    model = causal_model()
+    full = weight_bytes_per_token(model)
+    matrices = sum(m.weight.numel() for m in [*model.blocks.modules(), model.head] if isinstance(m, nn.Linear))
+    assert full >= 4 * matrices
+    assert weight_bytes_per_token(for_decoding(model, "bf16")) == full // 2
+    assert full / 4 < weight_bytes_per_token(for_decoding(model, "int8")) < full / 3.5  # int8 plus a scale per row
+
+
+def test_pipelines_and_the_cli_sample_at_each_precision(run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    for kind in ("ctf", "baseline"):
+        exact = load_pipeline(run_dir, kind)([0, 1, 2, 3], generator=gen(1), progress=False).tokens
+        for precision in DECODE_PRECISIONS[1:]:
+            pipe = load_pipeline(run_dir, kind)
+            pipe.prepare_decode(precision)
+            tokens = pipe([0, 1, 2, 3], generator=gen(1), progress=False).tokens
+            assert tokens.shape == exact.shape and (tokens == exact).float().mean() > 0.5  # close, not equal
+    parser = argparse.ArgumentParser()
+    add_sample_args(parser)
+    cmd_sample(parser.parse_args(["--run", str(run_dir), "--out", str(tmp_path / "g.png"), "--tokens",
+                                  str(tmp_path / "t.npz"), "--decode-precision", "int8", "--device", "cpu", "--quiet"]))
+    assert np.load(tmp_path / "t.npz")["tokens"].shape == (8, 4, 4)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--run", str(run_dir), "--decode-precision", "int4"])
