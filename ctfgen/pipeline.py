@@ -27,7 +27,8 @@ from .errors import CtfgenError
 from .hierarchy import Hierarchy, check_compatible, load_hierarchy, save_hierarchy
 from .outputs import add_output_flags, check_output_file, plan_output
 from .runtime import pick_device
-from .sampling import StageSettings, check_class_labels, in_batches, sample_baseline, sample_causal, sample_ctf
+from .sampling import (StageSettings, check_class_labels, check_draft, in_batches, sample_baseline, sample_causal,
+                       sample_ctf)
 from .tokenizer.model import VQTokenizer, load_tokenizer, save_tokenizer
 from .transformer.model import Transformer, load_model, save_model
 from .transformer.precision import DECODE_PRECISIONS, for_decoding
@@ -113,11 +114,18 @@ class _Pipeline:
         return labels
 
     ar_name: str  # the attribute holding the autoregressive model: "coarse" or "model"
+    draft: Transformer | None = None  # a smaller model of the same role: stage 1 sampled speculatively
+    lookahead: int = 4
 
-    def prepare_decode(self, precision: str = "fp32", compile: bool = False, **compile_options: Any) -> None:
+    def prepare_decode(self, precision: str = "fp32", compile: bool = False, draft: Transformer | None = None,
+                       lookahead: int = 4, **compile_options: Any) -> None:
         """Sample the autoregressive stage at `precision` (fp32, exact; bf16; int8 weight-only: see
-        ctfgen.transformer.precision) and/or with its decode step compiled (`Transformer.compile_step`)."""
+        ctfgen.transformer.precision), with its decode step compiled (`Transformer.compile_step`), and/or
+        speculatively with `draft` proposing `lookahead` tokens a pass (the same distribution; docs/sampling.md)."""
         model = for_decoding(getattr(self, self.ar_name), precision)
+        if draft is not None:
+            check_draft(model, draft, StageSettings(), lookahead)
+            self.draft, self.lookahead = for_decoding(draft.to(self.device), precision), lookahead
         if compile:
             model.compile_step(**compile_options)
         setattr(self, self.ar_name, model)
@@ -195,14 +203,15 @@ class CTFPipeline(_Pipeline):
         stage1.validate(self.coarse, 1)
         if self.refiner is None:
             def sample(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                coarse = sample_causal(self.coarse, y, stage1, generator)
+                coarse = sample_causal(self.coarse, y, stage1, generator, draft=self.draft, lookahead=self.lookahead)
                 return coarse, self.hierarchy.random_members(coarse, generator).to(coarse.device)
         else:
             stage2.validate(self.refiner, 2)
             mask = self.hierarchy.member_mask if refiner_mask else None
 
             def sample(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                return sample_ctf(self.coarse, self.refiner, y, stage1, stage2, generator, mask, refine_steps)
+                return sample_ctf(self.coarse, self.refiner, y, stage1, stage2, generator, mask, refine_steps,
+                                  self.draft, self.lookahead)
         coarse, fine = in_batches(sample, labels, batch_size, progress, desc="CTF sampling")
         return self._output(self._grid(fine), labels, batch_size, self._grid(coarse))
 
@@ -243,7 +252,7 @@ class BaselinePipeline(_Pipeline):
         cfg1 = cfg1 if guidance_scale is None else guidance_scale
         stage1 = StageSettings(cfg1, t1, top_k1, top_p1)
         stage1.validate(self.model, 1)
-        (fine,) = in_batches(lambda y: (sample_baseline(self.model, y, stage1, generator),),
+        (fine,) = in_batches(lambda y: (sample_baseline(self.model, y, stage1, generator, self.draft, self.lookahead),),
                              labels, batch_size, progress, desc="baseline sampling")
         return self._output(self._grid(fine), labels, batch_size)
 
@@ -293,6 +302,10 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32",
                    help="weights of the autoregressive stage while sampling: fp32 (exact, the default), bf16, or int8 "
                    "(weight-only; the fastest on a CPU); docs/sampling.md gives their speed and effect on FID")
+    p.add_argument("--draft", default=None, help="a smaller model folder of the autoregressive stage's role (a coarse "
+                   "model for CTF, a baseline for --kind baseline): sample that stage speculatively, the same "
+                   "distribution in fewer passes of the large model")
+    p.add_argument("--lookahead", type=arg_type(Count), default=4, help="tokens the draft proposes a pass (default: 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_output_flags(p)  # --force: replace a finished --out-dir
 
@@ -306,7 +319,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     png_folder = plan_output(args.out_dir, SAMPLES_KIND, force=args.force) if args.out_dir else None
     device = pick_device(args.device)
     pipe = load_pipeline(args.run, args.kind, device)
-    pipe.prepare_decode(args.decode_precision, args.compile)
+    prepare_decode(pipe, args)
     labels = sample_labels(args, pipe.num_classes)
     out = pipe(labels, **sample_settings(args), batch_size=args.batch_size,
                generator=make_generator(args.seed, device), progress=not args.quiet)
@@ -327,6 +340,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
         tokens_path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tokens_path, **arrays)
         print(f"tokens -> {tokens_path}")
+
+
+def prepare_decode(pipe: CTFPipeline | BaselinePipeline, args: argparse.Namespace) -> None:
+    """The decode flags: --decode-precision, --compile, --draft and --lookahead."""
+    draft = load_model(args.draft, pipe.device) if args.draft else None
+    pipe.prepare_decode(args.decode_precision, args.compile, draft, args.lookahead)
 
 
 def sample_labels(args: argparse.Namespace, num_classes: int) -> torch.Tensor:
@@ -353,7 +372,7 @@ def sample_npz_command(args: argparse.Namespace) -> None:
     dist = setup_distributed(args.device)
     try:
         pipe = load_pipeline(args.run, args.kind, dist.device)
-        pipe.prepare_decode(args.decode_precision, args.compile)
+        prepare_decode(pipe, args)
         labels = sample_labels(args, pipe.num_classes)
         check_class_labels(labels, pipe.num_classes)
         write_sample_npz(pipe, labels, npz_path, sample_settings(args), args.batch_size, args.seed, dist,

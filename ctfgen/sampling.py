@@ -139,8 +139,9 @@ def with_null_labels(model: Transformer, class_labels: torch.Tensor) -> torch.Te
 
 def sample_causal(model: Transformer, class_labels: torch.Tensor, settings: StageSettings,
                   generator: torch.Generator | None = None, *, guidance: bool | None = None,
-                  logits_out: list[torch.Tensor] | None = None,
-                  hidden_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+                  logits_out: list[torch.Tensor] | None = None, hidden_out: list[torch.Tensor] | None = None,
+                  draft: Transformer | None = None, lookahead: int = 4,
+                  stats_out: dict[str, int] | None = None) -> torch.Tensor:
     """Raster-order AR sampling of one full grid per label with the KV cache: long [B, seq_len].
 
     Used for both the coarse model (tokens are coarse labels) and the baseline (fine codes).
@@ -148,10 +149,17 @@ def sample_causal(model: Transformer, class_labels: torch.Tensor, settings: Stag
     logits_out: if given, receives the guided logits [B, V] each token was drawn from (for tests).
     hidden_out: if given, receives the conditional hidden state [B, dim] each token's logits came from
     (what a refiner with `feature_dim` reads; `Transformer.hidden_states` computes the same teacher-forced).
+    draft: a smaller model of the same vocabulary: sample speculatively (`sample_speculative`; the same
+    distribution, fewer passes of `model`), `lookahead` tokens proposed a pass; stats_out gets its counts.
     """
     if not model.config.causal:
         raise CtfgenError(f"sample_causal needs a causal model, got role {model.config.role!r}")
     guided = settings.guided if guidance is None else guidance
+    if draft is not None:
+        if logits_out is not None:
+            raise CtfgenError("logits_out is for plain sampling")
+        return sample_speculative(model, draft, class_labels, settings, generator, guided=guided, lookahead=lookahead,
+                                  hidden_out=hidden_out, stats_out=stats_out)
     device = model.head.weight.device
     class_labels = class_labels.to(device)
     batch, seq_len = class_labels.shape[0], model.config.seq_len
@@ -173,6 +181,105 @@ def sample_causal(model: Transformer, class_labels: torch.Tensor, settings: Stag
             if logits_out is not None:
                 logits_out.append(next_logits)
             codes[:, t] = sample_tokens(next_logits, settings, generator)
+    return codes
+
+
+def check_draft(model: Transformer, draft: Transformer, settings: StageSettings, lookahead: int) -> None:
+    """The draft must propose what the model reads: the same role, vocabulary, grid and classes."""
+    c, d = model.config, draft.config
+    for name in ("role", "vocab_size", "grid_h", "grid_w", "num_classes"):
+        if getattr(c, name) != getattr(d, name):
+            raise CtfgenError(f"--draft: the draft has {name}={getattr(d, name)!r} but the model it drafts for has "
+                              f"{getattr(c, name)!r}")
+    if settings.guided and d.class_dropout_prob <= 0:
+        raise CtfgenError("--draft: the draft was trained without class-label dropout, so it cannot be guided")
+    if lookahead < 1:
+        raise CtfgenError(f"--lookahead must be >= 1, got {lookahead}")
+
+
+def sample_speculative(model: Transformer, draft: Transformer, class_labels: torch.Tensor, settings: StageSettings,
+                       generator: torch.Generator | None = None, *, guided: bool, lookahead: int = 4,
+                       hidden_out: list[torch.Tensor] | None = None,
+                       stats_out: dict[str, int] | None = None) -> torch.Tensor:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): long [B, seq_len], distributed exactly
+    as `sample_causal` draws from `model`, guidance, temperature, top-k and top-p included.
+
+    Each round the draft proposes `lookahead` tokens one by one (with the same settings), `model` reads them
+    all in one pass, and each row keeps its proposals while u < p(x) / q(x); at its first refusal it draws
+    from max(p - q, 0), renormalised; a row that keeps every proposal draws one more from p. Rows of a batch
+    keep the same number of tokens a round (the fewest any row kept; the others' later tokens are dropped,
+    which leaves each kept token's distribution unchanged), so the KV caches stay aligned.
+    Invariant at the start of a round with t tokens decided: `model`'s cache holds the class token and
+    tokens 0..t-2 (the last decided token is fed with the proposals).
+    stats_out: gets "proposed" and "accepted" (per row, before the batch's cut), "rounds" (passes of `model`
+    after the first) and "tokens" (per row).
+    """
+    check_draft(model, draft, settings, lookahead)
+    device = model.head.weight.device
+    class_labels = class_labels.to(device)
+    batch, seq_len = class_labels.shape[0], model.config.seq_len
+    inputs = with_null_labels(model, class_labels) if guided else class_labels
+    codes = torch.empty(batch, seq_len, dtype=torch.long, device=device)
+    rows = torch.arange(batch, device=device)
+    stats = {"proposed": 0, "accepted": 0, "rounds": 0, "tokens": seq_len}
+
+    def probs_of(logits: torch.Tensor) -> torch.Tensor:  # [rows, n, V] -> the guided, filtered p [B, n, V]
+        logits = apply_guidance(logits, settings.cfg) if guided else logits
+        return token_probs(logits, settings).view(batch, -1, logits.shape[-1])
+
+    def fed(tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.repeat(2, 1) if guided else tokens
+
+    with inference_mode(model, draft):
+        cache = model.make_cache(inputs.shape[0], torch.bfloat16 if device.type == "cuda" else None)
+        draft_cache = draft.make_cache(inputs.shape[0], torch.bfloat16 if device.type == "cuda" else None)
+        logits, hidden = model.prefill(inputs, cache, with_hidden=True)
+        draft.prefill(inputs, draft_cache)
+        codes[:, 0] = draw(probs_of(logits)[:, 0], generator)
+        if hidden_out is not None:
+            hidden_out.append(hidden[:batch, 0])
+        t = 1
+        while t < seq_len:
+            n = min(lookahead, seq_len - t)
+            # the draft catches up on what it has not read (1 token, or 2 after a round that kept them all)
+            proposals, q = [], []
+            draft_logits = draft.step(fed(codes[:, draft_cache.pos - 1:t]), draft_cache)[:, -1:]
+            for i in range(n):
+                q.append(probs_of(draft_logits)[:, 0])
+                proposals.append(draw(q[-1], generator))
+                if i < n - 1:
+                    draft_logits = draft.step(fed(proposals[-1][:, None]), draft_cache)
+            proposed, q = torch.stack(proposals, 1), torch.stack(q, 1)  # [B, n], [B, n, V]
+            reads = torch.cat([codes[:, t - 1:t], proposed], 1)[:, :seq_len - t]  # the last token predicts nothing
+            logits, hidden = model.step(fed(reads), cache, with_hidden=True)
+            p = probs_of(logits)  # [B, n + 1, V] (n in the last round): position t + i for i = 0..n
+            p_of = p[:, :n].gather(2, proposed[..., None])[..., 0]
+            q_of = q.gather(2, proposed[..., None])[..., 0]
+            u = torch.rand(batch, n, generator=generator, device=device, dtype=p.dtype)
+            refused = u * q_of >= p_of
+            first_refusal = torch.where(refused.any(1), refused.float().argmax(1), torch.full_like(rows, n))
+            kept = int(first_refusal.min())  # proposals every row keeps; then one token more
+            stats["proposed"] += batch * n
+            stats["accepted"] += int(first_refusal.sum())
+            stats["rounds"] += 1
+            codes[:, t:t + kept] = proposed[:, :kept]
+            if kept < n:  # a row refused at `kept` draws from the residual, the others keep their proposal
+                residual = (p[:, kept] - q[:, kept]).clamp_(min=0)
+                empty = residual.sum(1, keepdim=True) <= 0  # p == q: a refusal cannot happen; guard the division
+                residual = torch.where(empty, p[:, kept], residual)
+                redrawn = draw(residual / residual.sum(1, keepdim=True), generator)
+                codes[:, t + kept] = torch.where(first_refusal == kept, redrawn, proposed[:, kept])
+            elif t + n < seq_len:  # every row kept every proposal: one more token from p
+                codes[:, t + n] = draw(p[:, n], generator)
+            new = min(kept + 1, seq_len - t)
+            if hidden_out is not None:
+                hidden_out.extend(hidden[:batch, i] for i in range(new))
+            t += new
+            cache.pos = t  # the class token and tokens 0..t-2; what lies beyond is overwritten next round
+            draft_cache.pos = min(draft_cache.pos, t)
+    if stats_out is not None:
+        for key, value in stats.items():
+            stats_out[key] = stats_out.get(key, 0) + value
     return codes
 
 
@@ -254,27 +361,31 @@ def check_stages_fit(coarse_model: Transformer, refiner: Transformer) -> None:
 
 def sample_ctf(coarse_model: Transformer, refiner: Transformer, class_labels: torch.Tensor,
                stage1: StageSettings, stage2: StageSettings, generator: torch.Generator | None = None,
-               member_mask: torch.Tensor | None = None, refine_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two-stage sampling: (coarse codes [B, T], fine codes [B, T]); stage 2 in `refine_steps` passes."""
+               member_mask: torch.Tensor | None = None, refine_steps: int = 1, draft: Transformer | None = None,
+               lookahead: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-stage sampling: (coarse codes [B, T], fine codes [B, T]); stage 2 in `refine_steps` passes; stage 1
+    speculative with a `draft` coarse model."""
     check_stages_fit(coarse_model, refiner)
     check_class_labels(class_labels, coarse_model.config.num_classes)
     stage1.validate(coarse_model, 1)
     stage2.validate(refiner, 2)
     hidden: list[torch.Tensor] | None = [] if refiner.config.feature_dim else None
-    coarse = sample_causal(coarse_model, class_labels, stage1, generator, hidden_out=hidden)
+    coarse = sample_causal(coarse_model, class_labels, stage1, generator, hidden_out=hidden, draft=draft,
+                           lookahead=lookahead)
     features = torch.stack(hidden, dim=1) if hidden is not None else None
     return coarse, refine(refiner, coarse, class_labels, stage2, generator, member_mask, steps=refine_steps,
                           features=features)
 
 
 def sample_baseline(model: Transformer, class_labels: torch.Tensor, stage1: StageSettings,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """The baseline: the same AR sampler over fine codes, no stage 2. long [B, T]."""
+                    generator: torch.Generator | None = None, draft: Transformer | None = None,
+                    lookahead: int = 4) -> torch.Tensor:
+    """The baseline: the same AR sampler over fine codes (speculative with a `draft`), no stage 2. long [B, T]."""
     if model.config.role != "baseline":
         raise CtfgenError(f"expected a baseline model, got role {model.config.role!r}")
     check_class_labels(class_labels, model.config.num_classes)
     stage1.validate(model, 1)
-    return sample_causal(model, class_labels, stage1, generator)
+    return sample_causal(model, class_labels, stage1, generator, draft=draft, lookahead=lookahead)
 
 
 def in_batches(fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], class_labels: torch.Tensor,
@@ -289,5 +400,5 @@ def in_batches(fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], class_lab
 __all__ = [
     "StageSettings", "apply_guidance", "check_class_labels", "check_stages_fit", "filter_top_k", "filter_top_p",
     "decided_after", "draw", "in_batches", "inference_mode", "refine", "sample_baseline", "sample_causal", "sample_ctf",
-    "sample_tokens", "token_probs", "with_null_labels",
+    "sample_speculative", "sample_tokens", "token_probs", "with_null_labels",
 ]

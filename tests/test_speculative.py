@@ -1,0 +1,110 @@
+"""Speculative sampling (ctfgen.sampling.sample_speculative) draws from the large model's guided, filtered
+distribution exactly: checked against the distribution enumerated over every sequence of a 3-token grid,
+by a chi-square test with fixed seeds that the draft's own samples fail."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from ctfgen.errors import CtfgenError
+from ctfgen.pipeline import add_sample_args, cmd_sample, load_pipeline
+from ctfgen.sampling import StageSettings, sample_causal, token_probs, apply_guidance, with_null_labels
+from ctfgen.transformer import Transformer, build_model, preset_config, save_model
+from test_sampling import gen, hierarchy, models, run_dir, random_model  # noqa: F401  (fixtures)
+
+K, CLASSES = 4, 2
+
+
+def model(seed: int, size: str = "tiny", grid: tuple[int, int] = (1, 3)) -> Transformer:
+    torch.manual_seed(seed)
+    m = build_model(preset_config(size, role="coarse", vocab_size=K, num_classes=CLASSES, grid_h=grid[0],
+                                  grid_w=grid[1]))
+    torch.nn.init.normal_(m.head.weight, std=1.0)  # peaked, unlike the zero-initialised head
+    return m.eval()
+
+
+def exact_distribution(m: Transformer, label: int, settings: StageSettings) -> np.ndarray:
+    """Probability of each of the K^3 sequences, in itertools.product order: the product of the guided,
+    filtered conditionals the sampler draws from."""
+    seqs = torch.tensor(list(itertools.product(range(K), repeat=3)))
+    labels = torch.full((len(seqs),), label)
+    with torch.no_grad():
+        logits = apply_guidance(m(seqs.repeat(2, 1), with_null_labels(m, labels)), settings.cfg)
+    probs = token_probs(logits, settings).view(len(seqs), 3, K)
+    return probs.gather(2, seqs[..., None])[..., 0].prod(1).double().numpy()
+
+
+def counts(samples: torch.Tensor) -> np.ndarray:
+    index = (samples * torch.tensor([K * K, K, 1])).sum(1)
+    return np.bincount(index.numpy(), minlength=K ** 3)
+
+
+@pytest.mark.parametrize("settings", [StageSettings(cfg=2.0), StageSettings(cfg=1.5, temperature=0.8, top_k=3)])
+def test_speculative_samples_follow_the_model_not_the_draft(settings: StageSettings) -> None:
+    target, draft = model(0), model(1)
+    expected = exact_distribution(target, 1, settings)
+    labels = torch.ones(500, dtype=torch.long)
+    g, stats = gen(7), {}
+    fast = torch.cat([sample_causal(target, labels, settings, g, draft=draft, lookahead=2, stats_out=stats)
+                      for _ in range(80)])  # 40,000 sequences
+    drafted = torch.cat([sample_causal(draft, labels, settings, g) for _ in range(8)])
+    possible = expected > 0  # top-k leaves some sequences impossible: they must never appear
+
+    def fits(samples: torch.Tensor) -> bool:
+        found = counts(samples)
+        if found[~possible].sum():
+            return False
+        return chisquare(found[possible], expected[possible] / expected[possible].sum() * len(samples)).pvalue > 1e-3
+
+    assert fits(fast)
+    assert not fits(drafted)  # the test can tell the draft's distribution from the model's
+    assert 0 < stats["accepted"] < stats["proposed"] and stats["tokens"] == 80 * 3
+
+
+def test_a_perfect_draft_is_always_accepted_and_hidden_states_match() -> None:
+    target = model(0, grid=(4, 4))
+    labels = torch.tensor([0, 1, 1])
+    stats, hidden = {}, []
+    codes = sample_causal(target, labels, StageSettings(cfg=2.0), gen(0), draft=target, lookahead=4, stats_out=stats,
+                          hidden_out=hidden)
+    assert stats["accepted"] == stats["proposed"] and stats["rounds"] == 3  # 1 + 3 x (4 proposed + 1): 16 tokens
+    torch.testing.assert_close(torch.stack(hidden, 1), target.hidden_states(codes, labels), rtol=0, atol=1e-5)
+    assert torch.equal(codes, sample_causal(target, labels, StageSettings(cfg=2.0), gen(0), draft=target, lookahead=4))
+
+
+def test_bad_drafts_are_refused() -> None:
+    target = model(0)
+    with pytest.raises(CtfgenError, match="vocab_size"):
+        wrong = build_model(preset_config("tiny", role="coarse", vocab_size=K + 1, num_classes=CLASSES, grid_h=1, grid_w=3))
+        sample_causal(target, torch.tensor([0]), StageSettings(), draft=wrong)
+    with pytest.raises(CtfgenError, match="lookahead"):
+        sample_causal(target, torch.tensor([0]), StageSettings(), draft=model(1), lookahead=0)
+    undroppable = build_model(preset_config("tiny", role="coarse", vocab_size=K, num_classes=CLASSES, grid_h=1, grid_w=3,
+                                            class_dropout_prob=0.0))
+    with pytest.raises(CtfgenError, match="class-label dropout"):
+        sample_causal(target, torch.tensor([0]), StageSettings(cfg=2.0), draft=undroppable)
+
+
+def test_pipelines_and_the_cli_sample_with_a_draft(run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    for kind, role in (("ctf", "coarse"), ("baseline", "baseline")):
+        draft = random_model(role, seed=9)
+        pipe = load_pipeline(run_dir, kind)
+        pipe.prepare_decode(draft=draft, lookahead=3)
+        out = pipe([0, 1, 2], generator=gen(1), progress=False)
+        assert out.tokens.shape == (3, 4, 4)
+        save_model(draft, tmp_path / f"draft-{kind}")
+    parser = argparse.ArgumentParser()
+    add_sample_args(parser)
+    cmd_sample(parser.parse_args(["--run", str(run_dir), "--out", str(tmp_path / "g.png"), "--tokens", str(tmp_path / "t.npz"),
+                                  "--draft", str(tmp_path / "draft-ctf"), "--lookahead", "2", "--device", "cpu", "--quiet"]))
+    assert np.load(tmp_path / "t.npz")["coarse"].shape == (8, 4, 4)
+    with pytest.raises(CtfgenError, match="role"):  # a baseline cannot draft for the coarse model
+        cmd_sample(parser.parse_args(["--run", str(run_dir), "--out", str(tmp_path / "h.png"), "--draft",
+                                      str(tmp_path / "draft-baseline"), "--device", "cpu", "--quiet"]))
