@@ -82,7 +82,8 @@ def run_bench(out: str | Path, cells: list[Cell], meta: dict[str, Any], data_dir
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", default="versus", choices=sorted(GRIDS),
                    help="versus: the protocol (seeds, refiners, compute-matched baselines); map: V x K x size x "
-                        "epochs; cpu: versus cut to a 2-core CPU session (docs/bench.md)")
+                        "epochs; cpu: versus cut to a 2-core CPU session; refiner: the refiner options; precision: "
+                        "the AR stage sampled in fp32, bf16 and int8 (docs/bench.md)")
     p.add_argument("--quick", action="store_true", help="the grid's quick form (tiny models, minutes on a CPU)")
     p.add_argument("--seeds", type=arg_type(Count), default=None, help="training seeds per cell (default 3; quick 2)")
     p.add_argument("--out", default=None, help="output folder (default: runs/bench-GRID[-quick])")

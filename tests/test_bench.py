@@ -110,6 +110,29 @@ def test_refiner_options_are_cells_too(tmp_path: Path, fm: Path) -> None:
         replace(TOY, refine_steps=4)
 
 
+def test_decode_precision_cells_share_the_models_and_are_compared_with_fp32(tmp_path: Path, fm: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctfgen import pipeline
+
+    used, prepare = [], pipeline._Pipeline.prepare_decode
+    monkeypatch.setattr(pipeline._Pipeline, "prepare_decode",
+                        lambda pipe, precision="fp32", **kw: used.append((pipe.ar_name, precision)) or prepare(pipe, precision, **kw))
+    cells = [replace(TOY, side=side, decode_precision=p, scoring=replace(TOY_SCORING, floor_per_class=0))
+             for side in ("ctf", "baseline") for p in ("fp32", "int8")]
+    out = tmp_path / "bench"
+    run_bench(out, cells, {"grid": "toy", "data": "fashion-mnist", "seeds": 1}, data_dir=str(fm), classifier_epochs=1,
+              classifier_limit=128)
+    records = {r["result"]["label"]: r["result"] for r in Results(out / "cells.jsonl").load()}
+    assert set(records) == {"CTF", "CTF, int8 decoding", "baseline, equal steps", "baseline, equal steps, int8 decoding"}
+    assert len(list((out / "models").glob("coarse-*"))) == 1 and len(list((out / "models").glob("baseline-*"))) == 1
+    assert records["CTF, int8 decoding"]["nll"] == records["CTF"]["nll"]  # the likelihood is the trained model's
+    assert used == [("coarse", "fp32"), ("coarse", "int8"), ("model", "fp32"), ("model", "int8")]  # sampled so
+    (setup,) = group(Results(out / "cells.jsonl").load())
+    lines = verdict(setup)
+    assert sum("int8 decoding against fp32" in line for line in lines) == 2
+    assert setup.baseline.cell["decode_precision"] == "fp32"  # the reference rows are the fp32 ones
+
+
 def test_a_field_added_with_a_default_keeps_the_keys() -> None:
     """Results recorded before a cell field existed are still found: a default value is not hashed."""
     from dataclasses import dataclass

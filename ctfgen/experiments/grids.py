@@ -8,6 +8,7 @@
 - `refiner`: the refiner options against the plain CTF and the baselines: one that reads decided
   codes (sampled in 1, 2, 4 and 8 passes), one that reads stage-1 features, one trained on labels
   the coarse model corrupts.
+- `precision`: CTF and the baseline with the autoregressive stage sampled in fp32, bf16 and int8.
 Each grid has a full form (what a GPU runs in hours) and a quick one (minutes on a 2-core CPU; it
 shows the instrument works, not the verdict). `cpu` is the versus grid cut to what a 2-core CPU
 fits in a few hours (tiny models with the whole protocol at 400 steps and at equal steps over 200 and
@@ -86,6 +87,22 @@ def refiner_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[
     return cells
 
 
+# sampling-only: scored at the points where fp32 CTF and the baseline did best in the cpu grid (docs/bench.md)
+PRECISION_SCORING = Scoring(point_per_class=20, cfg=(1.0, 2.0, 3.0), t1=(1.0,), t2=(1.0,), floor_per_class=0)
+
+
+def precision_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell]:
+    """CTF and the baseline at equal steps, each sampled with its AR stage in fp32, bf16 and int8: what a
+    lower decode precision costs in FID, against the spread over training seeds. The models are trained
+    once per seed (the precision only changes sampling)."""
+    if quick:
+        base, steps = replace(base, **{**QUICK_BASE, "scoring": replace(QUICK_SCORING, t1=(1.0,), floor_per_class=0)}), 200
+    else:
+        base, steps = replace(base, size="tiny", refiner_size="tiny", scoring=PRECISION_SCORING), 400
+    return [replace(base, side=side, steps=steps, seed=seed, decode_precision=p)
+            for seed in range(seeds) for side in ("ctf", "baseline") for p in ("fp32", "bf16", "int8")]
+
+
 def map_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell]:
     """CTF against the baseline at equal steps; one baseline per (V, size, budget, seed): K does not touch it."""
     if quick:
@@ -106,4 +123,4 @@ def map_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell
 
 
 GRIDS: dict[str, Callable[[Cell, int, bool, int], list[Cell]]] = {
-    "versus": versus_grid, "cpu": cpu_grid, "map": map_grid, "refiner": refiner_grid}
+    "versus": versus_grid, "cpu": cpu_grid, "map": map_grid, "refiner": refiner_grid, "precision": precision_grid}

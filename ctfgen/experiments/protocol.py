@@ -41,6 +41,7 @@ from ..training import INFO_NAME, TrainConfig, train
 from ..training.checks import expected_model_fields
 from ..transformer import MODEL_SIZES, build_model, load_model, save_model
 from ..transformer.model import ARTIFACT_KIND as MODEL_KIND, preset_config
+from ..transformer.precision import DECODE_PRECISIONS
 from .engine import cell_key
 from .floors import floor_sets
 from .likelihood import nll_split, within_in_passes
@@ -90,6 +91,7 @@ class Cell:
     refine_steps: Count = 1  # stage-2 passes when sampling (> 1 needs refiner_reveal)
     refiner_features: bool = False  # the refiner reads the coarse model's hidden states (--stage1-features)
     refiner_corrupt: Rate = 0.0  # share of coarse labels redrawn by the coarse model in refiner training (--corrupt)
+    decode_precision: Annotated[str, OneOf(*DECODE_PRECISIONS)] = "fp32"  # the AR stage's weights while sampling
     batch_size: Count = 64
     lr: Positive = 1e-3
     warmup_steps: NonNegative = 50  # capped at a quarter of a run
@@ -124,10 +126,11 @@ def side_label(cell: dict[str, Any]) -> str:
                 [f"trained on {100 * c['refiner_corrupt']:g}% corrupted labels"] if c["refiner_corrupt"] else [])
         return f" (refiner {', '.join(parts)})" if parts else ""
 
+    decoded = f", {c['decode_precision']} decoding" if c["decode_precision"] != "fp32" else ""
     if c["side"] == "ctf":
-        return "CTF" + refiner(c["refiner_depth"], c["refiner_steps"], True)
+        return "CTF" + refiner(c["refiner_depth"], c["refiner_steps"], True) + decoded
     matched = c["compute_of"]
-    return "baseline, equal steps" if matched is None else "baseline, compute of CTF" + refiner(*matched, False)
+    return ("baseline, equal steps" if matched is None else "baseline, compute of CTF" + refiner(*matched, False)) + decoded
 
 
 @dataclass(frozen=True)
@@ -347,6 +350,7 @@ class Workshop:
             train = {"baseline": baseline}
             nll = nll_split(test_codes, hierarchy, baseline=pipe.model, limit=s.nll_items)["baseline"]
 
+        pipe.prepare_decode(cell.decode_precision)  # after the likelihood split, which scores the model as trained
         stage2 = {"refine_steps": cell.refine_steps} if cell.side == "ctf" else {}
         extractor = get_extractor("domain", path=art.classifier)
         ref = Reference(cell.data, "test", None, self.data_dir, self.cache_dir)

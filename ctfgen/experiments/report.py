@@ -21,7 +21,7 @@ from .stats import Spread, compare, spread
 
 REFINER_OPTIONS = ("refiner_reveal", "refine_steps", "refiner_features", "refiner_corrupt")
 # what tells rows of a setup apart
-ROW_FIELDS = ("side", "k", "refiner_depth", "refiner_steps", "compute_of") + REFINER_OPTIONS
+ROW_FIELDS = ("side", "k", "refiner_depth", "refiner_steps", "compute_of", "decode_precision") + REFINER_OPTIONS
 SETUP_FIELDS_OUT = ROW_FIELDS + ("seed",)  # a setup: every other field
 MAP_FIELDS = ("codebook", "size", "steps")
 
@@ -61,9 +61,12 @@ class Setup:
     fields: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
 
-    def row(self, side: str, compute_of: Any = None, full: bool = True) -> list[Row]:
+    def row(self, side: str, compute_of: Any = None, full: bool = True, precision: str = "fp32") -> list[Row]:
+        """Rows of one side decoded at `precision` (None: any): CTF with the paper's refiner (`full`) or any,
+        the baseline given `compute_of`."""
         return [r for r in self.rows if r.cell["side"] == side and (side != "ctf" or r.full_refiner or not full)
-                and (side == "ctf" or r.cell["compute_of"] == compute_of)]
+                and (side == "ctf" or r.cell["compute_of"] == compute_of)
+                and precision in (None, r.cell["decode_precision"])]
 
     @property
     def baseline(self) -> Row | None:
@@ -142,6 +145,15 @@ def verdict(setup: Setup) -> list[str]:
             lines.append(f"{ctf.label(with_k)}, NLL scored in its {ctf.cell['refine_steps']} passes (a random order): "
                          f"{_s(in_passes, 3)} vs the {base.label(False)} {_s(nb, 3)} nats/token -> "
                          f"{_words(compare(in_passes, nb), 'CTF', 'baseline')}.")
+    for row in setup.rows:  # a lower decode precision against the same side in fp32
+        if row.cell["decode_precision"] == "fp32":
+            continue
+        same = {**row.cell, "decode_precision": "fp32"}
+        exact = next((r for r in setup.rows if r.cell == same), None)
+        if exact is not None:
+            a, b = row.of(fid), exact.of(fid)
+            lines.append(f"{row.label(with_k)} against fp32: FID {_s(a)} vs {_s(b)} -> "
+                         f"{_words(compare(a, b), row.cell['decode_precision'], 'fp32')}.")
     variants = setup.row("ctf", full=False)
     full = [r for r in variants if r.full_refiner]
     if len(variants) > len(full) and full and not with_k:

@@ -1,0 +1,140 @@
+"""Speculative sampling of the autoregressive stage: how often the draft is right, and what that buys.
+
+    python benchmarks/bench_speculative.py --pair "CTF K=512=runs/x/coarse:runs/x/draft-coarse" \
+        --pair "baseline V=4096=runs/x/baseline:runs/x/draft-baseline" --quick
+
+Each --pair is NAME=MODEL:DRAFT, two trained model folders of one role (a coarse model and a smaller
+coarse draft over the same K; a baseline and a smaller baseline draft over the same V). For each
+lookahead it samples the same labels plainly and speculatively (CFG 2.0, t 1.0, the bench's sampler
+settings) and reports
+- the acceptance rate: the share of proposed tokens a row keeps (before the batch's cut),
+- tokens per pass: tokens decided per pass of the large model (plain sampling: 1),
+- the speed-up: wall time plain / speculative, measured side by side (rows alternate, best of the rounds).
+On a CPU at these small shapes a step of any model costs mostly fixed overhead, so the draft is not
+much cheaper than the model and the wall-time speed-up says little about large models. `--project`
+also times, at LlamaGen's GPT-B shape with random weights, one decode step, one verification pass over
+lookahead + 1 tokens and a step of a draft of size `--draft-size`, and combines them with the measured
+tokens per pass: the speed-up a GPT-B model with this acceptance would see (a projection from measured
+parts, labelled as such).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from ctfgen.artifacts import write_json
+from ctfgen.sampling import StageSettings, sample_causal
+from ctfgen.transformer import build_model, load_model, preset_config
+
+SETTINGS = StageSettings(cfg=2.0, temperature=1.0)
+
+
+def parse_pair(text: str) -> tuple[str, Path, Path]:
+    name, _, paths = text.rpartition("=")
+    model, _, draft = paths.partition(":")
+    if not (name and model and draft):
+        raise SystemExit(f"--pair {text!r}: expected NAME=MODEL_FOLDER:DRAFT_FOLDER")
+    return name, Path(model), Path(draft)
+
+
+def measure(model: torch.nn.Module, draft: torch.nn.Module, batch: int, lookaheads: list[int], images: int,
+            rounds: int) -> list[dict]:
+    labels = torch.arange(images) % model.config.num_classes
+    runs = {0: None, **{k: k for k in lookaheads}}  # 0: plain sampling
+    best = {k: float("inf") for k in runs}
+    stats = {k: {} for k in lookaheads}
+    for r in range(rounds):
+        for k in runs:
+            g = torch.Generator().manual_seed(r)
+            start = time.perf_counter()
+            for chunk in labels.split(batch):
+                if k:
+                    sample_causal(model, chunk, SETTINGS, g, draft=draft, lookahead=k,
+                                  stats_out=stats[k] if r == 0 else None)
+                else:
+                    sample_causal(model, chunk, SETTINGS, g)
+            best[k] = min(best[k], time.perf_counter() - start)
+    out = []
+    for k in lookaheads:
+        s = stats[k]
+        passes = s["rounds"] + len(labels.split(batch))  # each batch's first token takes a pass too
+        out.append({"batch": batch, "lookahead": k, "acceptance": s["accepted"] / s["proposed"],
+                    "tokens_per_pass": s["tokens"] / passes, "speedup": best[0] / best[k]})
+    return out
+
+
+def gpt_b_costs(role: str, vocab: int, lookaheads: list[int], draft_size: str, repeats: int = 5) -> dict:
+    """Seconds of a GPT-B decode step, a verification pass over k + 1 tokens, and a draft step (batch 1, CFG)."""
+    def model(size: str):
+        torch.manual_seed(0)
+        return build_model(preset_config(size, role=role, vocab_size=vocab, num_classes=1000, grid_h=16, grid_w=16)).eval()
+
+    def step_time(m, n: int) -> float:
+        cache = m.make_cache(2)
+        tokens = torch.zeros(2, n, dtype=torch.long)
+        best = float("inf")
+        with torch.no_grad():
+            m.prefill(torch.tensor([0, 1000]), cache)
+            for _ in range(repeats):
+                cache.pos = 128
+                start = time.perf_counter()
+                m.step(tokens, cache)
+                best = min(best, time.perf_counter() - start)
+        return best
+
+    big, small = model("GPT-B"), model(draft_size)
+    return {"step_s": step_time(big, 1), "draft_step_s": step_time(small, 1),
+            "verify_s": {k: step_time(big, k + 1) for k in lookaheads}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pair", action="append", required=True, help="NAME=MODEL_FOLDER:DRAFT_FOLDER (repeatable)")
+    ap.add_argument("--lookaheads", default="1,2,4,8")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--images", type=int, default=64, help="images per measurement (quick: 16)")
+    ap.add_argument("--rounds", type=int, default=2, help="timing rounds, best kept (quick: 1)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--project", action="store_true", help="also project the speed-up at GPT-B from measured parts")
+    ap.add_argument("--draft-size", default="small", help="the draft's size in the GPT-B projection")
+    ap.add_argument("--out", default="runs/bench-speculative/bench_speculative.json")
+    args = ap.parse_args()
+    lookaheads = [int(k) for k in args.lookaheads.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    images, rounds = (16, 1) if args.quick else (args.images, args.rounds)
+    results = []
+    for name, model_dir, draft_dir in map(parse_pair, args.pair):
+        model, draft = load_model(model_dir), load_model(draft_dir)
+        vocab = model.config.vocab_size
+        print(f"{name}: model {model.num_params() / 1e6:.2f} M parameters, draft {draft.num_params() / 1e6:.2f} M, "
+              f"vocabulary {vocab}", flush=True)
+        rows = [row for b in batches for row in measure(model, draft, b, lookaheads, images, rounds)]
+        if args.project:
+            role = model.config.role  # the coarse model keeps its K; a baseline gets LlamaGen's V
+            costs = gpt_b_costs(role, vocab if role == "coarse" else 16384, lookaheads, args.draft_size)
+            for row in rows:
+                k = row["lookahead"]
+                round_s = k * costs["draft_step_s"] + costs["verify_s"][k]
+                row["gpt_b_projected_speedup"] = row["tokens_per_pass"] * costs["step_s"] / round_s
+            results.append({"name": name, "vocab": vocab, "rows": rows, "gpt_b_costs": costs})
+        else:
+            results.append({"name": name, "vocab": vocab, "rows": rows})
+    print(f"\n{'pair':24} {'batch':>5} {'lookahead':>9} {'accepted':>8} {'tok/pass':>8} {'speed-up':>8}"
+          + (f" {'GPT-B proj.':>11}" if args.project else ""))
+    for r in results:
+        for row in r["rows"]:
+            extra = f" {row['gpt_b_projected_speedup']:11.2f}" if args.project else ""
+            print(f"{r['name']:24} {row['batch']:5d} {row['lookahead']:9d} {row['acceptance']:8.2f} "
+                  f"{row['tokens_per_pass']:8.2f} {row['speedup']:8.2f}{extra}")
+    write_json(args.out, {"date": str(date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "settings": vars(SETTINGS), "images": images, "rounds": rounds, "results": results})
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
