@@ -4,6 +4,7 @@ KV cache's per-token decode time at the last position against the first.
     python benchmarks/bench_sampling.py --quick            # small shape at batch 1 and 64, GPT-B shape at batch 1
     python benchmarks/bench_sampling.py --device cuda      # also GPT-B at batch 8
     python benchmarks/bench_sampling.py --refine-passes 1,2,4,8   # also CTF with stage 2 in that many passes
+    python benchmarks/bench_sampling.py --refiner-depth 0.5 --gpt-b-batches 1,64   # a half-depth refiner
 
 Random weights (speed does not depend on them; the heads are re-initialised so sampling is not
 uniform). Two shapes:
@@ -12,9 +13,13 @@ uniform). Two shapes:
 - "GPT-B": LlamaGen's B shape, 16x16 grid, V=16384, K=512, 1000 classes, GPT-B for all three.
 "CTF/base" is the speed ratio (> 1: CTF is faster); "stage 2" is the share of CTF's time spent in the
 refiner pass and its sampling. With --refine-passes the refiner reads decided codes (`reveal`), and
-CTF is also timed with stage 2 in each number of passes (`refine(steps=S)`; S = 1 is the paper's). Images/s counts token sampling (stage 1 with CFG 2.0, stage 2 without guidance, the pipeline's
-defaults), not the tokenizer's decoder, which costs the same for both methods. On a shared CPU
-the figures move with the other load: compare rows of one run, not runs on different days.
+CTF is also timed with stage 2 in each number of passes (`refine(steps=S)`; S = 1 is the paper's).
+Stage 2 keeps each code in its cluster (random balanced clusters), as the pipeline does by default;
+`--refiner-depth` sets the refiner's share of stage 1's layers (the bench found a half-depth refiner
+as good as a full one; docs/bench.md). Images/s counts token sampling (stage 1 with CFG 2.0, stage 2
+without guidance, the pipeline's defaults), not the tokenizer's decoder, which costs the same for both
+methods. On a shared CPU the figures move with the other load: compare rows of one run, not runs on
+different days.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from typing import Callable
 import torch
 
 from ctfgen.artifacts import write_json
+from ctfgen.hierarchy import Hierarchy
 from ctfgen.runtime import pick_device
 from ctfgen.sampling import StageSettings, refine, sample_baseline, sample_ctf
-from ctfgen.transformer import Transformer, build_model, preset_config
+from ctfgen.transformer import MODEL_SIZES, Transformer, build_model, preset_config
 
 SHAPES = {
     "small": dict(size="small", grid=8, V=4096, K=256, classes=10),
@@ -41,15 +47,17 @@ STAGE1 = StageSettings(cfg=2.0, temperature=1.1)
 STAGE2 = StageSettings(cfg=1.0, temperature=1.1)
 
 
-def random_models(shape: dict, device: torch.device, reveal: bool = False) -> dict[str, Transformer]:
+def random_models(shape: dict, device: torch.device, reveal: bool = False, refiner_depth: float = 1.0) -> dict[str, Transformer]:
     common = dict(num_classes=shape["classes"], grid_h=shape["grid"], grid_w=shape["grid"])
     vocab = {"coarse": (shape["K"], shape["K"]), "refiner": (shape["K"], shape["V"]), "baseline": (shape["V"], shape["V"])}
     models = {}
     for role, (vocab_size, head_size) in vocab.items():
         torch.manual_seed(0)
+        layers = MODEL_SIZES[shape["size"]]["n_layer"]
+        depth = {"n_layer": max(1, round(refiner_depth * layers))} if role == "refiner" else {}
         with torch.device(device):
             model = build_model(preset_config(shape["size"], role=role, vocab_size=vocab_size, head_size=head_size,
-                                              reveal=reveal and role == "refiner", **common))
+                                              reveal=reveal and role == "refiner", **common, **depth))
         torch.nn.init.normal_(model.head.weight, std=0.02)
         models[role] = model.eval()
     return models
@@ -73,17 +81,17 @@ def seconds(fn: Callable[[], object], device: torch.device, repeats: int = 1) ->
 
 
 def images_per_s(models: dict[str, Transformer], shape: dict, batch: int, device: torch.device,
-                 repeats: int, passes: list[int]) -> dict[str, float]:
+                 repeats: int, passes: list[int], mask: torch.Tensor | None) -> dict[str, float]:
     labels = torch.arange(batch, device=device) % shape["classes"]
     g = torch.Generator(device=device).manual_seed(0)
-    ctf = lambda: sample_ctf(models["coarse"], models["refiner"], labels, STAGE1, STAGE2, g)
+    ctf = lambda: sample_ctf(models["coarse"], models["refiner"], labels, STAGE1, STAGE2, g, mask)
     baseline = lambda: sample_baseline(models["baseline"], labels, STAGE1, g)
     coarse = torch.randint(shape["K"], (batch, shape["grid"] ** 2), generator=g, device=device)
-    stage2 = lambda: refine(models["refiner"], coarse, labels, STAGE2, g)
+    stage2 = lambda: refine(models["refiner"], coarse, labels, STAGE2, g, mask)
     t_ctf, t_base = seconds(ctf, device, repeats), seconds(baseline, device, repeats)
     t_stage2 = seconds(stage2, device, repeats)
     by_passes = {s: batch / seconds(lambda: sample_ctf(models["coarse"], models["refiner"], labels, STAGE1, STAGE2, g,
-                                                       refine_steps=s), device, repeats) for s in passes}
+                                                       mask, refine_steps=s), device, repeats) for s in passes}
     return {"batch": batch, "ctf_images_per_s": batch / t_ctf, "baseline_images_per_s": batch / t_base,
             "ctf_s_per_image": t_ctf / batch, "baseline_s_per_image": t_base / batch,
             "ctf_over_baseline_speed": t_base / t_ctf, "ctf_stage2_share": t_stage2 / t_ctf,
@@ -112,14 +120,18 @@ def decode_step_times(model: Transformer, batch: int, device: torch.device, repe
             "last_over_first": min(last_times) / min(first)}
 
 
-def bench_shape(name: str, batches: list[int], device: torch.device, repeats: int, passes: list[int]) -> dict:
+def bench_shape(name: str, batches: list[int], device: torch.device, repeats: int, passes: list[int],
+                refiner_depth: float, masked: bool) -> dict:
     shape = SHAPES[name]
-    models = random_models(shape, device, reveal=bool(passes))
+    models = random_models(shape, device, reveal=bool(passes), refiner_depth=refiner_depth)
+    torch.manual_seed(0)  # balanced random clusters: the cost of a cluster mask, as the pipeline samples by default
+    mask = Hierarchy(torch.randperm(shape["V"]) % shape["K"], shape["K"]).member_mask.to(device) if masked else None
     for role in ("coarse", "baseline"):
         decode_step_times(models[role], 1, device, 1)  # warm-up: allocation, kernels
     result = {"shape": {"name": name, **shape},
               "params": {role: m.num_params() for role, m in models.items()},
-              "sampling": [images_per_s(models, shape, b, device, repeats, passes) for b in batches],
+              "refiner_depth": refiner_depth, "refiner_mask": masked,
+              "sampling": [images_per_s(models, shape, b, device, repeats, passes, mask) for b in batches],
               "decode_step": {role: decode_step_times(models[role], 1, device, 31) for role in ("coarse", "baseline")}}
     return result
 
@@ -154,17 +166,22 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="runs/bench-sampling/bench_sampling.json")
     ap.add_argument("--refine-passes", default="", help="comma-separated stage-2 pass counts to time, e.g. 1,2,4,8")
+    ap.add_argument("--refiner-depth", type=float, default=1.0, help="the refiner's share of the stage-1 depth")
+    ap.add_argument("--no-refiner-mask", dest="mask", action="store_false", help="sample stage 2 from all V codewords "
+                    "(the pipeline's default keeps each code in its cluster)")
+    ap.add_argument("--gpt-b-batches", default=None, help="GPT-B batch sizes (default: 1, and 8 without --quick)")
     args = ap.parse_args()
     passes = [int(p) for p in args.refine_passes.split(",") if p]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    batches = {"small": [1, 64], "GPT-B": [1] if args.quick else [1, 8]}
+    gpt_b = [int(b) for b in args.gpt_b_batches.split(",")] if args.gpt_b_batches else [1] if args.quick else [1, 8]
+    batches = {"small": [1, 64], "GPT-B": gpt_b}
     repeats = {"small": 3, "GPT-B": 1 if args.quick else 3}  # median of repeats: the small shape is cheap
     results = []
     for name in args.shapes.split(","):
         print(f"benchmarking the {name} shape ...", flush=True)
-        results.append(bench_shape(name, batches[name], device, repeats[name], passes))
+        results.append(bench_shape(name, batches[name], device, repeats[name], passes, args.refiner_depth, args.mask))
     print_table(results)
     report = {"date": str(date.today()), "device": str(device), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import CtfgenError
-from .transformer.model import Transformer, mask_to_clusters
+from .transformer.model import Transformer
 
 
 @dataclass(frozen=True)
@@ -283,6 +283,18 @@ def sample_speculative(model: Transformer, draft: Transformer, class_labels: tor
     return codes
 
 
+def cluster_members(member_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """member_mask bool [K, V] -> (members long [K, M], is_member bool [K, M]): each cluster's codewords in
+    ascending order, padded to the largest cluster's size M (padding repeats codeword 0, is_member False).
+    Drawing among M members instead of all V codewords is what makes the masked refiner's sampling cheap."""
+    rank = member_mask.long().cumsum(1) - 1
+    size = member_mask.sum(1)
+    members = torch.zeros(member_mask.shape[0], int(size.max()), dtype=torch.long, device=member_mask.device)
+    k, v = member_mask.nonzero(as_tuple=True)
+    members[k, rank[k, v]] = v
+    return members, torch.arange(members.shape[1], device=members.device) < size[:, None]
+
+
 def decided_after(step: int, steps: int, hidden: torch.Tensor) -> torch.Tensor:
     """How many of `hidden` undecided positions are decided once `step` of `steps` steps are done: MaskGIT's
     cosine schedule (few early, when the refiner has least to go on; all after the last)."""
@@ -302,8 +314,10 @@ def refine(refiner: Transformer, coarse: torch.Tensor, class_labels: torch.Tenso
     token's probability), as many as the cosine schedule says, and the next pass reads them.
     revealed: fine codes already known, long [B, T] with `hidden_id` elsewhere; they are never changed.
     features: the coarse model's hidden states [B, T, dim] (a refiner with `feature_dim` needs them).
-    member_mask (bool [K, V]): restrict each position to the codewords of its cluster. The mask is
-    applied after guidance, since uncond + s * (cond - uncond) of two -inf logits is NaN.
+    member_mask (bool [K, V]): restrict each position to the codewords of its cluster: the draw is among
+    the cluster's members (`cluster_members`), the same distribution as masking the V logits, at a
+    fraction of the cost. It is applied after guidance, since uncond + s * (cond - uncond) of two -inf
+    logits is NaN.
     states_out: if given, receives the fine codes after each pass (for tests).
     """
     if refiner.config.role != "refiner":
@@ -318,6 +332,7 @@ def refine(refiner: Transformer, coarse: torch.Tensor, class_labels: torch.Tenso
     hidden_id = refiner.config.hidden_id
     fine = torch.full_like(coarse, hidden_id) if revealed is None else revealed.to(device).clone()
     undecided_at_start = (fine == hidden_id).sum(1)
+    members, is_member = cluster_members(member_mask.to(device)) if member_mask is not None else (None, None)
     with inference_mode(refiner):
         for step in range(1, steps + 1):
             reads = {"fine": fine} if refiner.config.reveal else {}
@@ -329,12 +344,12 @@ def refine(refiner: Transformer, coarse: torch.Tensor, class_labels: torch.Tenso
                                         settings.cfg)
             else:
                 logits = refiner(coarse, class_labels, **reads)
-            if member_mask is not None:
-                logits = mask_to_clusters(logits, coarse, member_mask.to(device))
+            if members is not None:  # draw among each position's cluster members only: the same distribution
+                logits = logits.gather(2, members[coarse]).masked_fill_(~is_member[coarse], float("-inf"))
             probs = token_probs(logits, settings)
             drawn = draw(probs, generator)
             confidence = probs.gather(1, drawn[:, None]).view(coarse.shape)
-            drawn = drawn.view(coarse.shape)
+            drawn = drawn.view(coarse.shape) if members is None else members[coarse].gather(2, drawn.view(*coarse.shape, 1))[..., 0]
             undecided = fine == hidden_id
             wanted = decided_after(step, steps, undecided_at_start) - (undecided_at_start - undecided.sum(1))
             # rank the undecided positions by confidence; decided ones rank last and are never picked

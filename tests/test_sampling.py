@@ -135,6 +135,25 @@ def test_masked_refiner_stays_in_cluster(models: dict[str, Transformer], hierarc
     assert not torch.equal(hierarchy.to_coarse(unmasked), coarse)
 
 
+@pytest.mark.parametrize("settings", [StageSettings(cfg=2.0, temperature=1.5), StageSettings(top_k=3, top_p=0.8)])
+def test_drawing_among_members_is_drawing_from_the_masked_logits(models: dict[str, Transformer], hierarchy: Hierarchy,
+                                                                 settings: StageSettings) -> None:
+    """The refiner draws among each cluster's members; masking all V logits gives the same tokens for a seed."""
+    from ctfgen.sampling import apply_guidance, cluster_members, draw, token_probs, with_null_labels
+    from ctfgen.transformer import mask_to_clusters
+
+    refiner, labels = models["refiner"], torch.arange(CLASSES).repeat(8)
+    coarse = torch.randint(0, K, (len(labels), GRID * GRID), generator=gen(3))
+    with torch.no_grad():
+        logits = apply_guidance(refiner(coarse.repeat(2, 1), with_null_labels(refiner, labels)), settings.cfg)
+    reference = draw(token_probs(mask_to_clusters(logits, coarse, hierarchy.member_mask), settings), gen(4))
+    assert torch.equal(refine(refiner, coarse, labels, settings, gen(4), hierarchy.member_mask, guidance=True),
+                       reference.view(coarse.shape))
+    members, is_member = cluster_members(hierarchy.member_mask)
+    for k in range(K):
+        assert members[k][is_member[k]].tolist() == torch.nonzero(hierarchy.member_mask[k]).view(-1).tolist()
+
+
 @pytest.mark.parametrize("settings, flag", [
     (StageSettings(temperature=0.0), "--t1"),
     (StageSettings(temperature=-1.0), "--t1"),
