@@ -338,14 +338,17 @@ def refine(refiner: Transformer, coarse: torch.Tensor, class_labels: torch.Tenso
             reads = {"fine": fine} if refiner.config.reveal else {}
             if features is not None:
                 reads["features"] = features.to(device)
+            codes, labels = coarse, class_labels
             if guided:
-                both = {k: torch.cat([v, v]) for k, v in reads.items()}
-                logits = apply_guidance(refiner(coarse.repeat(2, 1), with_null_labels(refiner, class_labels), **both),
-                                        settings.cfg)
-            else:
-                logits = refiner(coarse, class_labels, **reads)
-            if members is not None:  # draw among each position's cluster members only: the same distribution
-                logits = logits.gather(2, members[coarse]).masked_fill_(~is_member[coarse], float("-inf"))
+                reads = {k: torch.cat([v, v]) for k, v in reads.items()}
+                codes, labels = coarse.repeat(2, 1), with_null_labels(refiner, class_labels)
+            hidden = refiner.refiner_states(codes, labels, **reads)
+            # masked: only each position's cluster members get logits (the head's rows for M, not V, codewords)
+            logits = refiner.head_logits(hidden) if members is None else refiner.member_logits(hidden, members[codes])
+            if guided:
+                logits = apply_guidance(logits, settings.cfg)
+            if members is not None:  # padding after guidance: uncond + s * (cond - uncond) of two -inf is NaN
+                logits = logits.masked_fill_(~is_member[coarse], float("-inf"))
             probs = token_probs(logits, settings)
             drawn = draw(probs, generator)
             confidence = probs.gather(1, drawn[:, None]).view(coarse.shape)

@@ -382,12 +382,20 @@ class Transformer(nn.Module):
         T = codes.shape[1]
         if not 1 <= T <= self.config.seq_len:
             raise CtfgenError(f"T={T} must be in 1..{self.config.seq_len} (grid {self.config.grid_h}x{self.config.grid_w})")
-        cls = self._class_token(class_labels)
         if self.config.causal:
             if member_mask is not None:
                 raise CtfgenError("member_mask applies only to the refiner")
-            h = torch.cat([cls, self.tok_embed(codes[:, :-1])], dim=1)  # the last code predicts nothing
+            h = torch.cat([self._class_token(class_labels), self.tok_embed(codes[:, :-1])], dim=1)  # the last code predicts nothing
             return self.head_logits(self._run(h, 0, None))
+        logits = self.head_logits(self.refiner_states(codes, class_labels, fine, features))
+        if member_mask is not None:
+            logits = mask_to_clusters(logits, codes, member_mask)
+        return logits
+
+    def refiner_states(self, codes: torch.Tensor, class_labels: torch.Tensor, fine: torch.Tensor | None = None,
+                       features: torch.Tensor | None = None) -> torch.Tensor:
+        """The refiner's last hidden state at each position [B, T, dim] (`forward` without the head)."""
+        self._check_codes(codes, class_labels.shape[0])
         tokens = self.tok_embed(codes)
         if self.fine_embed is not None:
             if fine is None:
@@ -405,11 +413,18 @@ class Transformer(nn.Module):
             tokens = tokens + self.feature_proj(features.to(tokens.dtype))
         elif features is not None:
             raise CtfgenError("this refiner was not trained to read stage-1 features (train it with --stage1-features)")
-        h = torch.cat([cls, tokens], dim=1)
-        logits = self.head_logits(self._run(h, 0, None))[:, 1:]  # the class token's output predicts nothing
-        if member_mask is not None:
-            logits = mask_to_clusters(logits, codes, member_mask)
-        return logits
+        h = torch.cat([self._class_token(class_labels), tokens], dim=1)
+        return self._run(h, 0, None)[:, 1:]  # the class token's output predicts nothing
+
+    def member_logits(self, hidden: torch.Tensor, members: torch.Tensor, chunk: int = 2 ** 24) -> torch.Tensor:
+        """fp32 logits [..., M] of the codewords `members` [..., M] only, from hidden states [..., dim]: the head's
+        rows for those codewords, so a refiner restricted to each position's cluster pays for M, not V, of them
+        (in chunks of positions holding at most `chunk` gathered weights)."""
+        flat_h, flat_m = hidden.reshape(-1, hidden.shape[-1]), members.reshape(-1, members.shape[-1])
+        step = max(1, chunk // (flat_m.shape[1] * flat_h.shape[1]))
+        out = [torch.bmm(self.head.weight[m], h[:, :, None])[..., 0]
+               for h, m in zip(flat_h.split(step), flat_m.split(step))]
+        return torch.cat(out).float().view(members.shape)
 
     @torch.no_grad()
     def hidden_states(self, codes: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
