@@ -7,7 +7,8 @@ weight once per token, so its speed is set by how many bytes the weights take.
   row, symmetric); activations in bf16 for the product (on the CPU torch's int8-weight GEMV kernel),
   everything else in fp32. A quarter of the bytes.
 
-Each changes the sampled tokens a little; docs/sampling.md says by how much it moves FID.
+Each changes the sampled tokens a little; docs/bench.md ("Decode precision") measures what that costs in
+FID, docs/sampling.md what it buys in speed.
 """
 
 from __future__ import annotations
