@@ -45,9 +45,9 @@ def parse_pair(text: str) -> tuple[str, Path, Path]:
 def measure(model: torch.nn.Module, draft: torch.nn.Module, batch: int, lookaheads: list[int], images: int,
             rounds: int) -> list[dict]:
     labels = torch.arange(images) % model.config.num_classes
-    runs = {0: None, **{k: k for k in lookaheads}}  # 0: plain sampling
+    runs = [0, *lookaheads]  # 0: plain sampling
     best = {k: float("inf") for k in runs}
-    stats = {k: {} for k in lookaheads}
+    stats: dict[int, dict[str, int]] = {k: {} for k in lookaheads}
     for r in range(rounds):
         for k in runs:
             g = torch.Generator().manual_seed(r)

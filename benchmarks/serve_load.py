@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,13 +51,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_up(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
+def wait_until_up(port: int, server: subprocess.Popen, timeout: float = 180) -> None:
+    """Until the local server accepts connections on `port` (127.0.0.1 only)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
             sys.exit(f"the server exited:\n{server.communicate()[0]}")
         try:
-            with urllib.request.urlopen(url, timeout=5):
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
                 return
         except OSError:
             time.sleep(0.5)
@@ -85,7 +85,7 @@ def main() -> None:
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
         try:
-            wait_until_up(url, server)
+            wait_until_up(port, server)
             clients = [Client(url, verbose=False) for _ in range(min(args.clients, requests))]
 
             def one(i: int) -> tuple[float, str]:

@@ -319,7 +319,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     png_folder = plan_output(args.out_dir, SAMPLES_KIND, force=args.force) if args.out_dir else None
     device = pick_device(args.device)
     pipe = load_pipeline(args.run, args.kind, device)
-    prepare_decode(pipe, args)
+    apply_decode_flags(pipe, args)
     labels = sample_labels(args, pipe.num_classes)
     out = pipe(labels, **sample_settings(args), batch_size=args.batch_size,
                generator=make_generator(args.seed, device), progress=not args.quiet)
@@ -342,7 +342,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"tokens -> {tokens_path}")
 
 
-def prepare_decode(pipe: CTFPipeline | BaselinePipeline, args: argparse.Namespace) -> None:
+def apply_decode_flags(pipe: CTFPipeline | BaselinePipeline, args: argparse.Namespace) -> None:
     """The decode flags: --decode-precision, --compile, --draft and --lookahead."""
     draft = load_model(args.draft, pipe.device) if args.draft else None
     pipe.prepare_decode(args.decode_precision, args.compile, draft, args.lookahead)
@@ -372,7 +372,7 @@ def sample_npz_command(args: argparse.Namespace) -> None:
     dist = setup_distributed(args.device)
     try:
         pipe = load_pipeline(args.run, args.kind, dist.device)
-        prepare_decode(pipe, args)
+        apply_decode_flags(pipe, args)
         labels = sample_labels(args, pipe.num_classes)
         check_class_labels(labels, pipe.num_classes)
         write_sample_npz(pipe, labels, npz_path, sample_settings(args), args.batch_size, args.seed, dist,

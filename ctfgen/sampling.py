@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import CtfgenError
-from .transformer.model import Transformer
+from .transformer.model import KVCache, Transformer
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,12 @@ def inference_mode(*models: Transformer) -> Iterator[None]:
             m.train(training)
 
 
+def decode_cache(model: Transformer, rows: int) -> KVCache:
+    """A KV cache for sampling `rows` sequences: bf16 on GPUs (half the memory traffic), else the model's dtype."""
+    on_gpu = model.head.weight.device.type == "cuda"
+    return model.make_cache(rows, torch.bfloat16 if on_gpu else None)
+
+
 def with_null_labels(model: Transformer, class_labels: torch.Tensor) -> torch.Tensor:
     """[labels; null, ..., null]: the doubled batch of classifier-free guidance."""
     return torch.cat([class_labels, torch.full_like(class_labels, model.null_class)])
@@ -166,7 +172,7 @@ def sample_causal(model: Transformer, class_labels: torch.Tensor, settings: Stag
     inputs = with_null_labels(model, class_labels) if guided else class_labels
     codes = torch.empty(batch, seq_len, dtype=torch.long, device=device)
     with inference_mode(model):
-        cache = model.make_cache(inputs.shape[0], torch.bfloat16 if device.type == "cuda" else None)  # bf16 on GPUs
+        cache = decode_cache(model, inputs.shape[0])
         want_hidden = hidden_out is not None
         out = model.prefill(inputs, cache, with_hidden=want_hidden)
         for t in range(seq_len):
@@ -220,7 +226,6 @@ def sample_speculative(model: Transformer, draft: Transformer, class_labels: tor
     batch, seq_len = class_labels.shape[0], model.config.seq_len
     inputs = with_null_labels(model, class_labels) if guided else class_labels
     codes = torch.empty(batch, seq_len, dtype=torch.long, device=device)
-    rows = torch.arange(batch, device=device)
     stats = {"proposed": 0, "accepted": 0, "rounds": 0, "tokens": seq_len}
 
     def probs_of(logits: torch.Tensor) -> torch.Tensor:  # [rows, n, V] -> the guided, filtered p [B, n, V]
@@ -231,8 +236,7 @@ def sample_speculative(model: Transformer, draft: Transformer, class_labels: tor
         return tokens.repeat(2, 1) if guided else tokens
 
     with inference_mode(model, draft):
-        cache = model.make_cache(inputs.shape[0], torch.bfloat16 if device.type == "cuda" else None)
-        draft_cache = draft.make_cache(inputs.shape[0], torch.bfloat16 if device.type == "cuda" else None)
+        cache, draft_cache = decode_cache(model, inputs.shape[0]), decode_cache(draft, inputs.shape[0])
         logits, hidden = model.prefill(inputs, cache, with_hidden=True)
         draft.prefill(inputs, draft_cache)
         codes[:, 0] = draw(probs_of(logits)[:, 0], generator)
@@ -257,7 +261,7 @@ def sample_speculative(model: Transformer, draft: Transformer, class_labels: tor
             q_of = q.gather(2, proposed[..., None])[..., 0]
             u = torch.rand(batch, n, generator=generator, device=device, dtype=p.dtype)
             refused = u * q_of >= p_of
-            first_refusal = torch.where(refused.any(1), refused.float().argmax(1), torch.full_like(rows, n))
+            first_refusal = torch.where(refused.any(1), refused.float().argmax(1), n)
             kept = int(first_refusal.min())  # proposals every row keeps; then one token more
             stats["proposed"] += batch * n
             stats["accepted"] += int(first_refusal.sum())
@@ -287,11 +291,11 @@ def cluster_members(member_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """member_mask bool [K, V] -> (members long [K, M], is_member bool [K, M]): each cluster's codewords in
     ascending order, padded to the largest cluster's size M (padding repeats codeword 0, is_member False).
     Drawing among M members instead of all V codewords is what makes the masked refiner's sampling cheap."""
-    rank = member_mask.long().cumsum(1) - 1
-    size = member_mask.sum(1)
+    k, v = member_mask.nonzero(as_tuple=True)  # row-major: by cluster, then codeword
+    size = torch.bincount(k, minlength=member_mask.shape[0])  # (not member_mask.sum(1): 5x slower over K x V)
+    first = size.cumsum(0) - size  # where each cluster's members start in (k, v)
     members = torch.zeros(member_mask.shape[0], int(size.max()), dtype=torch.long, device=member_mask.device)
-    k, v = member_mask.nonzero(as_tuple=True)
-    members[k, rank[k, v]] = v
+    members[k, torch.arange(len(k), device=k.device) - first[k]] = v
     return members, torch.arange(members.shape[1], device=members.device) < size[:, None]
 
 

@@ -151,6 +151,7 @@ CASES = {
     "sample --decode-precision int4": SAMPLE + ["--decode-precision", "int4"],
     "sample --lookahead 0": SAMPLE + ["--lookahead", "0"],
     "sample --draft missing": SAMPLE + ["--draft", "{root}/no-such-model", "--out", "{root}/new.png"],
+    "sample --draft of another role": SAMPLE + ["--draft", f"{RUN}/baseline", "--out", "{root}/new.png"],
     "sample --refine-steps 2 with a one-pass refiner": SAMPLE + ["--refine-steps", "2", "--out", "{root}/new.png"],
     "train --reveal for the coarse role": TRAIN + ["--role", "coarse", "--reveal", "--out", "{root}/new"],
     "train --corrupt without --coarse-model": TRAIN + ["--role", "refiner", "--corrupt", "0.2", "--out", "{root}/new"],
