@@ -16,7 +16,8 @@ The bound: one decode step reads every weight matrix once (`weight_bytes_per_tok
 faster than those bytes over the memory's read bandwidth, measured here by summing a 256 MB buffer with
 the same threads. "/bound" is the measured time over that bound (1.0 would be perfect).
 Rows: `baseline` is ctfgen's AR sampler over V = 16384 codewords (LlamaGen's model), at each
-`--decode-precision`; `CTF stage 1` the same sampler over K = 512 coarse labels (a smaller head).
+`--decode-precision`; `CTF stage 1` the same sampler over K = 512 coarse labels (a smaller head); the
+last lines put their ratio beside the ratio of the weight bytes a token reads.
 """
 
 from __future__ import annotations
@@ -156,6 +157,13 @@ def main() -> None:
         speedup = f"{r['speedup_over_llamagen']:.2f}" if r["speedup_over_llamagen"] else "-"
         print(f"{r['batch']:5d}  {r['sampler']:32} {r['ms_per_token']:9.1f} {speedup:>10} {r['bound_ms']:9.1f} "
               f"{r['over_bound']:7.2f}")
+    by_name = {(r["batch"], r["sampler"]): r for r in rows}
+    for (batch, name), ctf in by_name.items():  # what the smaller head buys, against what it can buy
+        base = by_name.get((batch, name.replace("CTF stage 1", "baseline")))
+        if "CTF stage 1" in name and base:
+            print(f"batch {batch} {name} / baseline: {base['ms_per_token'] / ctf['ms_per_token']:.2f}x measured, "
+                  f"{base['bound_ms'] / ctf['bound_ms']:.2f}x in weight bytes a token reads (the most a "
+                  "bandwidth-bound step can gain)")
     profiles = {}
     if args.profile:
         for p in precisions:

@@ -7,14 +7,14 @@ Each --pair is NAME=MODEL:DRAFT, two trained model folders of one role (a coarse
 coarse draft over the same K; a baseline and a smaller baseline draft over the same V). For each
 lookahead it samples the same labels plainly and speculatively (CFG 2.0, t 1.0, the bench's sampler
 settings) and reports
-- the acceptance rate: the share of proposed tokens a row keeps (before the batch's cut),
-- tokens per pass: tokens decided per pass of the large model (plain sampling: 1),
+- the acceptance rate: the share of proposed tokens a row keeps,
+- tokens per pass: tokens each row has once the batch is done, per pass of the large model (plain: 1),
 - the speed-up: wall time plain / speculative, measured side by side (rows alternate, best of the rounds).
 On a CPU at these small shapes a step of any model costs mostly fixed overhead, so the draft is not
 much cheaper than the model and the wall-time speed-up says little about large models. `--project`
-also times, at LlamaGen's GPT-B shape with random weights, one decode step, one verification pass over
-lookahead + 1 tokens and a step of a draft of size `--draft-size`, and combines them with the measured
-tokens per pass: the speed-up a GPT-B model with this acceptance would see (a projection from measured
+also times, at LlamaGen's GPT-B shape with random weights and at each batch size, one decode step, one
+verification pass over lookahead + 1 tokens and a step of a draft of size `--draft-size`, and combines
+them with the measured tokens per pass: the speed-up a GPT-B model with this acceptance would see (a projection from measured
 parts, labelled as such).
 """
 
@@ -68,18 +68,18 @@ def measure(model: torch.nn.Module, draft: torch.nn.Module, batch: int, lookahea
     return out
 
 
-def gpt_b_costs(role: str, vocab: int, lookaheads: list[int], draft_size: str, repeats: int = 5) -> dict:
-    """Seconds of a GPT-B decode step, a verification pass over k + 1 tokens, and a draft step (batch 1, CFG)."""
+def gpt_b_costs(role: str, vocab: int, batch: int, lookaheads: list[int], draft_size: str, repeats: int = 5) -> dict:
+    """Seconds of a GPT-B decode step, a verification pass over k + 1 tokens, and a draft step (CFG: 2 x batch rows)."""
     def model(size: str):
         torch.manual_seed(0)
         return build_model(preset_config(size, role=role, vocab_size=vocab, num_classes=1000, grid_h=16, grid_w=16)).eval()
 
     def step_time(m, n: int) -> float:
-        cache = m.make_cache(2)
-        tokens = torch.zeros(2, n, dtype=torch.long)
+        cache = m.make_cache(2 * batch)
+        tokens = torch.zeros(2 * batch, n, dtype=torch.long)
         best = float("inf")
         with torch.no_grad():
-            m.prefill(torch.tensor([0, 1000]), cache)
+            m.prefill(torch.arange(2 * batch) % 1001, cache)
             for _ in range(repeats):
                 cache.pos = 128
                 start = time.perf_counter()
@@ -116,11 +116,12 @@ def main() -> None:
         rows = [row for b in batches for row in measure(model, draft, b, lookaheads, images, rounds)]
         if args.project:
             role = model.config.role  # the coarse model keeps its K; a baseline gets LlamaGen's V
-            costs = gpt_b_costs(role, vocab if role == "coarse" else 16384, lookaheads, args.draft_size)
+            costs = {b: gpt_b_costs(role, vocab if role == "coarse" else 16384, b, lookaheads, args.draft_size)
+                     for b in batches}
             for row in rows:
-                k = row["lookahead"]
-                round_s = k * costs["draft_step_s"] + costs["verify_s"][k]
-                row["gpt_b_projected_speedup"] = row["tokens_per_pass"] * costs["step_s"] / round_s
+                k, c = row["lookahead"], costs[row["batch"]]
+                round_s = k * c["draft_step_s"] + c["verify_s"][k]
+                row["gpt_b_projected_speedup"] = row["tokens_per_pass"] * c["step_s"] / round_s
             results.append({"name": name, "vocab": vocab, "rows": rows, "gpt_b_costs": costs})
         else:
             results.append({"name": name, "vocab": vocab, "rows": rows})

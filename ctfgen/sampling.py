@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import CtfgenError
-from .transformer.model import KVCache, Transformer
+from .transformer.model import KVCache, Transformer, row_slots
 
 
 @dataclass(frozen=True)
@@ -130,10 +130,11 @@ def inference_mode(*models: Transformer) -> Iterator[None]:
             m.train(training)
 
 
-def decode_cache(model: Transformer, rows: int) -> KVCache:
-    """A KV cache for sampling `rows` sequences: bf16 on GPUs (half the memory traffic), else the model's dtype."""
+def decode_cache(model: Transformer, rows: int, spare: int = 0) -> KVCache:
+    """A KV cache for sampling `rows` sequences (and `spare` slots past the grid): bf16 on GPUs (half the
+    memory traffic), else the model's dtype."""
     on_gpu = model.head.weight.device.type == "cuda"
-    return model.make_cache(rows, torch.bfloat16 if on_gpu else None)
+    return model.make_cache(rows, torch.bfloat16 if on_gpu else None, spare)
 
 
 def with_null_labels(model: Transformer, class_labels: torch.Tensor) -> torch.Tensor:
@@ -212,79 +213,83 @@ def sample_speculative(model: Transformer, draft: Transformer, class_labels: tor
 
     Each round the draft proposes `lookahead` tokens one by one (with the same settings), `model` reads them
     all in one pass, and each row keeps its proposals while u < p(x) / q(x); at its first refusal it draws
-    from max(p - q, 0), renormalised; a row that keeps every proposal draws one more from p. Rows of a batch
-    keep the same number of tokens a round (the fewest any row kept; the others' later tokens are dropped,
-    which leaves each kept token's distribution unchanged), so the KV caches stay aligned.
-    Invariant at the start of a round with t tokens decided: `model`'s cache holds the class token and
-    tokens 0..t-2 (the last decided token is fed with the proposals).
-    stats_out: gets "proposed" and "accepted" (per row, before the batch's cut), "rounds" (passes of `model`
-    after the first) and "tokens" (per row).
+    from max(p - q, 0), renormalised; a row that keeps every proposal draws one more from p. Each row moves on
+    by its own count (the KV caches hold a position per row), so a refusal in one row costs the others nothing;
+    rows that are done ride along in spare slots past the grid until the last one is.
+    Invariant at the start of a round, for a row with t tokens decided: `model`'s cache holds the class token
+    and tokens 0..t-2 (token t-1 is fed with the proposals); the draft's holds tokens 0..t-3 at least (it
+    reads tokens t-2 and t-1 again).
+    stats_out: gets "proposed" and "accepted" (summed over the rows not yet done), "rounds" (passes of `model`
+    after the first: the batch's, so tokens / (rounds + 1) is the batch's tokens per pass) and "tokens" (per row).
     """
     check_draft(model, draft, settings, lookahead)
     device = model.head.weight.device
     class_labels = class_labels.to(device)
-    batch, seq_len = class_labels.shape[0], model.config.seq_len
+    batch, seq_len, n = class_labels.shape[0], model.config.seq_len, lookahead
     inputs = with_null_labels(model, class_labels) if guided else class_labels
-    codes = torch.empty(batch, seq_len, dtype=torch.long, device=device)
+    codes = torch.zeros(batch, seq_len + n + 1, dtype=torch.long, device=device)  # a round writes n + 1 past t
     stats = {"proposed": 0, "accepted": 0, "rounds": 0, "tokens": seq_len}
 
     def probs_of(logits: torch.Tensor) -> torch.Tensor:  # [rows, n, V] -> the guided, filtered p [B, n, V]
         logits = apply_guidance(logits, settings.cfg) if guided else logits
         return token_probs(logits, settings).view(batch, -1, logits.shape[-1])
 
-    def fed(tokens: torch.Tensor) -> torch.Tensor:
-        return tokens.repeat(2, 1) if guided else tokens
+    def fed(rows: torch.Tensor) -> torch.Tensor:  # tokens or positions of the B rows -> the model's rows
+        return torch.cat([rows, rows]) if guided else rows
 
     with inference_mode(model, draft):
-        cache, draft_cache = decode_cache(model, inputs.shape[0]), decode_cache(draft, inputs.shape[0])
+        cache, draft_cache = decode_cache(model, inputs.shape[0], n + 1), decode_cache(draft, inputs.shape[0], n + 1)
         logits, hidden = model.prefill(inputs, cache, with_hidden=True)
         draft.prefill(inputs, draft_cache)
         codes[:, 0] = draw(probs_of(logits)[:, 0], generator)
+        states = None
         if hidden_out is not None:
-            hidden_out.append(hidden[:batch, 0])
-        t = 1
-        while t < seq_len:
-            n = min(lookahead, seq_len - t)
-            # the draft catches up on what it has not read (1 token, or 2 after a round that kept them all)
+            states = hidden.new_zeros(batch, codes.shape[1], hidden.shape[-1])
+            states[:, 0] = hidden[:batch, 0]
+        t = torch.ones(batch, dtype=torch.long, device=device)
+        while int(t.min()) < seq_len:
+            # the draft reads the last two decided tokens again (after the first token, the only one)
+            back = 1 if stats["rounds"] == 0 else 2
+            draft_cache.pos = fed(t - back + 1)
+            draft_logits = draft.step(fed(codes.gather(1, row_slots(t - back, back))), draft_cache)[:, -1:]
             proposals, q = [], []
-            draft_logits = draft.step(fed(codes[:, draft_cache.pos - 1:t]), draft_cache)[:, -1:]
             for i in range(n):
                 q.append(probs_of(draft_logits)[:, 0])
                 proposals.append(draw(q[-1], generator))
                 if i < n - 1:
                     draft_logits = draft.step(fed(proposals[-1][:, None]), draft_cache)
             proposed, q = torch.stack(proposals, 1), torch.stack(q, 1)  # [B, n], [B, n, V]
-            reads = torch.cat([codes[:, t - 1:t], proposed], 1)[:, :seq_len - t]  # the last token predicts nothing
-            logits, hidden = model.step(fed(reads), cache, with_hidden=True)
-            p = probs_of(logits)  # [B, n + 1, V] (n in the last round): position t + i for i = 0..n
+            cache.pos = fed(t)
+            logits, hidden = model.step(fed(torch.cat([codes.gather(1, t[:, None] - 1), proposed], 1)), cache,
+                                        with_hidden=True)
+            p = probs_of(logits)  # [B, n + 1, V]: positions t .. t + n of each row
             p_of = p[:, :n].gather(2, proposed[..., None])[..., 0]
             q_of = q.gather(2, proposed[..., None])[..., 0]
             u = torch.rand(batch, n, generator=generator, device=device, dtype=p.dtype)
             refused = u * q_of >= p_of
-            first_refusal = torch.where(refused.any(1), refused.float().argmax(1), n)
-            kept = int(first_refusal.min())  # proposals every row keeps; then one token more
-            stats["proposed"] += batch * n
-            stats["accepted"] += int(first_refusal.sum())
+            kept = torch.where(refused.any(1), refused.float().argmax(1), n)  # [B]
+            # the token after the kept ones: from max(p - q, 0) at a refusal; from p after all n (q is 0 there)
+            at = kept[:, None, None].expand(-1, 1, p.shape[-1])
+            p_next = p.gather(1, at)[:, 0]
+            residual = (p_next - torch.cat([q, torch.zeros_like(q[:, :1])], 1).gather(1, at)[:, 0]).clamp_(min=0)
+            residual = torch.where(residual.sum(1, keepdim=True) > 0, residual, p_next)  # p == q: guard the division
+            tokens = torch.cat([proposed, proposed[:, :1]], 1).scatter_(
+                1, kept[:, None], draw(residual / residual.sum(1, keepdim=True), generator)[:, None])
+            slots = row_slots(t, n + 1)  # what lies past t + kept is overwritten next round (or past the grid)
+            codes.scatter_(1, slots, tokens)
+            if states is not None:
+                states[torch.arange(batch, device=device)[:, None], slots] = hidden[:batch]
+            going = t < seq_len
+            stats["proposed"] += n * int(going.sum())
+            stats["accepted"] += int(kept[going].sum())
             stats["rounds"] += 1
-            codes[:, t:t + kept] = proposed[:, :kept]
-            if kept < n:  # a row refused at `kept` draws from the residual, the others keep their proposal
-                residual = (p[:, kept] - q[:, kept]).clamp_(min=0)
-                empty = residual.sum(1, keepdim=True) <= 0  # p == q: a refusal cannot happen; guard the division
-                residual = torch.where(empty, p[:, kept], residual)
-                redrawn = draw(residual / residual.sum(1, keepdim=True), generator)
-                codes[:, t + kept] = torch.where(first_refusal == kept, redrawn, proposed[:, kept])
-            elif t + n < seq_len:  # every row kept every proposal: one more token from p
-                codes[:, t + n] = draw(p[:, n], generator)
-            new = min(kept + 1, seq_len - t)
-            if hidden_out is not None:
-                hidden_out.extend(hidden[:batch, i] for i in range(new))
-            t += new
-            cache.pos = t  # the class token and tokens 0..t-2; what lies beyond is overwritten next round
-            draft_cache.pos = min(draft_cache.pos, t)
+            t = torch.where(going, t + kept + 1, t).clamp_(max=seq_len)
+    if hidden_out is not None:
+        hidden_out.extend(states[:, i] for i in range(seq_len))
     if stats_out is not None:
         for key, value in stats.items():
             stats_out[key] = stats_out.get(key, 0) + value
-    return codes
+    return codes[:, :seq_len]
 
 
 def cluster_members(member_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -168,11 +168,11 @@ def test_compute_matched_steps(tmp_path: Path, fm: Path) -> None:
 
 
 def record(side: str, seed: int, fid: float, nll: float, flops: float = 1.0, refiner: tuple = (1.0, 1.0),
-           compute_of: list | None = None, k: int = 16) -> dict:
+           compute_of: list | None = None, k: int = 16, **options: object) -> dict:
     cell = {**json.loads(json.dumps(TOY.__dict__, default=lambda o: o.__dict__)), "side": side, "seed": seed,
-            "refiner_depth": refiner[0], "refiner_steps": refiner[1], "compute_of": compute_of}
+            "refiner_depth": refiner[0], "refiner_steps": refiner[1], "compute_of": compute_of, **options}
     final = {"fid": fid, "n": 100, "settings": {"cfg1": 1.0}, "images_per_s": 10.0}
-    return {"key": f"{side}{seed}{refiner}{compute_of}", "cell": cell, "wall_s": 1.0, "result": {
+    return {"key": f"{side}{seed}{refiner}{compute_of}{options}", "cell": cell, "wall_s": 1.0, "result": {
         "label": side, "K": k, "flops": flops, "final": final, "artifacts": {"tokenizer": "t", "classifier": "c"}, "points": [{"settings": {"cfg1": 1.0}, "fid": fid, "n": 50}],
         "nll": {"coarse": nll / 2, "within": nll / 2, "nll": nll}, "samples": "x.png"}}
 
@@ -181,7 +181,9 @@ def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:
     records = ([record("ctf", s, fid, 3.0 + 0.01 * s) for s, fid in enumerate((5.0, 5.2, 4.8))]
                + [record("baseline", s, fid, 3.5 + 0.01 * s) for s, fid in enumerate((7.0, 7.3, 6.9))]
                + [record("baseline", s, fid, 3.0, compute_of=[1.0, 1.0], flops=2.0) for s, fid in enumerate((5.1, 4.6, 5.5))]
-               + [record("ctf", s, fid, 3.2, flops=0.6, refiner=(0.5, 1.0)) for s, fid in enumerate((5.1, 4.9, 5.3))])
+               + [record("ctf", s, fid, 3.2, flops=0.6, refiner=(0.5, 1.0)) for s, fid in enumerate((5.1, 4.9, 5.3))]
+               # an option is not a smaller refiner, even where its FLOPs were counted lower
+               + [record("ctf", s, 5.0, 3.0, flops=0.3, refiner_features=True) for s in range(3)])
     (setup,) = group(records)
     lines = verdict(setup)
     assert "equal steps: FID 5.00 +- 0.20 vs 7.07 +- 0.21 -> CTF better" in lines[0]

@@ -167,6 +167,32 @@ def test_kv_cache_matches_full_forward() -> None:
         model.step(codes[:, :1], cache)
 
 
+def test_kv_cache_with_a_position_per_row_matches_full_forward() -> None:
+    """Rows that stand at different positions (speculative sampling) each read and write their own slots:
+    every row's logits equal the full forward pass's, and stale slots past a row's position are never read."""
+    model = tiny("baseline")
+    B, T = 3, 16
+    codes = torch.randint(0, 32, (B, T))
+    labels = torch.tensor([1, 2, model.null_class])
+    full = model(codes, labels)
+    cache = model.make_cache(B, spare=4)
+    assert cache.max_len == T + 4
+    model.prefill(labels, cache)
+    model.step(codes[:, :8], cache)  # slots 1..8 of every row hold codes[:, :8]
+    t = torch.tensor([1, 4, 9])
+    cache.pos = t  # row b goes back to t[b]: its slots from t[b] on hold codes it must not read yet
+    logits = model.step(torch.stack([codes[b, t[b] - 1:t[b] + 2] for b in range(B)]), cache)  # 3 tokens a row
+    assert torch.equal(cache.pos, t + 3)
+    for b in range(B):
+        torch.testing.assert_close(logits[b], full[b, t[b]:t[b] + 3], rtol=0, atol=1e-4)
+    # a row whose new tokens run past the grid (a finished row in its spare slots) raises nothing
+    cache.pos = torch.tensor([T, 2, 3])
+    model.step(codes[:, :4], cache)
+    with pytest.raises(ValueError, match="overflow"):
+        cache.pos = torch.tensor([T + 1, 2, 3])
+        model.step(codes[:, :4], cache)
+
+
 # ----------------------------------------------------------------------------------- save / load
 
 def test_save_load_round_trip(tmp_path) -> None:

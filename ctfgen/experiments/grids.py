@@ -62,9 +62,11 @@ def cpu_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell
         return versus_grid(base, seeds, quick, train_items)
     base = replace(base, steps=400, scoring=CPU_SCORING)
     tiny = replace(base, size="tiny", refiner_size="tiny")
-    return (versus(tiny, (400,), seeds, (FULL_REFINER, (0.5, 1.0)), (FULL_REFINER,))
-            + versus(tiny, (200, 800), seeds, (FULL_REFINER,), ())  # steps-to-FID: each budget its own run
-            + versus(base, (400,), seeds, (FULL_REFINER,), ()))  # small models: the size dimension, equal steps
+    # steps-to-FID first (each budget its own run, lr decayed to its end), then what 400 steps add: the
+    # half-depth refiner and the baseline at CTF's compute; last the small models at equal steps
+    return (versus(tiny, (200, 400, 800), seeds, (FULL_REFINER,), ())
+            + versus(tiny, (400,), seeds, ((0.5, 1.0),), (FULL_REFINER,))
+            + versus(base, (400,), seeds, (FULL_REFINER,), ()))
 
 
 # the refiner options of issue 12 (docs/bench.md): each against the plain CTF and the baselines of one setup

@@ -40,9 +40,12 @@ class Row:
     @property
     def full_refiner(self) -> bool:
         """The paper's refiner at full depth and steps, no options."""
-        c = self.cell
-        return (c["refiner_depth"] == 1 and c["refiner_steps"] == 1
-                and all(c[k] == CELL_DEFAULTS[k] for k in REFINER_OPTIONS))
+        return self.plain_refiner and self.cell["refiner_depth"] == 1 and self.cell["refiner_steps"] == 1
+
+    @property
+    def plain_refiner(self) -> bool:
+        """The paper's refiner at any depth and share of the steps: none of the refiner options."""
+        return all(self.cell[k] == CELL_DEFAULTS[k] for k in REFINER_OPTIONS)
 
     def label(self, with_k: bool) -> str:
         c = self.cell
@@ -154,7 +157,7 @@ def verdict(setup: Setup) -> list[str]:
             a, b = row.of(fid), exact.of(fid)
             lines.append(f"{row.label(with_k)} against fp32: FID {_s(a)} vs {_s(b)} -> "
                          f"{_words(compare(a, b), row.cell['decode_precision'], 'fp32')}.")
-    variants = setup.row("ctf", full=False)
+    variants = [r for r in setup.row("ctf", full=False) if r.plain_refiner]  # the options cost no less than it
     full = [r for r in variants if r.full_refiner]
     if len(variants) > len(full) and full and not with_k:
         keep = [r for r in variants if compare(r.of(fid), full[0].of(fid)) != "b better"]

@@ -183,7 +183,7 @@ def rope_2d_tables(grid_h: int, grid_w: int, head_dim: int, base: float) -> tupl
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, n_head, L, head_dim] by cos/sin [L, head_dim/2], in fp32."""
+    """Rotate x [B, n_head, L, head_dim] by cos/sin [L, head_dim/2] (or per row [B, 1, L, head_dim/2]), in fp32."""
     xf = x.float().unflatten(-1, (-1, 2))
     a, b = xf[..., 0], xf[..., 1]
     out = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1)
@@ -195,7 +195,8 @@ class KVCache:
 
     The buffers never move or grow during sampling (attention reads the written slots, a view of
     them), so a compiled step reuses its memory. `pos` counts the input positions already written
-    (class token included).
+    (class token included): an int when every row stands at the same position, or a long tensor [B]
+    of per-row positions (speculative sampling, where each row keeps its own number of tokens a round).
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
@@ -205,22 +206,35 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
         self.batch_size = batch_size
-        self.pos = 0
+        self.pos: int | torch.Tensor = 0
 
     def reset(self) -> None:
         # Stale entries need no clearing: attention never reads beyond `pos`.
         self.pos = 0
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, n_head, L, head_dim] at positions start..start+L; return the full buffers."""
-        end = start + k.shape[2]
+    def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, n_head, L, head_dim] at positions start..start+L (start: an int, or per row [B]);
+        return the full buffers."""
+        L = k.shape[2]
+        end = start + L if isinstance(start, int) else int(start.max()) + L
         if end > self.max_len:
             raise CtfgenError(f"KV cache overflow: position {end} > max_len {self.max_len}")
         if k.shape[0] != self.batch_size:
             raise CtfgenError(f"batch {k.shape[0]} does not match the cache's batch {self.batch_size}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
+        if isinstance(start, int):
+            self.k[layer][:, :, start:end] = k
+            self.v[layer][:, :, start:end] = v
+        else:  # row b at slots start[b]..start[b]+L: index the [B, max_len] dims of a transposed view
+            rows, slots = torch.arange(k.shape[0], device=k.device)[:, None], row_slots(start, L)
+            self.k[layer].transpose(1, 2)[rows, slots] = k.transpose(1, 2)
+            self.v[layer].transpose(1, 2)[rows, slots] = v.transpose(1, 2)
         return self.k[layer], self.v[layer]
+
+
+def row_slots(start: torch.Tensor, length: int) -> torch.Tensor:
+    """Per-row start positions [B] -> the positions [B, length] each row's new tokens take."""
+    return start[:, None] + torch.arange(length, device=start.device)
 
 
 class Attention(nn.Module):
@@ -233,7 +247,7 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, start: int | torch.Tensor = 0) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -242,11 +256,15 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=dropout)
         else:
             keys, values = cache.update(layer, start, k, v)
-            end = start + L
+            if isinstance(start, int):
+                end = start + L
+                mask = None  # one new token sees every written slot
+                if L > 1:  # several new tokens: each sees the slots up to its own position
+                    mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+            else:  # per-row positions: each row's tokens see that row's slots up to their own position
+                end = int(start.max()) + L
+                mask = (torch.arange(end, device=x.device) <= row_slots(start, L)[..., None])[:, None]  # [B, 1, L, end]
             keys, values = keys[:, :, :end].to(q.dtype), values[:, :, :end].to(q.dtype)  # the written slots only
-            mask = None  # one new token sees every written slot
-            if L > 1:  # several new tokens: each sees the slots up to its own position
-                mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, L, D)))
 
@@ -274,7 +292,7 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+                cache: KVCache | None, layer: int, start: int | torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, start)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -332,10 +350,11 @@ class Transformer(nn.Module):
         position is a dynamic integer, so one graph serves every position."""
         self.step = torch.compile(self.step, dynamic=True, **options)  # the instance attribute shadows the method
 
-    def make_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
-        """A cache for causal decoding of one full image (class token + seq_len - 1 tokens)."""
+    def make_cache(self, batch_size: int, dtype: torch.dtype | None = None, spare: int = 0) -> KVCache:
+        """A cache for causal decoding of one full image (class token + seq_len - 1 tokens), and `spare`
+        slots past it (where speculative rounds feed the rows that are already done)."""
         p = self.tok_embed.weight  # the activations' dtype (an int8 head would not say it)
-        return KVCache(self.config.n_layer, batch_size, self.config.n_head, self.config.seq_len,
+        return KVCache(self.config.n_layer, batch_size, self.config.n_head, self.config.seq_len + spare,
                        self.config.head_dim, device=p.device, dtype=dtype or p.dtype)
 
     def _class_token(self, class_labels: torch.Tensor) -> torch.Tensor:
@@ -346,12 +365,17 @@ class Transformer(nn.Module):
             class_labels = torch.where(drop, torch.full_like(class_labels, self.null_class), class_labels)
         return self.class_embed(class_labels)[:, None]  # [B, 1, dim]
 
-    def _run(self, h: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
-        """Blocks + final norm over input positions start..start+L: the last hidden states (`head` makes logits)."""
-        L = h.shape[1]
-        if start + L > self.rope_cos.shape[0]:
-            raise CtfgenError(f"sequence of {start + L} positions exceeds 1 + grid ({self.rope_cos.shape[0]})")
-        cos, sin = self.rope_cos[start:start + L], self.rope_sin[start:start + L]
+    def _run(self, h: torch.Tensor, start: int | torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Blocks + final norm over input positions start..start+L (start: an int, or per row [B] with a
+        cache): the last hidden states (`head` makes logits)."""
+        L, positions = h.shape[1], self.rope_cos.shape[0]
+        if isinstance(start, int):
+            if start + L > positions:
+                raise CtfgenError(f"sequence of {start + L} positions exceeds 1 + grid ({positions})")
+            cos, sin = self.rope_cos[start:start + L], self.rope_sin[start:start + L]
+        else:  # positions past the grid are a finished row's spare slots: any angle will do, nothing reads them
+            slots = row_slots(start, L).clamp(max=positions - 1)
+            cos, sin = self.rope_cos[slots][:, None], self.rope_sin[slots][:, None]  # [B, 1, L, head_dim / 2]
         h = self.tok_dropout(h)
         for i, block in enumerate(self.blocks):
             h = block(h, cos, sin, cache, i, start)
@@ -461,11 +485,12 @@ class Transformer(nn.Module):
         """Feed the next codes [B, n] after what the cache holds; logits [B, n, head_size] (with_hidden: and
         their hidden states).
 
-        With the cache at position p (class token + p - 1 tokens), row i predicts token p + i.
+        With the cache at position p (class token + p - 1 tokens), row i predicts token p + i; with per-row
+        positions (`cache.pos` a tensor [B]) each batch row reads and writes at its own p.
         """
         if not self.config.causal:
             raise CtfgenError("prefill/step are for causal models; the refiner runs in one forward")
-        if cache.pos == 0:
+        if isinstance(cache.pos, int) and cache.pos == 0:
             raise CtfgenError("call prefill before step")
         self._check_codes(codes, cache.batch_size)
         hidden = self._run(self.tok_embed(codes), cache.pos, cache)
@@ -517,5 +542,5 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Transf
 __all__ = [
     "ARTIFACT_KIND", "KVCache", "MODEL_SIZES", "ROLES", "Transformer", "TransformerConfig",
     "apply_rope", "build_model", "find_multiple", "load_model", "mask_to_clusters",
-    "preset_config", "rope_2d_tables", "save_model",
+    "preset_config", "rope_2d_tables", "row_slots", "save_model",
 ]
