@@ -15,7 +15,7 @@ from ctfgen.bench import add_bench_args, bench_cells, cmd_bench, run_bench
 from ctfgen.experiments import Results, cell_key
 from ctfgen.experiments.grids import GRIDS, versus
 from ctfgen.experiments.protocol import Cell, Scoring, Workshop
-from ctfgen.experiments.report import group, verdict, write_report
+from ctfgen.experiments.report import group, steps_to_fid, verdict, write_report
 from test_demo import fake_fashion_mnist
 
 TOY_SCORING = Scoring(point_per_class=2, final_per_class=3, cfg=(1.0, 2.0), t1=(1.0,), t2=(1.1,), floor_per_class=2,
@@ -79,6 +79,7 @@ def test_cells_run_resume_and_report(tmp_path: Path, fm: Path) -> None:
     report = (out / "BENCHMARKS.md").read_text()
     assert "FID at own best (n=30)" in report and "true-coarse+uniform" in report
     assert "| side | 3 steps | 4 steps |" in report  # FID against the budget, each budget its own run
+    assert "CTF reaches the FID the baseline has at 4 steps" in report
     assert len(summary["setups"]) == 2 and any("equal steps" in v for v in summary["setups"][0]["verdict"])
 
     calls = []
@@ -175,6 +176,13 @@ def record(side: str, seed: int, fid: float, nll: float, flops: float = 1.0, ref
     return {"key": f"{side}{seed}{refiner}{compute_of}{options}", "cell": cell, "wall_s": 1.0, "result": {
         "label": side, "K": k, "flops": flops, "final": final, "artifacts": {"tokenizer": "t", "classifier": "c"}, "points": [{"settings": {"cfg1": 1.0}, "fid": fid, "n": 50}],
         "nll": {"coarse": nll / 2, "within": nll / 2, "nll": nll}, "samples": "x.png"}}
+
+
+def test_steps_to_fid_interpolates_in_log_steps() -> None:
+    curve = [(100, 60.0), (400, 40.0), (1600, 30.0)]
+    assert steps_to_fid(curve, 50.0) == pytest.approx(200.0)  # halfway in FID, halfway in log steps
+    assert steps_to_fid(curve, 60.0) == 100 and steps_to_fid(curve, 35.0) == pytest.approx(800.0)
+    assert steps_to_fid(curve, 29.0) is None and steps_to_fid([(100, 20.0)], 25.0) == 100
 
 
 def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:

@@ -64,9 +64,9 @@ def cpu_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell
     tiny = replace(base, size="tiny", refiner_size="tiny")
     # steps-to-FID first (each budget its own run, lr decayed to its end), then what 400 steps add: the
     # half-depth refiner and the baseline at CTF's compute; last the small models at equal steps
-    return (versus(tiny, (200, 400, 800), seeds, (FULL_REFINER,), ())
-            + versus(tiny, (400,), seeds, ((0.5, 1.0),), (FULL_REFINER,))
-            + versus(base, (400,), seeds, (FULL_REFINER,), ()))
+    budgets = versus(tiny, (200, 400, 800), seeds, (FULL_REFINER,), ())
+    at_400 = [c for c in versus(tiny, (400,), seeds, ((0.5, 1.0),), (FULL_REFINER,)) if c not in budgets]
+    return budgets + at_400 + versus(base, (400,), seeds, (FULL_REFINER,), ())
 
 
 # the refiner options of issue 12 (docs/bench.md): each against the plain CTF and the baselines of one setup

@@ -9,6 +9,7 @@ called a tie. Writes BENCHMARKS.md, summary.json and PNG plots.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,10 +326,41 @@ def steps_section(setups: list[Setup], out: Path) -> list[str]:
         pts = [(s.fields["steps"], r.of(final("fid")).mean) for s, r in zip(family, cells) if r]
         curves[label] = ([p[0] for p in pts], [p[1] for p in pts])
     plot_lines(curves, "training steps (each its own run)", "FID (domain features)", out / "fid_vs_steps.png")
-    return lines + [""]
+    return lines + [""] + steps_to_fid_lines(family)
 
 
-# --- plots -----------------------------------------------------------------------------------------
+def steps_to_fid(points: list[tuple[float, float]], target: float) -> float | None:
+    """The budget at which a side's FID first reaches `target`, from (steps, FID) at increasing budgets,
+    interpolated linearly in log(steps) between the two budgets around it; None if no budget reaches it."""
+    for (s0, f0), (s1, f1) in zip(points, points[1:]):
+        if f0 <= target:
+            return s0
+        if f1 <= target:
+            return math.exp(math.log(s0) + (f0 - target) / (f0 - f1) * (math.log(s1) - math.log(s0)))
+    return points[-1][0] if points and points[-1][1] <= target else None
+
+
+def steps_to_fid_lines(family: list[Setup]) -> list[str]:
+    """How many steps CTF (the paper's refiner) needs to reach the FID the equal-steps baseline has at the
+    largest budget, and the reverse."""
+    sides: dict[str, list[tuple[float, float]]] = {"CTF": [], "the baseline": []}
+    for setup in family:
+        ctf, base = setup.row("ctf"), setup.baseline
+        if len(ctf) == 1:  # (one K)
+            sides["CTF"].append((setup.fields["steps"], ctf[0].of(final("fid")).mean))
+        if base is not None:
+            sides["the baseline"].append((setup.fields["steps"], base.of(final("fid")).mean))
+    if not all(sides.values()):
+        return []
+    lines = []
+    for a, b in (("CTF", "the baseline"), ("the baseline", "CTF")):
+        last_steps, target = sides[b][-1]
+        needed = steps_to_fid(sides[a], target)
+        reach = f"about {needed:.0f} steps ({needed / last_steps:.2f}x as many)" if needed else "none of the budgets"
+        lines.append(f"- {a[0].upper() + a[1:]} reaches the FID {b} has at {last_steps:.0f} steps ({target:.2f}) "
+                     f"in {reach}.")
+    return ["Steps to FID (mean FIDs, interpolated linearly in log steps between the budgets):", ""] + lines + [""]
+
 
 def plot_lines(xs_ys: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, path: Path,
                lines: bool = True) -> None:
