@@ -14,8 +14,8 @@ On a CPU at these small shapes a step of any model costs mostly fixed overhead, 
 much cheaper than the model and the wall-time speed-up says little about large models. `--project`
 also times, at LlamaGen's GPT-B shape with random weights and at each batch size, one decode step, one
 verification pass over lookahead + 1 tokens and a step of a draft of size `--draft-size`, and combines
-them with the measured tokens per pass: the speed-up a GPT-B model with this acceptance would see (a projection from measured
-parts, labelled as such).
+them with the measured tokens per pass: the speed-up a GPT-B model with this acceptance would see (a
+projection from measured parts, labelled as such).
 """
 
 from __future__ import annotations

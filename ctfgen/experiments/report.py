@@ -362,6 +362,8 @@ def steps_to_fid_lines(family: list[Setup]) -> list[str]:
     return ["Steps to FID (mean FIDs, interpolated linearly in log steps between the budgets):", ""] + lines + [""]
 
 
+# --- plots -----------------------------------------------------------------------------------------
+
 def plot_lines(xs_ys: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, path: Path,
                lines: bool = True) -> None:
     """One series per name; `lines=False` draws the points alone (operating points have no order)."""
