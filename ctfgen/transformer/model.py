@@ -217,19 +217,23 @@ class KVCache:
         """Write k/v [B, n_head, L, head_dim] at positions start..start+L (start: an int, or per row [B]);
         return the full buffers."""
         L = k.shape[2]
-        end = start + L if isinstance(start, int) else int(start.max()) + L
-        if end > self.max_len:
-            raise CtfgenError(f"KV cache overflow: position {end} > max_len {self.max_len}")
         if k.shape[0] != self.batch_size:
             raise CtfgenError(f"batch {k.shape[0]} does not match the cache's batch {self.batch_size}")
         if isinstance(start, int):
+            end = start + L
+            self.check_fits(end)
             self.k[layer][:, :, start:end] = k
             self.v[layer][:, :, start:end] = v
-        else:  # row b at slots start[b]..start[b]+L: index the [B, max_len] dims of a transposed view
+        else:  # row b at slots start[b]..start[b]+L (checked once a pass by the model, not once a layer):
+            # index the [B, max_len] dims of a transposed view
             rows, slots = torch.arange(k.shape[0], device=k.device)[:, None], row_slots(start, L)
             self.k[layer].transpose(1, 2)[rows, slots] = k.transpose(1, 2)
             self.v[layer].transpose(1, 2)[rows, slots] = v.transpose(1, 2)
         return self.k[layer], self.v[layer]
+
+    def check_fits(self, end: int) -> None:
+        if end > self.max_len:
+            raise CtfgenError(f"KV cache overflow: position {end} > max_len {self.max_len}")
 
 
 def row_slots(start: torch.Tensor, length: int) -> torch.Tensor:
@@ -261,8 +265,9 @@ class Attention(nn.Module):
                 mask = None  # one new token sees every written slot
                 if L > 1:  # several new tokens: each sees the slots up to its own position
                     mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
-            else:  # per-row positions: each row's tokens see that row's slots up to their own position
-                end = int(start.max()) + L
+            else:  # per-row positions: each row's tokens see that row's slots up to their own position; every
+                # slot is read under the mask, so no layer waits for the rows' furthest position on the host
+                end = cache.max_len
                 mask = (torch.arange(end, device=x.device) <= row_slots(start, L)[..., None])[:, None]  # [B, 1, L, end]
             keys, values = keys[:, :, :end].to(q.dtype), values[:, :, :end].to(q.dtype)  # the written slots only
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout)
@@ -374,6 +379,9 @@ class Transformer(nn.Module):
                 raise CtfgenError(f"sequence of {start + L} positions exceeds 1 + grid ({positions})")
             cos, sin = self.rope_cos[start:start + L], self.rope_sin[start:start + L]
         else:  # positions past the grid are a finished row's spare slots: any angle will do, nothing reads them
+            if cache is None:
+                raise CtfgenError("per-row positions need a KV cache")
+            cache.check_fits(int(start.max()) + L)  # the one host sync of a per-row pass
             slots = row_slots(start, L).clamp(max=positions - 1)
             cos, sin = self.rope_cos[slots][:, None], self.rope_sin[slots][:, None]  # [B, 1, L, head_dim / 2]
         h = self.tok_dropout(h)
