@@ -16,8 +16,8 @@ The bound: one decode step reads every weight matrix once (`weight_bytes_per_tok
 faster than those bytes over the memory's read bandwidth, measured here by summing a 256 MB buffer with
 the same threads. "/bound" is the measured time over that bound (1.0 would be perfect).
 Rows: `baseline` is ctfgen's AR sampler over V = 16384 codewords (LlamaGen's model), at each
-`--decode-precision`; `CTF stage 1` the same sampler over K = 512 coarse labels (a smaller head); the
-last lines put their ratio beside the ratio of the weight bytes a token reads.
+`--decode-precision`; `CTF stage 1` the same sampler over K = 512 coarse labels (a smaller head; fp32,
+fp32-packed and int8); the last lines put their ratio beside the ratio of the weight bytes a token reads.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def profile_step(model: torch.nn.Module) -> dict[str, float]:
             for _ in range(10):
                 cache.pos = TOKENS // 2
                 model.step(token, cache)
-    kinds = {"matrix products": ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::bmm"),
+    kinds = {"matrix products": ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::bmm",
+                                 "mkldnn::_linear_pointwise"),
              "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")}
     totals = {kind: 0.0 for kind in [*kinds, "everything else"]}
     for event in prof.key_averages():
@@ -124,7 +125,7 @@ def main() -> None:
     llamagen, generate = llamagen_gpt_b(args.llamagen) if args.llamagen else (None, None)
     models = ctfgen_models(llamagen)
     variants = {(role, p): for_decoding(model, p) for role, model in models.items() for p in precisions
-                if role == "baseline" or p in ("fp32", "int8")}
+                if role == "baseline" or p in ("fp32", "fp32-packed", "int8")}
     bandwidth = read_bandwidth()
     print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s ({torch.get_num_threads()} threads)", flush=True)
 

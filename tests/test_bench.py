@@ -168,6 +168,21 @@ def test_compute_matched_steps(tmp_path: Path, fm: Path) -> None:
     assert (full - 1) * per_step < ctf <= full * per_step
 
 
+def test_train_items_takes_a_class_balanced_share_and_names_its_own_codes_and_models(tmp_path: Path, fm: Path) -> None:
+    """The quick grids' `train_items`: codes of that many training images, as evenly over the classes as
+    they allow, in their own folder; models trained on them in their own folders; the test codes whole."""
+    import numpy as np
+
+    workshop = Workshop(tmp_path, str(fm), classifier_limit=128)
+    share, whole = replace(TOY, train_items=40), TOY
+    a, b = workshop.artifacts(share), workshop.artifacts(whole)
+    assert a.codes_train != b.codes_train and a.codes_test == b.codes_test and a.tokenizer == b.tokenizer
+    labels = np.load(Path(a.codes_train) / "labels.npy")
+    assert len(labels) == 40 and np.bincount(labels, minlength=10).tolist() == [4] * 10
+    assert len(np.load(Path(b.codes_train) / "labels.npy")) == 256
+    assert workshop.model_folder(workshop._spec(share, "coarse", 3)) != workshop.model_folder(workshop._spec(whole, "coarse", 3))
+
+
 def record(side: str, seed: int, fid: float, nll: float, flops: float = 1.0, refiner: tuple = (1.0, 1.0),
            compute_of: list | None = None, k: int = 16, **options: object) -> dict:
     cell = {**json.loads(json.dumps(TOY.__dict__, default=lambda o: o.__dict__)), "side": side, "seed": seed,

@@ -150,6 +150,8 @@ CASES = {
     "sample --refine-steps 0": SAMPLE + ["--refine-steps", "0"],
     "sample --decode-precision int4": SAMPLE + ["--decode-precision", "int4"],
     "sample --lookahead 0": SAMPLE + ["--lookahead", "0"],
+    "sample --compile with fp32-packed": SAMPLE + ["--decode-precision", "fp32-packed", "--compile", "--out",
+                                                   "{root}/new.png"],
     "sample --draft missing": SAMPLE + ["--draft", "{root}/no-such-model", "--out", "{root}/new.png"],
     "sample --draft of another role": SAMPLE + ["--draft", f"{RUN}/baseline", "--out", "{root}/new.png"],
     "sample --refine-steps 2 with a one-pass refiner": SAMPLE + ["--refine-steps", "2", "--out", "{root}/new.png"],

@@ -39,7 +39,7 @@ def test_int8_linear_is_the_rounded_matrix() -> None:
         Int8Linear(nn.Linear(4, 4))
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32-packed", "bf16", "int8"])
 def test_lower_precision_copy_is_close_and_its_cache_agrees(precision: str) -> None:
     model = causal_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -51,6 +51,9 @@ def test_lower_precision_copy_is_close_and_its_cache_agrees(precision: str) -> N
         assert approx.dtype == torch.float32
         assert (approx - exact).abs().max() < 0.05 * exact.abs().max()
         assert (approx.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
+        if precision == "fp32-packed":  # the same numbers summed in another order
+            torch.testing.assert_close(approx, exact, rtol=1e-5, atol=1e-5)
+            assert all(not isinstance(m, nn.Linear) for m in fast.blocks.modules()) and not isinstance(fast.head, nn.Linear)
         cache = fast.make_cache(2)
         assert cache.k[0].dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
         steps = [fast.prefill(labels, cache)] + [fast.step(codes[:, t:t + 1], cache) for t in range(15)]
@@ -67,6 +70,8 @@ def test_fp32_is_the_model_and_bad_requests_fail() -> None:
                                         grid_w=4))
     with pytest.raises(CtfgenError, match="causal models"):
         for_decoding(refiner, "int8")
+    with pytest.raises(CtfgenError, match="fp32-packed runs on the CPU"):
+        for_decoding(causal_model().to("meta"), "fp32-packed")
 
 
 def test_weight_bytes_shrink_with_precision() -> None:
@@ -74,6 +79,7 @@ def test_weight_bytes_shrink_with_precision() -> None:
     full = weight_bytes_per_token(model)
     matrices = sum(m.weight.numel() for m in [*model.blocks.modules(), model.head] if isinstance(m, nn.Linear))
     assert full >= 4 * matrices
+    assert weight_bytes_per_token(for_decoding(model, "fp32-packed")) == full
     assert weight_bytes_per_token(for_decoding(model, "bf16")) == full // 2
     assert full / 4 < weight_bytes_per_token(for_decoding(model, "int8")) < full / 3.5  # int8 plus a scale per row
 

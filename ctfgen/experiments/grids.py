@@ -8,7 +8,7 @@
 - `refiner`: the refiner options against the plain CTF and the baselines: one that reads decided
   codes (sampled in 1, 2, 4 and 8 passes), one that reads stage-1 features, one trained on labels
   the coarse model corrupts.
-- `precision`: CTF and the baseline with the autoregressive stage sampled in fp32, bf16 and int8.
+- `precision`: CTF and the baseline with the autoregressive stage sampled at each decode precision.
 Each grid has a full form (what a GPU runs in hours) and a quick one (minutes on a 2-core CPU; it
 shows the instrument works, not the verdict). `cpu` is the versus grid cut to what a 2-core CPU
 fits in a few hours (tiny models with the whole protocol at 400 steps and at equal steps over 200 and
@@ -21,12 +21,15 @@ import math
 from dataclasses import replace
 from typing import Callable, Iterable
 
+from ..transformer.precision import DECODE_PRECISIONS
 from .protocol import Cell, Scoring
 
 QUICK_SCORING = Scoring(point_per_class=10, final_per_class=50, cfg=(1.0, 2.0, 3.0), t1=(1.0, 1.1), t2=(1.1,),
                         floor_per_class=20, nll_items=500)
-QUICK_BASE = dict(size="tiny", refiner_size="tiny", batch_size=32, warmup_steps=20, tokenizer_steps=200,
-                  scoring=QUICK_SCORING)
+# minutes, not the verdict: a 100-step tokenizer, and codes of the 6,400 training images (a class-balanced
+# share) that the quick budgets' 200 steps at batch 32 read once
+QUICK_BASE = dict(size="tiny", refiner_size="tiny", batch_size=32, warmup_steps=20, tokenizer_steps=100,
+                  train_items=6400, scoring=QUICK_SCORING)
 CPU_SCORING = Scoring(point_per_class=20)  # the protocol's grid and 10,000-image final sets, 200 images a point
 FULL_REFINER = (1.0, 1.0)
 
@@ -94,15 +97,15 @@ PRECISION_SCORING = Scoring(point_per_class=20, cfg=(1.0, 2.0, 3.0), t1=(1.0,), 
 
 
 def precision_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell]:
-    """CTF and the baseline at equal steps, each sampled with its AR stage in fp32, bf16 and int8: what a
-    lower decode precision costs in FID, against the spread over training seeds. The models are trained
+    """CTF and the baseline at equal steps, each sampled with its AR stage at each decode precision: what a
+    faster decode costs in FID, against the spread over training seeds. The models are trained
     once per seed (the precision only changes sampling)."""
     if quick:
         base, steps = replace(base, **{**QUICK_BASE, "scoring": replace(QUICK_SCORING, t1=(1.0,), floor_per_class=0)}), 200
     else:
         base, steps = replace(base, size="tiny", refiner_size="tiny", scoring=PRECISION_SCORING), 400
     return [replace(base, side=side, steps=steps, seed=seed, decode_precision=p)
-            for seed in range(seeds) for side in ("ctf", "baseline") for p in ("fp32", "bf16", "int8")]
+            for seed in range(seeds) for side in ("ctf", "baseline") for p in DECODE_PRECISIONS]
 
 
 def map_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell]:

@@ -97,6 +97,7 @@ class Cell:
     warmup_steps: NonNegative = 50  # capped at a quarter of a run
     dropout: Rate = 0.0
     tokenizer_steps: Count = 600
+    train_items: Annotated[int | None, AtLeast(1)] = None  # models train on this many class-balanced images (None: all)
     scoring: Scoring = Scoring()
 
     def __post_init__(self) -> None:
@@ -150,6 +151,7 @@ class ModelSpec:
     warmup_steps: int
     dropout: float
     tokenizer_steps: int
+    train_items: int | None = None  # (the default keeps the folder names of models trained before it existed)
     # refiner options (defaults keep the folder names of models trained before they existed)
     reveal: bool = False
     corrupt: float = 0.0
@@ -201,7 +203,7 @@ class Workshop:
         return str(folder)
 
     def artifacts(self, cell: Cell) -> Artifacts:
-        key = (cell.data, cell.codebook, cell.k, cell.tokenizer_steps)
+        key = (cell.data, cell.codebook, cell.k, cell.tokenizer_steps, cell.train_items)
         if key not in self._artifacts:
             self._artifacts[key] = self._find_or_build(cell)
         return self._artifacts[key]
@@ -223,8 +225,9 @@ class Workshop:
                 resume=True, progress=False))
 
         def codes(split: str) -> str:
+            items = cell.train_items if split == "train" else None
             reused = self._reusable(f"codes-{split}", CODES_KIND, lambda f: CodeDataset(f).fingerprint
-                                    == load_tokenizer(tok_dir).fingerprint) if reused_tok else None
+                                    == load_tokenizer(tok_dir).fingerprint) if reused_tok and items is None else None
             if reused:
                 return str(reused)
 
@@ -232,8 +235,10 @@ class Workshop:
                 tok = load_tokenizer(tok_dir)
                 ds = build_dataset(cell.data, split, tok.config.image_size, tok.config.in_channels,
                                    data_dir=self.data_dir)
+                if items is not None:
+                    ds = Subset(ds, balanced_subset(dataset_labels(ds), min(items, len(ds)), 0))
                 extract_codes(tok, ds, folder, dataset_name=cell.data, split=split, progress=False)
-            return self._built(art / f"codes-{split}-{tag}", CODES_KIND, build)
+            return self._built(art / (f"codes-{split}-{tag}" + (f"-{items}items" if items else "")), CODES_KIND, build)
 
         codes_train, codes_test = codes("train"), codes("test")
         reused_h = self._reusable("hierarchy", HIERARCHY_KIND, lambda f: reused_tok is not None and cell.k != "auto"
@@ -306,7 +311,7 @@ class Workshop:
     def _spec(self, cell: Cell, role: str, steps: int, depth: float = 1.0) -> ModelSpec:
         return ModelSpec(role, steps, cell.seed, cell.data, cell.codebook, None if role == "baseline" else cell.k,
                          cell.refiner_size if role == "refiner" else cell.size, depth, cell.batch_size, cell.lr,
-                         cell.warmup_steps, cell.dropout, cell.tokenizer_steps)
+                         cell.warmup_steps, cell.dropout, cell.tokenizer_steps, cell.train_items)
 
     def _ctf_specs(self, cell: Cell, depth: float, share: float, options: bool = True) -> tuple[ModelSpec, ModelSpec]:
         """The coarse and refiner specs of a CTF; `options`: with the cell's refiner options (reveal, ...)."""
