@@ -5,6 +5,7 @@ KV cache's per-token decode time at the last position against the first.
     python benchmarks/bench_sampling.py --device cuda      # also GPT-B at batch 8
     python benchmarks/bench_sampling.py --refine-passes 1,2,4,8   # also CTF with stage 2 in that many passes
     python benchmarks/bench_sampling.py --refiner-depth 0.5 --gpt-b-batches 1,64   # a half-depth refiner
+    python benchmarks/bench_sampling.py --decode-precision fp32-packed   # both AR stages on packed weights
 
 Random weights (speed does not depend on them; the heads are re-initialised so sampling is not
 uniform). Two shapes:
@@ -38,6 +39,7 @@ from ctfgen.hierarchy import Hierarchy
 from ctfgen.runtime import pick_device
 from ctfgen.sampling import StageSettings, refine, sample_baseline, sample_ctf
 from ctfgen.transformer import MODEL_SIZES, Transformer, build_model, preset_config
+from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding
 
 SHAPES = {
     "small": dict(size="small", grid=8, V=4096, K=256, classes=10),
@@ -47,7 +49,9 @@ STAGE1 = StageSettings(cfg=2.0, temperature=1.1)
 STAGE2 = StageSettings(cfg=1.0, temperature=1.1)
 
 
-def random_models(shape: dict, device: torch.device, reveal: bool = False, refiner_depth: float = 1.0) -> dict[str, Transformer]:
+def random_models(shape: dict, device: torch.device, reveal: bool = False, refiner_depth: float = 1.0,
+                  precision: str = "fp32") -> dict[str, Transformer]:
+    """The three models of a shape; the autoregressive ones (coarse, baseline) as they decode at `precision`."""
     common = dict(num_classes=shape["classes"], grid_h=shape["grid"], grid_w=shape["grid"])
     vocab = {"coarse": (shape["K"], shape["K"]), "refiner": (shape["K"], shape["V"]), "baseline": (shape["V"], shape["V"])}
     models = {}
@@ -59,7 +63,7 @@ def random_models(shape: dict, device: torch.device, reveal: bool = False, refin
             model = build_model(preset_config(shape["size"], role=role, vocab_size=vocab_size, head_size=head_size,
                                               reveal=reveal and role == "refiner", **common, **depth))
         torch.nn.init.normal_(model.head.weight, std=0.02)
-        models[role] = model.eval()
+        models[role] = model.eval() if role == "refiner" else for_decoding(model.eval(), precision)
     return models
 
 
@@ -121,16 +125,16 @@ def decode_step_times(model: Transformer, batch: int, device: torch.device, repe
 
 
 def bench_shape(name: str, batches: list[int], device: torch.device, repeats: int, passes: list[int],
-                refiner_depth: float, masked: bool) -> dict:
+                refiner_depth: float, masked: bool, precision: str) -> dict:
     shape = SHAPES[name]
-    models = random_models(shape, device, reveal=bool(passes), refiner_depth=refiner_depth)
+    models = random_models(shape, device, reveal=bool(passes), refiner_depth=refiner_depth, precision=precision)
     torch.manual_seed(0)  # balanced random clusters: the cost of a cluster mask, as the pipeline samples by default
     mask = Hierarchy(torch.randperm(shape["V"]) % shape["K"], shape["K"]).member_mask.to(device) if masked else None
     for role in ("coarse", "baseline"):
         decode_step_times(models[role], 1, device, 1)  # warm-up: allocation, kernels
     result = {"shape": {"name": name, **shape},
               "params": {role: m.num_params() for role, m in models.items()},
-              "refiner_depth": refiner_depth, "refiner_mask": masked,
+              "refiner_depth": refiner_depth, "refiner_mask": masked, "decode_precision": precision,
               "sampling": [images_per_s(models, shape, b, device, repeats, passes, mask) for b in batches],
               "decode_step": {role: decode_step_times(models[role], 1, device, 31) for role in ("coarse", "baseline")}}
     return result
@@ -169,6 +173,8 @@ def main() -> None:
     ap.add_argument("--refiner-depth", type=float, default=1.0, help="the refiner's share of the stage-1 depth")
     ap.add_argument("--no-refiner-mask", dest="mask", action="store_false", help="sample stage 2 from all V codewords "
                     "(the pipeline's default keeps each code in its cluster)")
+    ap.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32",
+                    help="the autoregressive stage's weights while sampling, for both sides (ctfgen sample's flag)")
     ap.add_argument("--gpt-b-batches", default=None, help="GPT-B batch sizes (default: 1, and 8 without --quick)")
     args = ap.parse_args()
     passes = [int(p) for p in args.refine_passes.split(",") if p]
@@ -181,7 +187,8 @@ def main() -> None:
     results = []
     for name in args.shapes.split(","):
         print(f"benchmarking the {name} shape ...", flush=True)
-        results.append(bench_shape(name, batches[name], device, repeats[name], passes, args.refiner_depth, args.mask))
+        results.append(bench_shape(name, batches[name], device, repeats[name], passes, args.refiner_depth, args.mask,
+                                   args.decode_precision))
     print_table(results)
     report = {"date": str(date.today()), "device": str(device), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),

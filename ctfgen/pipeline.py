@@ -82,12 +82,13 @@ def check_role(model: Transformer, role: str, name: str) -> None:
         raise ArtifactError(f"{name}/ holds a {model.config.role!r} model, expected a {role!r} model")
 
 
-def check_trained_on(folder: Path, hierarchy: Hierarchy, coarse: Transformer | None = None) -> None:
+def check_trained_on(folder: Path, hierarchy: Hierarchy, coarse: Transformer | None = None) -> dict[str, Any]:
     """If the model folder records the hierarchy it was trained with, it must be this one; a refiner that
-    read a coarse model in training (features, corrupted labels) must be sampled with that model."""
+    read a coarse model in training (features, corrupted labels) must be sampled with that model. Returns
+    what the folder records of its training ({} for a model that records nothing, e.g. an imported one)."""
     info_path = folder / TRAIN_INFO_NAME
     if not info_path.is_file():
-        return
+        return {}
     info = read_json(info_path)
     trained = info.get("hierarchy_fingerprint")
     if trained is not None and trained != hierarchy.fingerprint:
@@ -96,6 +97,7 @@ def check_trained_on(folder: Path, hierarchy: Hierarchy, coarse: Transformer | N
     if stage1 is not None and coarse is not None and info.get("stage1_features") and stage1 != fingerprint_tensors(coarse.state_dict()):
         raise ArtifactError(f"{folder} reads the hidden states of the coarse model {info.get('stage1')} "
                             f"(weights {stage1}), not of this run's coarse model")
+    return info
 
 
 class _Pipeline:
@@ -152,9 +154,10 @@ class CTFPipeline(_Pipeline):
     """Two-stage sampling: coarse AR over K labels, one refiner pass over V codewords, decoder."""
 
     def __init__(self, tokenizer: VQTokenizer, hierarchy: Hierarchy, coarse: Transformer,
-                 refiner: Transformer | None) -> None:
+                 refiner: Transformer | None, refiner_within: bool = False) -> None:
         """refiner=None: stage 2 draws a uniformly random member of each cluster (the bench's floor (c)),
-        which shows what a trained refiner adds."""
+        which shows what a trained refiner adds. refiner_within: the refiner was trained on its cluster's
+        members only (`train_info.json`'s refiner_mask), so it is sampled with the cluster mask only."""
         check_compatible(hierarchy, fingerprint=tokenizer.fingerprint, codebook_size=tokenizer.config.codebook_size)
         check_role(coarse, "coarse", "coarse")
         if coarse.config.vocab_size != hierarchy.K:
@@ -170,6 +173,7 @@ class CTFPipeline(_Pipeline):
                 raise ArtifactError(f"the coarse model knows {coarse.config.num_classes} classes, the refiner {refiner.config.num_classes}")
             check_grid(refiner, tokenizer, "refiner")
         self.tokenizer, self.hierarchy, self.coarse, self.refiner = tokenizer, hierarchy, coarse, refiner
+        self.refiner_within = refiner_within
         self.ar_name = "coarse"
         self.num_classes = coarse.config.num_classes
 
@@ -180,8 +184,8 @@ class CTFPipeline(_Pipeline):
         hierarchy = load_hierarchy(run / "hierarchy", tokenizer=tokenizer)
         coarse = load_model(run / "coarse", device)
         check_trained_on(run / "coarse", hierarchy)
-        check_trained_on(run / "refiner", hierarchy, coarse)
-        return cls(tokenizer, hierarchy, coarse, load_model(run / "refiner", device))
+        within = check_trained_on(run / "refiner", hierarchy, coarse).get("refiner_mask")
+        return cls(tokenizer, hierarchy, coarse, load_model(run / "refiner", device), bool(within))
 
     def save_pretrained(self, run_dir: str | Path) -> None:
         run = Path(run_dir)
@@ -210,6 +214,9 @@ class CTFPipeline(_Pipeline):
                 return coarse, self.hierarchy.random_members(coarse, generator).to(coarse.device)
         else:
             stage2.validate(self.refiner, 2)
+            if not refiner_mask and self.refiner_within:
+                raise CtfgenError("--no-refiner-mask: this refiner was trained within clusters (ctfgen train's default), "
+                                  "so its scores outside a position's cluster mean nothing; sample it with the mask")
             mask = self.hierarchy.member_mask if refiner_mask else None
 
             def sample(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -110,9 +110,9 @@ class Showroom:
             hierarchy = load_hierarchy(run / "hierarchy", tokenizer=tokenizer)
             parts = [name for name in ("coarse", "refiner") if (run / name).is_dir()]
             models = {name: load_model(run / name, self.device) for name in parts}
-            for name in parts:
-                check_trained_on(run / name, hierarchy, models["coarse"])
-            self.ctf = CTFPipeline(tokenizer, hierarchy, models["coarse"], models.get("refiner"))
+            infos = {name: check_trained_on(run / name, hierarchy, models["coarse"]) for name in parts}
+            self.ctf = CTFPipeline(tokenizer, hierarchy, models["coarse"], models.get("refiner"),
+                                   bool(infos.get("refiner", {}).get("refiner_mask")))
         if (run / "baseline").is_dir():
             self.baseline = BaselinePipeline(tokenizer, load_model(run / "baseline", self.device))
         if self.ctf is None and self.baseline is None:

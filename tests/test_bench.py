@@ -91,24 +91,30 @@ def test_cells_run_resume_and_report(tmp_path: Path, fm: Path) -> None:
 
 
 def test_refiner_options_are_cells_too(tmp_path: Path, fm: Path) -> None:
-    """A CTF whose refiner reads decided codes, stage-1 features and corrupted labels, sampled in 2 passes:
-    trained on the same coarse model as the plain CTF, charged for reading it, labelled by its options."""
+    """A CTF whose refiner reads decided codes, stage-1 features and corrupted labels, sampled in 2 passes, and
+    one trained within clusters: trained on the same coarse model as the plain CTF, charged for reading it,
+    labelled by its options."""
     plain = TOY
     options = replace(TOY, refiner_reveal=True, refine_steps=2, refiner_features=True, refiner_corrupt=0.2)
     two_pass_only = replace(options, refine_steps=1)  # the same refiner, sampled in one pass
+    within = replace(TOY, refiner_mask=True)
     out = tmp_path / "bench"
     meta = {"grid": "toy", "data": "fashion-mnist", "seeds": 1}
-    run_bench(out, [plain, options, two_pass_only], meta, data_dir=str(fm), classifier_epochs=1, classifier_limit=128)
+    run_bench(out, [plain, options, two_pass_only, within], meta, data_dir=str(fm), classifier_epochs=1, classifier_limit=128)
     records = {r["result"]["label"]: r["result"] for r in Results(out / "cells.jsonl").load()}
     label = "CTF (refiner reads decided codes, 2 passes, reads stage-1 features, trained on 20% corrupted labels)"
-    assert set(records) == {"CTF", label, label.replace(" 2 passes,", "")}
-    assert len(list((out / "models").glob("coarse-*"))) == 1 and len(list((out / "models").glob("refiner-*"))) == 2
+    assert set(records) == {"CTF", label, label.replace(" 2 passes,", ""), "CTF (refiner trained within clusters)"}
+    assert len(list((out / "models").glob("coarse-*"))) == 1 and len(list((out / "models").glob("refiner-*"))) == 3
+    trained_within = [json.loads(f.read_text())["refiner_mask"] for f in (out / "models").glob("refiner-*/train_info.json")]
+    assert sorted(trained_within) == [False, False, True]
     assert records[label]["train"]["refiner"]["flops"] > records["CTF"]["train"]["refiner"]["flops"]
     nll = records[label]["nll"]  # sampled in 2 passes: also the exact NLL of scoring in 2 (random-order) passes
     assert nll["nll_in_passes"] == pytest.approx(nll["coarse"] + nll["within_in_passes"])
     assert "nll_in_passes" not in records["CTF"]["nll"]
     with pytest.raises(ValueError, match="refiner_reveal"):
         replace(TOY, refine_steps=4)
+    with pytest.raises(ValueError, match="true coarse labels"):
+        replace(TOY, refiner_mask=True, refiner_corrupt=0.2)
 
 
 def test_decode_precision_cells_share_the_models_and_are_compared_with_fp32(tmp_path: Path, fm: Path,

@@ -253,7 +253,7 @@ def _train_refiner(tmp_path: Path, name: str, seed: int, **options) -> Path:
 
 def test_corrupted_label_training_is_reproducible_for_a_seed(tmp_path: Path) -> None:
     from ctfgen.artifacts import load_tensors
-    runs = [_train_refiner(tmp_path, name, seed, corrupt=0.3) for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    runs = [_train_refiner(tmp_path, name, seed, corrupt=0.3, refiner_mask=False) for name, seed in (("a", 0), ("b", 0), ("c", 1))]
     a, b, c = (load_tensors(run / "model.safetensors") for run in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -267,7 +267,7 @@ def test_a_feature_refiner_trains_scores_and_samples_with_its_coarse_model(tmp_p
     from ctfgen.tokenizer.model import save_tokenizer
     from test_sampling import tiny_tokenizer
 
-    refiner = _train_refiner(tmp_path, "refiner", 0, stage1_features=True, corrupt=0.2, reveal=True)
+    refiner = _train_refiner(tmp_path, "refiner", 0, stage1_features=True, corrupt=0.2, reveal=True, refiner_mask=False)
     info = json.loads((refiner / "train_info.json").read_text())
     assert info["held_out"]["loss"] > 0 and load_model(refiner).config.feature_dim == 64
     run = tmp_path / "run"

@@ -231,6 +231,18 @@ def test_compiled_decode_step_samples_the_same(run_dir: Path) -> None:
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # two batches, 15 positions
 
 
+def test_a_refiner_trained_within_clusters_is_sampled_with_the_mask_only(run_dir: Path) -> None:
+    """Its scores outside a position's cluster were never trained: --no-refiner-mask is refused, not sampled."""
+    from ctfgen.errors import CtfgenError
+
+    assert not load_pipeline(run_dir, "ctf").refiner_within  # a folder that records no training: either way
+    (run_dir / "refiner" / "train_info.json").write_text(json.dumps({"refiner_mask": True}))
+    pipe = load_pipeline(run_dir, "ctf")
+    assert pipe.refiner_within and pipe([0, 1], generator=gen(0), progress=False).tokens.shape[0] == 2
+    with pytest.raises(CtfgenError, match="trained within clusters"):
+        pipe([0, 1], generator=gen(0), progress=False, refiner_mask=False)
+
+
 def test_pipeline_rejects_mismatched_artifacts(run_dir: Path, hierarchy: Hierarchy) -> None:
     save_hierarchy(Hierarchy(hierarchy.coarse_of, K, tokenizer_fingerprint="0123456789abcdef"), run_dir / "hierarchy")
     with pytest.raises(ArtifactError, match="fingerprint"):

@@ -7,7 +7,7 @@
   (and `auto`), model size and training length in epochs.
 - `refiner`: the refiner options against the plain CTF and the baselines: one that reads decided
   codes (sampled in 1, 2, 4 and 8 passes), one that reads stage-1 features, one trained on labels
-  the coarse model corrupts.
+  the coarse model corrupts, one trained on its cluster's members only (as stage 2 samples).
 - `precision`: CTF and the baseline with the autoregressive stage sampled at each decode precision.
 Each grid has a full form (what a GPU runs in hours) and a quick one (minutes on a 2-core CPU; it
 shows the instrument works, not the verdict). `cpu` is the versus grid cut to what a 2-core CPU
@@ -69,12 +69,15 @@ def cpu_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell
     # half-depth refiner and the baseline at CTF's compute; last the small models at equal steps
     budgets = versus(tiny, (200, 400, 800), seeds, (FULL_REFINER,), ())
     at_400 = [c for c in versus(tiny, (400,), seeds, ((0.5, 1.0),), (FULL_REFINER,)) if c not in budgets]
-    return budgets + at_400 + versus(base, (400,), seeds, (FULL_REFINER,), ())
+    small = versus(base, (400,), seeds, (FULL_REFINER,), ())
+    # then the refiner trained within clusters (ctfgen train's default since it was measured here)
+    within = [replace(c, refiner_mask=True) for c in budgets if c.side == "ctf" and c.steps >= 400]
+    return budgets + at_400 + small + within
 
 
 # the refiner options of issue 12 (docs/bench.md): each against the plain CTF and the baselines of one setup
 REFINER_OPTIONS = ({"refiner_reveal": True}, {"refiner_reveal": True, "refine_steps": 4}, {"refiner_features": True},
-                   {"refiner_corrupt": 0.2})
+                   {"refiner_corrupt": 0.2}, {"refiner_mask": True})
 MORE_PASSES = ({"refiner_reveal": True, "refine_steps": 2}, {"refiner_reveal": True, "refine_steps": 8})
 
 

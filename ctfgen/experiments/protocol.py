@@ -91,6 +91,7 @@ class Cell:
     refine_steps: Count = 1  # stage-2 passes when sampling (> 1 needs refiner_reveal)
     refiner_features: bool = False  # the refiner reads the coarse model's hidden states (--stage1-features)
     refiner_corrupt: Rate = 0.0  # share of coarse labels redrawn by the coarse model in refiner training (--corrupt)
+    refiner_mask: bool = False  # the refiner trains on its cluster's members only (--refiner-mask), as stage 2 samples
     decode_precision: Annotated[str, OneOf(*DECODE_PRECISIONS)] = "fp32"  # the AR stage's weights while sampling
     batch_size: Count = 64
     lr: Positive = 1e-3
@@ -106,6 +107,8 @@ class Cell:
             raise ValueError(f"k must be 'auto' or an integer in [2, {self.codebook}], got {self.k!r}")
         if self.refine_steps > 1 and not self.refiner_reveal:
             raise ValueError("refine_steps > 1 needs refiner_reveal (a refiner that reads decided codewords)")
+        if self.refiner_mask and self.refiner_corrupt > 0:
+            raise ValueError("refiner_mask needs true coarse labels (a corrupted one's cluster may not hold the code)")
 
     @property
     def label(self) -> str:
@@ -124,7 +127,8 @@ def side_label(cell: dict[str, Any]) -> str:
             parts += (["reads decided codes"] if c["refiner_reveal"] else []) + (
                 [f"{c['refine_steps']} passes"] if c["refine_steps"] != 1 else []) + (
                 ["reads stage-1 features"] if c["refiner_features"] else []) + (
-                [f"trained on {100 * c['refiner_corrupt']:g}% corrupted labels"] if c["refiner_corrupt"] else [])
+                [f"trained on {100 * c['refiner_corrupt']:g}% corrupted labels"] if c["refiner_corrupt"] else []) + (
+                ["trained within clusters"] if c["refiner_mask"] else [])
         return f" (refiner {', '.join(parts)})" if parts else ""
 
     decoded = f", {c['decode_precision']} decoding" if c["decode_precision"] != "fp32" else ""
@@ -156,6 +160,7 @@ class ModelSpec:
     reveal: bool = False
     corrupt: float = 0.0
     features: bool = False
+    mask: bool = False  # the refiner's loss over its cluster's members only
     stage1: "ModelSpec | None" = None  # the coarse model a refiner reads (features or corrupted labels)
 
 
@@ -299,7 +304,7 @@ class Workshop:
                 role=spec.role, codes=art.codes_train, hierarchy=None if spec.role == "baseline" else art.hierarchy,
                 out=str(folder), init=str(init), steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
                 warmup_steps=min(spec.warmup_steps, spec.steps // 4), lr_decay="cosine", dropout=spec.dropout,
-                reveal=spec.reveal, corrupt=spec.corrupt, stage1_features=spec.features,
+                reveal=spec.reveal, corrupt=spec.corrupt, stage1_features=spec.features, refiner_mask=spec.mask,
                 coarse_model=str(self.model_folder(spec.stage1)) if spec.stage1 else None,
                 seed=spec.seed, device=str(self.device), save_every=max(1, spec.steps // 4),
                 log_every=max(1, min(25, spec.steps))), resume=True, progress=False)
@@ -320,7 +325,7 @@ class Workshop:
         if options:
             reads = cell.refiner_features or cell.refiner_corrupt > 0
             refiner = replace(refiner, reveal=cell.refiner_reveal, corrupt=cell.refiner_corrupt,
-                              features=cell.refiner_features, stage1=coarse if reads else None)
+                              features=cell.refiner_features, mask=cell.refiner_mask, stage1=coarse if reads else None)
         return coarse, refiner
 
     def baseline_steps(self, cell: Cell, art: Artifacts) -> int:

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from .protocol import CELL_DEFAULTS, side_label
 from .stats import Spread, compare, spread
 
-REFINER_OPTIONS = ("refiner_reveal", "refine_steps", "refiner_features", "refiner_corrupt")
+REFINER_OPTIONS = ("refiner_reveal", "refine_steps", "refiner_features", "refiner_corrupt", "refiner_mask")
 # what tells rows of a setup apart
 ROW_FIELDS = ("side", "k", "refiner_depth", "refiner_steps", "compute_of", "decode_precision") + REFINER_OPTIONS
 SETUP_FIELDS_OUT = ROW_FIELDS + ("seed",)  # a setup: every other field

@@ -31,8 +31,6 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> None:
         raise CtfgenError("--codes is required: the folder written by `ctfgen extract`")
     if cfg.role in ROLES_WITH_HIERARCHY and not cfg.hierarchy:
         raise CtfgenError(f"the {cfg.role} model trains on coarse labels: give --hierarchy (the folder written by clustering)")
-    if cfg.refiner_mask and cfg.role != "refiner":
-        raise CtfgenError(f"--refiner-mask applies to the refiner only, not to --role {cfg.role}")
     if cfg.reveal and cfg.role != "refiner":
         raise CtfgenError(f"--reveal applies to the refiner only, not to --role {cfg.role}")
     stage1_reads = cfg.stage1_features or cfg.corrupt > 0
@@ -42,7 +40,7 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> None:
         raise CtfgenError("--stage1-features and --corrupt read a trained coarse model: give --coarse-model DIR")
     if cfg.corrupt > 0 and cfg.refiner_mask:
         raise CtfgenError("--corrupt trains on coarse labels that may not hold the true codeword, so the cluster-masked "
-                          "objective (--refiner-mask) cannot score it; leave out --refiner-mask")
+                          "objective (the default) cannot score it; add --no-refiner-mask (the full head)")
     if cfg.sample_every and cfg.role == "refiner":
         raise CtfgenError("--sample-every: sample grids are for the coarse and baseline roles (the refiner needs a coarse model)")
     if cfg.sample_every and not cfg.sample_tokenizer:

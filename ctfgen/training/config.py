@@ -36,7 +36,7 @@ class TrainConfig:
     ema_decay: Rate = 0.0  # 0 turns EMA off; when on, the EMA weights are the saved model
     class_dropout: Rate = 0.1
     dropout: Rate = 0.1  # token embedding, residual and FFN dropout
-    refiner_mask: bool = False  # refiner: CE over the members of the true cluster only (paper: full head)
+    refiner_mask: bool = True  # refiner: CE over the members of the true cluster only (--no-refiner-mask: the paper's full head)
     reveal: bool = False  # refiner: also read codewords already decided, trained with a random share shown (sample --refine-steps)
     coarse_model: str | None = None  # refiner: the trained coarse model that --stage1-features and --corrupt read
     stage1_features: bool = False  # refiner: also read the coarse model's last hidden state at each position
