@@ -310,8 +310,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off for many "
                    "images; the first batch waits for the compiler)")
     p.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32",
-                   help="weights of the autoregressive stage while sampling: fp32 (exact, the default), bf16, or int8 "
-                   "(weight-only; the fastest on a CPU); docs/sampling.md gives their speed and effect on FID")
+                   help="weights of the autoregressive stage while sampling: fp32 (exact, the default), fp32-packed "
+                   "(CPU: the same weights in oneDNN's layout, about 2x faster at batch 1), bf16, or int8 (weight-only); "
+                   "docs/sampling.md gives their speed and effect on FID")
     p.add_argument("--draft", default=None, help="a smaller model folder of the autoregressive stage's role (a coarse "
                    "model for CTF, a baseline for --kind baseline): sample that stage speculatively, the same "
                    "distribution in fewer passes of the large model")

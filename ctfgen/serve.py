@@ -230,6 +230,7 @@ def build_app(showroom: Showroom) -> Any:
 
     ctf, refiner, baseline = showroom.ctf is not None, showroom.has_refiner, showroom.baseline is not None
     reveal = refiner and showroom.ctf.refiner.config.reveal  # only such a refiner refines in several passes
+    within = refiner and showroom.ctf.refiner_within  # trained within clusters: sampled with the mask only
 
     def on_generate(label, seed, count, cfg1, t1, top_k1, top_p1, cfg2, t2, top_k2, top_p2, refiner_mask, refine_steps):
         try:
@@ -268,7 +269,9 @@ def build_app(showroom: Showroom) -> Any:
                               gr.Slider(0.05, 3, value=DEFAULTS["t2"], step=0.05, label="temperature (--t2)"),
                               gr.Number(DEFAULTS["top_k2"], precision=0, label="top-k (--top-k2; 0 = off)"),
                               gr.Slider(0.01, 1, value=DEFAULTS["top_p2"], step=0.01, label="top-p (--top-p2; 1 = off)"),
-                              gr.Checkbox(True, label="refiner mask: keep each code inside its cluster"),
+                              gr.Checkbox(True, label="refiner mask: keep each code inside its cluster"
+                                          + (" (this refiner was trained within clusters)" if within else ""),
+                                          interactive=not within),
                               gr.Slider(1, 16, value=1, step=1, label="refinement passes (--refine-steps; 1 = the "
                                         "paper's one pass)", visible=reveal)]
                 button = gr.Button("Generate", variant="primary", elem_id="generate")

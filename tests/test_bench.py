@@ -219,6 +219,10 @@ def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:
     assert "NLL 3.010 +- 0.010 vs 3.510 +- 0.010 nats/token -> CTF better" in lines[0]
     assert "compute of CTF: FID 5.00 +- 0.20 vs 5.07 +- 0.45 -> tie (within the spread)" in lines[1]
     assert "0.5x depth" in lines[-1] and "0.60x the full CTF's training FLOPs" in lines[-1]
+    # an option at full size is compared with each baseline too; a smaller refiner only through the cheapest line
+    assert any(line.startswith("CTF (refiner reads stage-1 features) against the baseline, compute of CTF: FID 5.00")
+               for line in lines)
+    assert not any("0.5x depth) against" in line for line in lines)
     one_seed = [record("ctf", 0, 1.0, 1.0), record("baseline", 0, 9.0, 9.0)]
     assert "tie (within the spread)" in verdict(group(one_seed)[0])[0]  # one seed proves nothing
     other_k = [record("ctf", 0, 1.0, 1.0), record("baseline", 0, 9.0, 9.0, k=64)]

@@ -39,9 +39,14 @@ class Row:
         return self.cell["side"] == "ctf"
 
     @property
+    def full_size(self) -> bool:
+        """A refiner at full depth and steps (with or without options)."""
+        return self.cell["refiner_depth"] == 1 and self.cell["refiner_steps"] == 1
+
+    @property
     def full_refiner(self) -> bool:
         """The paper's refiner at full depth and steps, no options."""
-        return self.plain_refiner and self.cell["refiner_depth"] == 1 and self.cell["refiner_steps"] == 1
+        return self.plain_refiner and self.full_size
 
     @property
     def plain_refiner(self) -> bool:
@@ -123,12 +128,12 @@ def _words(call: str, a: str, b: str) -> str:
 # --- verdict ----------------------------------------------------------------------------------------
 
 def verdict(setup: Setup) -> list[str]:
-    """Plain sentences: CTF against each baseline in FID (at each side's best point) and NLL, and the
-    cheapest refiner that keeps CTF's quality."""
+    """Plain sentences: CTF (with the full-size refiner, plain or with an option) against each baseline in FID
+    (at each side's best point) and NLL, and the cheapest refiner that keeps CTF's quality."""
     lines, base = [], setup.baseline
     with_k = len({r.cell["k"] for r in setup.row("ctf")}) > 1
     fid = final("fid")
-    for ctf in setup.row("ctf"):
+    for ctf in [r for r in setup.row("ctf", full=False) if r.full_size]:
         name = ctf.label(with_k)
         for other in [base] + setup.row("baseline", compute_of=[1.0, 1.0]):
             if other is None:
