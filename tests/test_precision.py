@@ -61,7 +61,7 @@ def test_lower_precision_copy_is_close_and_its_cache_agrees(precision: str) -> N
     assert fast.rope_cos.dtype == torch.float32
 
 
-def test_fp32_is_the_model_and_bad_requests_fail() -> None:
+def test_fp32_is_the_model_and_bad_requests_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     model = causal_model()
     assert for_decoding(model, "fp32") is model
     with pytest.raises(CtfgenError, match="--decode-precision must be one of"):
@@ -70,8 +70,11 @@ def test_fp32_is_the_model_and_bad_requests_fail() -> None:
                                         grid_w=4))
     with pytest.raises(CtfgenError, match="causal models"):
         for_decoding(refiner, "int8")
-    with pytest.raises(CtfgenError, match="fp32-packed runs on the CPU"):
+    with pytest.raises(CtfgenError, match="fp32-packed runs on the CPU with oneDNN"):
         for_decoding(causal_model().to("meta"), "fp32-packed")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # a torch build without oneDNN
+    with pytest.raises(CtfgenError, match="does not have"):
+        for_decoding(model, "fp32-packed")
 
 
 def test_weight_bytes_shrink_with_precision() -> None:

@@ -52,6 +52,15 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
+def packed_kernels_available() -> bool:
+    """Whether this torch build has oneDNN and the (internal) packed-linear operators PackedLinear calls."""
+    try:
+        ops = torch.ops.mkldnn
+        return torch.backends.mkldnn.is_available() and all((ops._reorder_linear_weight, ops._linear_pointwise))
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class PackedLinear(nn.Module):
     """An nn.Linear for the CPU whose fp32 weights sit in oneDNN's blocked layout (a copy, made once)."""
 
@@ -76,9 +85,9 @@ def for_decoding(model: Transformer, precision: str = "fp32") -> Transformer:
         return model
     if not model.config.causal:
         raise CtfgenError("lower-precision decoding is for the causal models (stage 1, the baseline)")
-    if precision == "fp32-packed" and (model.head.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available()):
-        raise CtfgenError("--decode-precision fp32-packed runs on the CPU with oneDNN (torch.backends.mkldnn); "
-                          "use fp32 here")
+    if precision == "fp32-packed" and (model.head.weight.device.type != "cpu" or not packed_kernels_available()):
+        raise CtfgenError("--decode-precision fp32-packed runs on the CPU with oneDNN's packed linear kernels, which "
+                          "this device or torch build does not have; use fp32 here")
     fast = copy.deepcopy(model).eval()
     if precision == "bf16":
         fast.to(torch.bfloat16)
