@@ -4,6 +4,7 @@ LlamaGen's own `generate` (same weights, same process) and against the memory-ba
     python benchmarks/bench_decode.py --quick                         # batch 1, one run of each
     python benchmarks/bench_decode.py --llamagen /path/to/LlamaGen    # also LlamaGen's sampler; batch 1 and 8
     python benchmarks/bench_decode.py --profile                       # where one decode step's time goes
+    python benchmarks/bench_decode.py --layers                        # plain against packed fp32, per layer shape
 
 Each row samples whole 16x16 grids (256 tokens, CFG 2.0, so the model runs on twice the batch) and
 reports wall time / 256. Rows run in turn, `--repeats` rounds, and each keeps its best round (the
@@ -18,6 +19,9 @@ the same threads. "/bound" is the measured time over that bound (1.0 would be pe
 Rows: `baseline` is ctfgen's AR sampler over V = 16384 codewords (LlamaGen's model), at each
 `--decode-precision`; `CTF stage 1` the same sampler over K = 512 coarse labels (a smaller head; fp32,
 fp32-packed and int8); the last lines put their ratio beside the ratio of the weight bytes a token reads.
+`--layers` times one bias-free linear layer at 2 rows (batch 1 with CFG), torch's fp32 product against
+oneDNN's packed one, over weight sizes from the small preset's to GPT-B's head: where packing pays
+(`PACK_MIN_WEIGHTS` in ctfgen.transformer.precision).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ import torch
 from ctfgen.artifacts import write_json
 from ctfgen.sampling import StageSettings, sample_causal
 from ctfgen.transformer import build_model, import_llamagen_gpt, preset_config
-from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding, weight_bytes_per_token
+from ctfgen.transformer.precision import DECODE_PRECISIONS, PACK_MIN_WEIGHTS, PackedLinear, for_decoding, \
+    weight_bytes_per_token
 
 GRID, V, K, CLASSES = 16, 16384, 512, 1000
 TOKENS = GRID * GRID
@@ -107,6 +112,32 @@ def profile_step(model: torch.nn.Module) -> dict[str, float]:
     return totals
 
 
+LAYER_SHAPES = [(128, 128), (128, 512), (256, 768), (512, 512), (128, 4096), (512, 1536), (768, 768), (768, 2304),
+                (2048, 768), (768, 16384)]  # (in, out): small and GPT-B blocks and heads
+
+
+def layer_sweep(rounds: int = 300) -> list[dict[str, float]]:
+    """Best-of-`rounds` microseconds of one layer at 2 rows, plain and packed, interleaved (same background load)."""
+    rows = []
+    for d_in, d_out in LAYER_SHAPES:
+        plain = torch.nn.Linear(d_in, d_out, bias=False)
+        runs = {"plain": plain, "packed": PackedLinear(plain)}
+        x = torch.randn(2, 1, d_in)
+        best = {name: float("inf") for name in runs}
+        with torch.no_grad():
+            for _ in range(rounds):
+                for name, layer in runs.items():
+                    start = time.perf_counter()
+                    layer(x)
+                    best[name] = min(best[name], time.perf_counter() - start)
+        rows.append({"in": d_in, "out": d_out, "weights": d_in * d_out, "plain_us": 1e6 * best["plain"],
+                     "packed_us": 1e6 * best["packed"], "packed_over_plain": best["packed"] / best["plain"]})
+        print(f"  {d_in:5d} x {d_out:5d} ({4 * d_in * d_out / 2 ** 20:6.2f} MiB): plain {rows[-1]['plain_us']:8.1f} us, "
+              f"packed {rows[-1]['packed_us']:8.1f} us, packed/plain {rows[-1]['packed_over_plain']:.2f}"
+              + ("" if d_in * d_out >= PACK_MIN_WEIGHTS else "  (left plain by fp32-packed)"), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="batch 1, one round (otherwise batch 1 and 8, 3 rounds)")
@@ -115,10 +146,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="rounds (default 3; quick 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--profile", action="store_true", help="also break one decode step down by operation")
+    ap.add_argument("--layers", action="store_true", help="only time plain against packed fp32 per layer shape")
     ap.add_argument("--out", default="runs/bench-decode/bench_decode.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.layers:
+        print(f"one linear layer at 2 rows, best of 300 ({torch.get_num_threads()} threads):")
+        write_json(args.out, {"date": str(date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                              "cpu": platform.processor() or platform.machine(), "layers": layer_sweep()})
+        print(f"\nwritten to {args.out}")
+        return
     warnings.filterwarnings("ignore", category=FutureWarning)  # LlamaGen's torch.backends.cuda.sdp_kernel
     batches, repeats = ([1], args.repeats or 1) if args.quick else ([1, 8], args.repeats or 3)
     precisions = args.precisions.split(",")

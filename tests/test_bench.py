@@ -40,7 +40,12 @@ def test_grids_are_data() -> None:
     cells = versus(base, (10, 20), 3, ((1.0, 1.0), (0.5, 1.0)), ((1.0, 1.0),))
     assert len(cells) == 2 * 3 * (2 + 1 + 1)
     assert [c.compute_of for c in cells if c.side == "baseline"][:2] == [None, (1.0, 1.0)]
+    full_versus = GRIDS["versus"](base, 2, False, 60000)  # refiners trained within clusters, the paper's beside them
+    ctf = [c for c in full_versus if c.side == "ctf"]
+    assert sum(not c.refiner_mask for c in ctf) == 2 * 2 and sum(c.refiner_mask for c in ctf) == 2 * 2 * 6
+    assert not any(c.refiner_mask for c in full_versus if c.side == "baseline")
     full_map = GRIDS["map"](base, 1, False, 60000)
+    assert all(c.refiner_mask for c in full_map if c.side == "ctf")
     assert {c.codebook for c in full_map} == {1024, 4096, 16384} and "auto" in {c.k for c in full_map}
     assert {c.steps for c in full_map} == {938, 2813, 9375}  # 1, 3 and 10 epochs of 60,000 at batch 64
     # one baseline per (V, size, steps, seed): K does not change it
@@ -190,10 +195,13 @@ def test_train_items_takes_a_class_balanced_share_and_names_its_own_codes_and_mo
 
 
 def record(side: str, seed: int, fid: float, nll: float, flops: float = 1.0, refiner: tuple = (1.0, 1.0),
-           compute_of: list | None = None, k: int = 16, **options: object) -> dict:
+           compute_of: list | None = None, k: int = 16, lite0: float | None = None, **options: object) -> dict:
     cell = {**json.loads(json.dumps(TOY.__dict__, default=lambda o: o.__dict__)), "side": side, "seed": seed,
             "refiner_depth": refiner[0], "refiner_steps": refiner[1], "compute_of": compute_of, **options}
     final = {"fid": fid, "n": 100, "settings": {"cfg1": 1.0}, "images_per_s": 10.0}
+    if lite0 is not None:  # scored so too: a cell whose scoring differs only there
+        cell["scoring"] = {**cell["scoring"], "also_features": ["effnet-lite0"], "also_per_class": 10}
+        final["features"] = {"effnet-lite0": {"fid": lite0, "n": 100}}
     return {"key": f"{side}{seed}{refiner}{compute_of}{options}", "cell": cell, "wall_s": 1.0, "result": {
         "label": side, "K": k, "flops": flops, "final": final, "artifacts": {"tokenizer": "t", "classifier": "c"}, "points": [{"settings": {"cfg1": 1.0}, "fid": fid, "n": 50}],
         "nll": {"coarse": nll / 2, "within": nll / 2, "nll": nll}, "samples": "x.png"}}
@@ -212,17 +220,31 @@ def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:
                + [record("baseline", s, fid, 3.0, compute_of=[1.0, 1.0], flops=2.0) for s, fid in enumerate((5.1, 4.6, 5.5))]
                + [record("ctf", s, fid, 3.2, flops=0.6, refiner=(0.5, 1.0)) for s, fid in enumerate((5.1, 4.9, 5.3))]
                # an option is not a smaller refiner, even where its FLOPs were counted lower
-               + [record("ctf", s, 5.0, 3.0, flops=0.3, refiner_features=True) for s in range(3)])
-    (setup,) = group(records)
+               + [record("ctf", s, 5.0, 3.0, flops=0.3, refiner_features=True) for s in range(3)]
+               # a cheap refiner with a baseline given its own compute, both also scored in Lite0 features
+               + [record("ctf", s, 5.0 + 0.1 * s, 3.0, flops=0.5, refiner=(1.0, 0.25), lite0=20.0 + s, refiner_mask=True)
+                  for s in range(3)]
+               + [record("baseline", s, 9.0 + 0.1 * s, 3.4, compute_of=[1.0, 0.25], lite0=40.0 + s) for s in range(3)]
+               + [record("ctf", s, 5.05 + 0.05 * s, 2.9, flops=1.0, refiner_mask=True) for s in range(3)])
+    (setup,) = group(records)  # the Lite0 scoring does not split the setup
     lines = verdict(setup)
-    assert "equal steps: FID 5.00 +- 0.20 vs 7.07 +- 0.21 -> CTF better" in lines[0]
+    assert "equal steps: FID 5.00 +- 0.20 vs 7.07 +- 0.21 (0.71x) -> CTF better" in lines[0]
     assert "NLL 3.010 +- 0.010 vs 3.510 +- 0.010 nats/token -> CTF better" in lines[0]
-    assert "compute of CTF: FID 5.00 +- 0.20 vs 5.07 +- 0.45 -> tie (within the spread)" in lines[1]
-    assert "0.5x depth" in lines[-1] and "0.60x the full CTF's training FLOPs" in lines[-1]
+    assert "compute of CTF: FID 5.00 +- 0.20 vs 5.07 +- 0.45 (0.99x) -> tie (within the spread)" in lines[1]
+    cheapest = [line for line in lines if line.startswith("Cheapest refiner")]
+    assert len(cheapest) == 2 and "0.5x depth" in cheapest[0] and "0.60x the training FLOPs of CTF." in cheapest[0]
+    assert cheapest[1].endswith("CTF (refiner 0.25x steps, trained within clusters), 0.50x the training FLOPs of "
+                                "CTF (refiner trained within clusters) (against the baseline given its compute: above).")
+    cheap = [line for line in lines if line.startswith("CTF (refiner 0.25x steps, trained within clusters) against")]
+    assert len(cheap) == 2 and "effnet-lite0" not in cheap[0]  # the equal-steps baseline was not scored so
+    assert ("compute of CTF (refiner 0.25x steps): FID 5.10 +- 0.10 vs 9.10 +- 0.10 (0.56x) -> CTF better; FID in "
+            "effnet-lite0 features (n=100) 21.00 +- 1.00 vs 41.00 +- 1.00 (0.51x) -> CTF better; NLL") in cheap[1]
     # an option at full size is compared with each baseline too; a smaller refiner only through the cheapest line
     assert any(line.startswith("CTF (refiner reads stage-1 features) against the baseline, compute of CTF: FID 5.00")
                for line in lines)
     assert not any("0.5x depth) against" in line for line in lines)
+    worse = [record("ctf", s, 5.0, 3.0) for s in range(3)] + [record("ctf", s, 6.0, 3.0, refiner=(0.5, 1.0)) for s in range(3)]
+    assert verdict(group(worse)[0])[-1] == "No smaller refiner keeps the FID of CTF (beyond the spread)."
     one_seed = [record("ctf", 0, 1.0, 1.0), record("baseline", 0, 9.0, 9.0)]
     assert "tie (within the spread)" in verdict(group(one_seed)[0])[0]  # one seed proves nothing
     other_k = [record("ctf", 0, 1.0, 1.0), record("baseline", 0, 9.0, 9.0, k=64)]
@@ -232,6 +254,8 @@ def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:
     assert summary["setups"][0]["verdict"] == lines
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "| baseline, equal steps | 3 |" in report and "5.00 +- 0.20" in report
+    assert "FID in effnet-lite0 features (a class-balanced 100 of each final set against as many test images): " \
+           "CTF (refiner 0.25x steps, trained within clusters) 21.00 +- 1.00; baseline, compute of CTF " in report
 
 
 def test_bench_command(tmp_path: Path, fm: Path) -> None:
@@ -242,3 +266,19 @@ def test_bench_command(tmp_path: Path, fm: Path) -> None:
     assert args.quick and args.steps == 10 and callable(cmd_bench)
     cells = bench_cells(args.grid, args.seeds, args.quick, args.data, args.data_dir, args.steps, "tiny")
     assert {c.steps for c in cells} == {10} and {c.codebook for c in cells} == {1024, 4096}
+
+
+def test_final_set_also_scored_in_other_features(tmp_path: Path, fm: Path) -> None:
+    """`Scoring.also_features` scores a class-balanced share of the final set in another extractor's
+    features; fields added to Scoring that hold their defaults leave every earlier cell's key alone."""
+    assert cell_key(TOY) == "cc16c9b6fa0ef62b"  # the key this cell had before the field existed
+    also = replace(TOY_SCORING, also_features=("effnet-lite0",), also_per_class=1)
+    assert cell_key(replace(TOY, scoring=also)) != cell_key(TOY)
+    with pytest.raises(ValueError, match="unknown feature extractors"):
+        replace(TOY_SCORING, also_features=("clip",))
+    records = run_bench(tmp_path / "bench", [replace(TOY, scoring=also)], {"grid": "toy", "data": "fashion-mnist"},
+                        data_dir=str(fm), classifier_epochs=1, classifier_limit=128)
+    final = Results(tmp_path / "bench" / "cells.jsonl").load()[0]["result"]["final"]
+    lite0 = final["features"]["effnet-lite0"]
+    assert lite0["n"] == 10 and lite0["fid"] > 0  # one sample of each of the 10 classes
+    assert "effnet-lite0" in (tmp_path / "bench" / "BENCHMARKS.md").read_text() and records

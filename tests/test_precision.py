@@ -14,7 +14,9 @@ import torch.nn as nn
 from ctfgen.errors import CtfgenError
 from ctfgen.pipeline import add_sample_args, cmd_sample, load_pipeline
 from ctfgen.transformer import build_model, preset_config
-from ctfgen.transformer.precision import DECODE_PRECISIONS, Int8Linear, for_decoding, weight_bytes_per_token
+from ctfgen.transformer import precision as precision_module
+from ctfgen.transformer.precision import (DECODE_PRECISIONS, PACK_MIN_WEIGHTS, Int8Linear, PackedLinear, for_decoding,
+                                          weight_bytes_per_token)
 from test_sampling import gen, hierarchy, models, run_dir  # noqa: F401  (fixtures)
 
 
@@ -40,7 +42,8 @@ def test_int8_linear_is_the_rounded_matrix() -> None:
 
 
 @pytest.mark.parametrize("precision", ["fp32-packed", "bf16", "int8"])
-def test_lower_precision_copy_is_close_and_its_cache_agrees(precision: str) -> None:
+def test_lower_precision_copy_is_close_and_its_cache_agrees(precision: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision_module, "PACK_MIN_WEIGHTS", 0)  # pack even the tiny model's layers
     model = causal_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fast = for_decoding(model, precision)
@@ -75,6 +78,18 @@ def test_fp32_is_the_model_and_bad_requests_fail(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # a torch build without oneDNN
     with pytest.raises(CtfgenError, match="does not have"):
         for_decoding(model, "fp32-packed")
+
+
+def test_fp32_packed_packs_only_layers_large_enough_to_gain() -> None:
+    torch.manual_seed(0)
+    wide = build_model(preset_config("tiny", role="baseline", vocab_size=PACK_MIN_WEIGHTS // 64, num_classes=3, grid_h=4,
+                                     grid_w=4)).eval()  # a head of exactly PACK_MIN_WEIGHTS (tiny: width 64)
+    fast = for_decoding(wide, "fp32-packed")
+    assert isinstance(fast.head, PackedLinear) and all(isinstance(m, nn.Linear) for m in fast.blocks.modules()
+                                                       if hasattr(m, "weight") and m.weight.dim() == 2)
+    codes, labels = torch.randint(0, 64, (2, 16)), torch.tensor([0, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(codes, labels), wide(codes, labels), rtol=1e-5, atol=1e-5)
 
 
 def test_weight_bytes_shrink_with_precision() -> None:

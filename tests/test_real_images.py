@@ -75,3 +75,22 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train-tokenizer", "--data", "fashion-mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "t")])
     assert "apt-get install -y dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_photo_patches_make_a_second_dataset_the_bench_reads(tmp_path, monkeypatch):
+    """benchmarks/photo_patches.py: one class per shipped photo, photos_{train,test}.npz files that
+    build_dataset finds by their names, every class equally often, crops differing within a class."""
+    import runpy
+    import sys
+
+    from ctfgen.data.datasets import build_dataset, dataset_labels
+
+    monkeypatch.setattr(sys, "argv", ["photo_patches.py", "--out", str(tmp_path), "--train-per-class", "4",
+                                      "--test-per-class", "2"])
+    runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "photo_patches.py"), run_name="__main__")
+    train, test = (build_dataset(str(tmp_path / "photos.npz"), split) for split in ("train", "test"))  # the pair
+    assert np.bincount(dataset_labels(train)).tolist() == [4] * 9 and np.bincount(dataset_labels(test)).tolist() == [2] * 9
+    assert train[0][0].shape == (1, 32, 32)  # read as grey by the small tokenizer's transform
+    with np.load(tmp_path / "photos_train.npz") as f:
+        images = f["images"]
+    assert images.shape == (36, 32, 32, 3) and not np.array_equal(images[0], images[1])

@@ -23,15 +23,26 @@ log = logging.getLogger(__name__)
 C = TypeVar("C")
 
 
+LATE = {"late": True}  # metadata of a nested dataclass's field added after cells were recorded (see cell_key)
+
+
 def cell_key(cell: Any) -> str:
     """A stable hash of the cell's type and of its values that differ from the field defaults, so that a
-    field added later with a default leaves the keys of earlier cells (and their results) as they were."""
-    values = dataclasses.asdict(cell)
-    for f in dataclasses.fields(cell):
-        if f.default is not dataclasses.MISSING and getattr(cell, f.name) == f.default:
-            del values[f.name]
-    text = json.dumps({"type": type(cell).__name__, **values}, sort_keys=True)
+    field added later with a default leaves the keys of earlier cells (and their results) as they were.
+    Inside a nested dataclass (a cell's scoring) every field counts, except those marked `LATE` that hold
+    their default: they were added after cells that spelled out all the others."""
+    text = json.dumps({"type": type(cell).__name__, **_key_values(cell, top=True)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _key_values(obj: Any, top: bool) -> dict[str, Any]:
+    values, plain = {}, dataclasses.asdict(obj)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if (top or f.metadata.get("late")) and f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        values[f.name] = _key_values(value, top=False) if dataclasses.is_dataclass(value) else plain[f.name]
+    return values
 
 
 class Results:

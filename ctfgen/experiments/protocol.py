@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,7 +31,7 @@ from ..data.transforms import image_grid
 from ..evaluate import Reference, sample_with, score
 from ..hierarchy import build_hierarchy, load_hierarchy, save_hierarchy
 from ..hierarchy.artifact import HIERARCHY_KIND
-from ..metrics import get_extractor
+from ..metrics import extractor_names, get_extractor
 from ..metrics.classifier import KIND as CLASSIFIER_KIND
 from ..outputs import is_finished, open_output
 from ..pipeline import DEFAULTS, BaselinePipeline, CTFPipeline
@@ -42,7 +42,7 @@ from ..training.checks import expected_model_fields
 from ..transformer import MODEL_SIZES, build_model, load_model, save_model
 from ..transformer.model import ARTIFACT_KIND as MODEL_KIND, preset_config
 from ..transformer.precision import DECODE_PRECISIONS
-from .engine import cell_key
+from .engine import LATE, cell_key
 from .floors import floor_sets
 from .likelihood import nll_split, within_in_passes
 
@@ -61,9 +61,19 @@ class Scoring:
     t2: tuple[float, ...] = (1.0, 1.1)  # CTF only
     floor_per_class: NonNegative = 100  # real test images per class for the floors (CTF cells); 0 = none
     nll_items: Count = 2000  # test code grids in the likelihood split
+    # the final set's FID also in these extractors' features (e.g. "effnet-lite0"), on `also_per_class` of its
+    # samples per class against as many class-balanced test images (Lite0 takes ~0.13 s an image on a CPU thread)
+    also_features: tuple[str, ...] = field(default=(), metadata=LATE)
+    also_per_class: Count = field(default=200, metadata=LATE)
+
+    # fields that add a measurement and change none of the others: cells that differ only there share a setup
+    ADDS_ONLY = ("also_features", "also_per_class")
 
     def __post_init__(self) -> None:
         check_fields(self)
+        unknown = sorted(set(self.also_features) - set(extractor_names()))
+        if unknown:
+            raise ValueError(f"unknown feature extractors {unknown}; choose from {extractor_names()}")
 
     def points(self, side: str) -> list[dict[str, float]]:
         t2s = self.t2 if side == "ctf" else (None,)
@@ -376,6 +386,8 @@ class Workshop:
         final = {"settings": best["settings"], "sample_s": round(sample_s, 2),
                  "images_per_s": len(final_set.labels) / sample_s,
                  **brief(score(final_set.images, final_set.labels, extractor, ref, self.device))}
+        if s.also_features:
+            final["features"] = self.also_scored(final_set.images, final_set.labels, ref, s)
         samples = self.root / "samples" / f"{cell_key(cell)}.png"
         samples.parent.mkdir(parents=True, exist_ok=True)
         keep = torch.cat([torch.nonzero(final_set.labels == c).view(-1)[:8] for c in final_set.labels.unique()])
@@ -387,6 +399,14 @@ class Workshop:
         if cell.side == "ctf" and s.floor_per_class:
             result["floors"] = self.floors(cell, pipe, extractor, ref)
         return result
+
+    def also_scored(self, images: torch.Tensor, labels: torch.Tensor, ref: Reference, s: Scoring) -> dict[str, Any]:
+        """FID and the rest in each of `s.also_features`, on the first `also_per_class` samples of each class
+        against as many class-balanced test images (the same subset for every cell: its seed is fixed)."""
+        keep = torch.cat([torch.nonzero(labels == c).view(-1)[:s.also_per_class] for c in labels.unique()])
+        ref = replace(ref, n=len(keep))
+        return {name: brief(score(images[keep], labels[keep], get_extractor(name), ref, self.device))
+                for name in s.also_features}
 
     def floors(self, cell: Cell, pipe: CTFPipeline, extractor: Any, ref: Reference) -> dict[str, dict[str, Any]]:
         tokenizer = pipe.tokenizer

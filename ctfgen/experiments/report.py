@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from PIL import Image, ImageDraw
 
-from .protocol import CELL_DEFAULTS, side_label
+from .protocol import CELL_DEFAULTS, Scoring, side_label
 from .stats import Spread, compare, spread
 
 REFINER_OPTIONS = ("refiner_reveal", "refine_steps", "refiner_features", "refiner_corrupt", "refiner_mask")
@@ -88,6 +88,8 @@ def group(records: list[dict[str, Any]]) -> list[Setup]:
     for rec in records:
         cell = {**CELL_DEFAULTS, **rec["cell"]}  # records from before a field existed: its default
         fields = {k: v for k, v in cell.items() if k not in SETUP_FIELDS_OUT}
+        if isinstance(fields.get("scoring"), dict):  # a measurement added to some cells does not split the setup
+            fields["scoring"] = {k: v for k, v in fields["scoring"].items() if k not in Scoring.ADDS_ONLY}
         setup = setups.setdefault(json.dumps(fields, sort_keys=True), Setup(fields))
         row_fields = {k: cell[k] for k in ROW_FIELDS}
         if cell["side"] == "baseline":
@@ -127,25 +129,46 @@ def _words(call: str, a: str, b: str) -> str:
 
 # --- verdict ----------------------------------------------------------------------------------------
 
+def also_fid(name: str) -> Callable[[dict[str, Any]], float | None]:
+    """The final set's FID in another extractor's features (`Scoring.also_features`), where it was scored."""
+    return lambda result: result["final"].get("features", {}).get(name, {}).get("fid")
+
+
+def also_features(row: Row) -> list[str]:
+    return sorted(set.intersection(*(set(r["result"]["final"].get("features", {})) for r in row.records)))
+
+
+def _fid_call(a: Spread | None, b: Spread | None) -> str:
+    ratio = f" ({a.mean / b.mean:.2f}x)" if a is not None and b is not None and b.mean > 0 else ""
+    return f"{_s(a)} vs {_s(b)}{ratio} -> {_words(compare(a, b), 'CTF', 'baseline')}"
+
+
 def verdict(setup: Setup) -> list[str]:
-    """Plain sentences: CTF (with the full-size refiner, plain or with an option) against each baseline in FID
-    (at each side's best point) and NLL, and the cheapest refiner that keeps CTF's quality."""
+    """Plain sentences: CTF (with the full-size refiner, plain or with an option, and any refiner with a
+    baseline given its own compute) against each of its baselines in FID (at each side's best point; in
+    other features too where both were scored so) and NLL, and the cheapest refiner that keeps CTF's quality."""
     lines, base = [], setup.baseline
     with_k = len({r.cell["k"] for r in setup.row("ctf")}) > 1
     fid = final("fid")
-    for ctf in [r for r in setup.row("ctf", full=False) if r.full_size]:
+
+    def matched(ctf: Row) -> list[Row]:  # the baseline given this CTF's compute
+        return setup.row("baseline", compute_of=[ctf.cell["refiner_depth"], ctf.cell["refiner_steps"]])
+
+    for ctf in [r for r in setup.row("ctf", full=False) if r.full_size or matched(r)]:
         name = ctf.label(with_k)
-        for other in [base] + setup.row("baseline", compute_of=[1.0, 1.0]):
+        for other in [base] + matched(ctf):
             if other is None:
                 continue
-            a, b = ctf.of(fid), other.of(fid)
             na, nb = ctf.of(nll("nll")), other.of(nll("nll"))
             # the baseline's split depends on the clusters: compare the parts only at the same K
             same_k = ctf.records[0]["result"]["K"] == other.records[0]["result"]["K"]
             parts = (f" (coarse part {_s(ctf.of(nll('coarse')), 3)} vs {_s(other.of(nll('coarse')), 3)}, within "
                      f"{_s(ctf.of(nll('within')), 3)} vs {_s(other.of(nll('within')), 3)})" if same_k else "")
-            lines.append(f"{name} against the {other.label(False)}: FID {_s(a)} vs {_s(b)} -> "
-                         f"{_words(compare(a, b), 'CTF', 'baseline')}; NLL {_s(na, 3)} vs {_s(nb, 3)} nats/token -> "
+            also = "".join(f"; FID in {f} features (n={ctf.records[0]['result']['final']['features'][f]['n']}) "
+                           f"{_fid_call(ctf.of(also_fid(f)), other.of(also_fid(f)))}"
+                           for f in also_features(ctf) if f in also_features(other))
+            lines.append(f"{name} against the {other.label(False)}: FID {_fid_call(ctf.of(fid), other.of(fid))}"
+                         f"{also}; NLL {_s(na, 3)} vs {_s(nb, 3)} nats/token -> "
                          f"{_words(compare(na, nb), 'CTF', 'baseline')}{parts}.")
     for ctf in setup.row("ctf", full=False):
         in_passes = ctf.of(lambda r: r["nll"].get("nll_in_passes"))
@@ -163,19 +186,20 @@ def verdict(setup: Setup) -> list[str]:
             a, b = row.of(fid), exact.of(fid)
             lines.append(f"{row.label(with_k)} against fp32: FID {_s(a)} vs {_s(b)} -> "
                          f"{_words(compare(a, b), row.cell['decode_precision'], 'fp32')}.")
-    variants = [r for r in setup.row("ctf", full=False) if r.plain_refiner]  # the options cost no less than it
-    full = [r for r in variants if r.full_refiner]
-    if len(variants) > len(full) and full and not with_k:
-        keep = [r for r in variants if compare(r.of(fid), full[0].of(fid)) != "b better"]
-        cheapest = min(keep, key=lambda r: r.of(flops).mean)
-        lines.append(f"Cheapest refiner whose FID is not worse than the full one's (beyond the spread): "
-                     f"{cheapest.label(False)}, {cheapest.of(flops).mean / full[0].of(flops).mean:.2f}x the "
-                     f"full CTF's training FLOPs.")
-        matched = setup.row("baseline", compute_of=[cheapest.cell["refiner_depth"], cheapest.cell["refiner_steps"]])
-        if matched:
-            a, b = cheapest.of(fid), matched[0].of(fid)
-            lines.append(f"Charged only for that refiner, CTF against the {matched[0].label(False)}: FID {_s(a)} vs "
-                         f"{_s(b)} -> {_words(compare(a, b), 'CTF', 'baseline')}.")
+    ctfs = setup.row("ctf", full=False)
+    for full in [r for r in ctfs if r.full_size] if not with_k else []:
+        # smaller refiners with the same options (an option is not a smaller refiner, whatever its FLOPs)
+        variants = [r for r in ctfs if all(r.cell[k] == full.cell[k] for k in REFINER_OPTIONS)]
+        if len(variants) > 1:
+            keep = [r for r in variants if compare(r.of(fid), full.of(fid)) != "b better"]
+            cheapest = min(keep, key=lambda r: r.of(flops).mean)
+            if cheapest is full:
+                lines.append(f"No smaller refiner keeps the FID of {full.label(False)} (beyond the spread).")
+                continue
+            lines.append(f"Cheapest refiner whose FID is not worse than the full one's (beyond the spread): "
+                         f"{cheapest.label(False)}, {cheapest.of(flops).mean / full.of(flops).mean:.2f}x the training "
+                         f"FLOPs of {full.label(False)}" + (" (against the baseline given its compute: above)."
+                                                           if matched(cheapest) else "."))
     return lines
 
 
@@ -200,6 +224,11 @@ def setup_table(setup: Setup) -> list[str]:
                      f"{_s(row.of(final('class_consistency')), 3)} | {_s(row.of(nll('coarse')), 3)} | "
                      f"{_s(row.of(nll('within')), 3)} | {_s(row.of(nll('nll')), 3)} | "
                      f"{_s(row.of(final('images_per_s')), 0)} |")
+    for name in sorted({f for row in setup.rows for f in also_features(row)}):
+        scored = [r for r in setup.rows if name in also_features(r)]
+        n = scored[0].records[0]["result"]["final"]["features"][name]["n"]
+        lines += ["", f"FID in {name} features (a class-balanced {n} of each final set against as many test images): "
+                  + "; ".join(f"{r.label(with_k)} {_s(r.of(also_fid(name)))}" for r in scored) + "."]
     return lines
 
 
@@ -276,7 +305,8 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], out: Path)
              "- every figure: mean +- sd over training seeds (one sampling seed per training seed); a gap counts only "
              "when it exceeds the sum of the two sds with at least 2 seeds a side, else it is called a tie",
              "- FID, IS, precision, recall and class consistency use the domain classifier's features against the "
-             "whole test split; FID at each side's own best operating point, on a final set drawn with another seed",
+             "whole test split (where a setup says so, FID also in other features on a share of the final set); FID "
+             "at each side's own best operating point, on a final set drawn with another seed",
              "- NLL in nats per token on the test codes; CTF's is exact (coarse + refiner), the baseline's is split "
              "into the mass it puts on the true cluster and the rest", "", "## Verdict", ""]
     for i, setup in enumerate(setups, 1):

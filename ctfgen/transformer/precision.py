@@ -28,6 +28,10 @@ from .model import Transformer
 
 DECODE_PRECISIONS = ("fp32", "fp32-packed", "bf16", "int8")
 PACKED_FOR_ROWS = 2  # oneDNN picks its blocking for this many rows: one image with CFG (any count runs)
+# fp32-packed packs only layers with at least this many weights (2 MiB of fp32): below it oneDNN's per-call
+# cost outweighs its faster streaming (`benchmarks/bench_decode.py --layers`: 1.3-2.2x slower at 0.25-1 MiB,
+# 0.5-0.8x from 2.4 MiB up), so the small preset decodes as plain fp32 and GPT-B is packed throughout
+PACK_MIN_WEIGHTS = 1 << 19
 
 
 class Int8Linear(nn.Module):
@@ -94,9 +98,10 @@ def for_decoding(model: Transformer, precision: str = "fp32") -> Transformer:
         fast.rope_cos, fast.rope_sin = model.rope_cos.clone(), model.rope_sin.clone()  # rotations stay fp32
     else:
         swap = PackedLinear if precision == "fp32-packed" else Int8Linear
+        least = PACK_MIN_WEIGHTS if precision == "fp32-packed" else 0
         for parent in [fast, *fast.blocks.modules()]:
             for name, child in parent.named_children():
-                if isinstance(child, nn.Linear):
+                if isinstance(child, nn.Linear) and child.weight.numel() >= least:
                     setattr(parent, name, swap(child))
     return fast
 
@@ -108,4 +113,4 @@ def weight_bytes_per_token(model: Transformer) -> int:
     return sum(t.numel() * t.element_size() for m in parts for t in [*m.parameters(False), *m.buffers(False)])
 
 
-__all__ = ["DECODE_PRECISIONS", "Int8Linear", "PackedLinear", "for_decoding", "weight_bytes_per_token"]
+__all__ = ["DECODE_PRECISIONS", "Int8Linear", "PACK_MIN_WEIGHTS", "PackedLinear", "for_decoding", "weight_bytes_per_token"]
