@@ -2,7 +2,7 @@
 KV cache's per-token decode time at the last position against the first.
 
     python benchmarks/bench_sampling.py --quick            # small shape at batch 1 and 64, GPT-B shape at batch 1
-    python benchmarks/bench_sampling.py --device cuda      # also GPT-B at batch 8
+    python benchmarks/bench_sampling.py --device cuda      # also GPT-B at batch 8 (best of 3 rounds; small: of 7)
     python benchmarks/bench_sampling.py --refine-passes 1,2,4,8   # also CTF with stage 2 in that many passes
     python benchmarks/bench_sampling.py --refiner-depth 0.5 --gpt-b-batches 1,64   # a half-depth refiner
     python benchmarks/bench_sampling.py --decode-precision fp32-packed   # both AR stages on packed weights
@@ -19,8 +19,9 @@ Stage 2 keeps each code in its cluster (random balanced clusters), as the pipeli
 `--refiner-depth` sets the refiner's share of stage 1's layers (the bench found a half-depth refiner
 as good as a full one; docs/bench.md). Images/s counts token sampling (stage 1 with CFG 2.0, stage 2
 without guidance, the pipeline's defaults), not the tokenizer's decoder, which costs the same for both
-methods. On a shared CPU the figures move with the other load: compare rows of one run, not runs on
-different days.
+methods. CTF, the baseline and stage 2 alone run in turn, round after round, and each keeps its best
+round (the one least disturbed by other work). On a shared CPU the figures still move with the other
+load: compare rows of one run, not runs on different days.
 """
 
 from __future__ import annotations
@@ -74,14 +75,25 @@ def sync(device: torch.device) -> None:
 
 def seconds(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> float:
     """Median wall time of fn over `repeats` runs."""
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(run_times(fn, device) for _ in range(repeats))
+
+
+def run_times(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def best_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int) -> dict[str, float]:
+    """Best wall time of each fn over `rounds` rounds that run them in turn: each side sees the same background
+    load, and its best round is the one least disturbed by it (a shared machine's noise only adds time)."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best[name], run_times(fn, device))
+    return best
 
 
 def images_per_s(models: dict[str, Transformer], shape: dict, batch: int, device: torch.device,
@@ -92,8 +104,8 @@ def images_per_s(models: dict[str, Transformer], shape: dict, batch: int, device
     baseline = lambda: sample_baseline(models["baseline"], labels, STAGE1, g)
     coarse = torch.randint(shape["K"], (batch, shape["grid"] ** 2), generator=g, device=device)
     stage2 = lambda: refine(models["refiner"], coarse, labels, STAGE2, g, mask)
-    t_ctf, t_base = seconds(ctf, device, repeats), seconds(baseline, device, repeats)
-    t_stage2 = seconds(stage2, device, repeats)
+    best = best_interleaved({"ctf": ctf, "baseline": baseline, "stage2": stage2}, device, repeats)
+    t_ctf, t_base, t_stage2 = best["ctf"], best["baseline"], best["stage2"]
     by_passes = {s: batch / seconds(lambda: sample_ctf(models["coarse"], models["refiner"], labels, STAGE1, STAGE2, g,
                                                        mask, refine_steps=s), device, repeats) for s in passes}
     return {"batch": batch, "ctf_images_per_s": batch / t_ctf, "baseline_images_per_s": batch / t_base,
@@ -164,7 +176,8 @@ def print_table(results: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="GPT-B at batch 1 only, one run (otherwise batch 1 and 8, median of 3)")
+    ap.add_argument("--quick", action="store_true",
+                    help="GPT-B at batch 1 only, one round (otherwise batch 1 and 8, best of 3 rounds)")
     ap.add_argument("--shapes", default="small,GPT-B", help="comma-separated: small, GPT-B")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="auto")
@@ -183,7 +196,7 @@ def main() -> None:
     device = pick_device(args.device)
     gpt_b = [int(b) for b in args.gpt_b_batches.split(",")] if args.gpt_b_batches else [1] if args.quick else [1, 8]
     batches = {"small": [1, 64], "GPT-B": gpt_b}
-    repeats = {"small": 3, "GPT-B": 1 if args.quick else 3}  # median of repeats: the small shape is cheap
+    repeats = {"small": 7, "GPT-B": 1 if args.quick else 3}  # rounds, best of each side: the small shape is cheap
     results = []
     for name in args.shapes.split(","):
         print(f"benchmarking the {name} shape ...", flush=True)

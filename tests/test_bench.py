@@ -243,7 +243,8 @@ def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:
     assert any(line.startswith("CTF (refiner reads stage-1 features) against the baseline, compute of CTF: FID 5.00")
                for line in lines)
     assert not any("0.5x depth) against" in line for line in lines)
-    worse = [record("ctf", s, 5.0, 3.0) for s in range(3)] + [record("ctf", s, 6.0, 3.0, refiner=(0.5, 1.0)) for s in range(3)]
+    worse = [record("ctf", s, 5.0, 3.0) for s in range(3)] + [record("ctf", s, 6.0, 3.0, refiner=(0.5, 1.0))
+                                                               for s in range(3)]
     assert verdict(group(worse)[0])[-1] == "No smaller refiner keeps the FID of CTF (beyond the spread)."
     one_seed = [record("ctf", 0, 1.0, 1.0), record("baseline", 0, 9.0, 9.0)]
     assert "tie (within the spread)" in verdict(group(one_seed)[0])[0]  # one seed proves nothing

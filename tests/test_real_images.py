@@ -89,7 +89,8 @@ def test_photo_patches_make_a_second_dataset_the_bench_reads(tmp_path, monkeypat
                                       "--test-per-class", "2"])
     runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "photo_patches.py"), run_name="__main__")
     train, test = (build_dataset(str(tmp_path / "photos.npz"), split) for split in ("train", "test"))  # the pair
-    assert np.bincount(dataset_labels(train)).tolist() == [4] * 9 and np.bincount(dataset_labels(test)).tolist() == [2] * 9
+    assert np.bincount(dataset_labels(train)).tolist() == [4] * 9
+    assert np.bincount(dataset_labels(test)).tolist() == [2] * 9
     assert train[0][0].shape == (1, 32, 32)  # read as grey by the small tokenizer's transform
     with np.load(tmp_path / "photos_train.npz") as f:
         images = f["images"]

@@ -46,7 +46,8 @@ def versus(base: Cell, budgets: Iterable[int], seeds: int, refiners: Iterable[tu
     for steps in budgets:
         for seed in range(seeds):
             at = replace(base, steps=steps, seed=seed)
-            cells += [replace(at, side="ctf", refiner_depth=d, refiner_steps=s, refiner_mask=within) for d, s in refiners]
+            cells += [replace(at, side="ctf", refiner_depth=d, refiner_steps=s, refiner_mask=within)
+                      for d, s in refiners]
             cells.append(replace(at, side="baseline"))
             cells += [replace(at, side="baseline", compute_of=(d, s)) for d, s in matched]
     return cells
@@ -93,10 +94,11 @@ def stage2_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[C
     the baseline given the cheap CTF's compute; final sets also scored in EfficientNet-Lite0 features. Tiny
     models at 800 steps (the quick form: 200)."""
     if quick:
-        scoring, steps = replace(QUICK_SCORING, also_features=LITE0, also_per_class=20), 200
+        scoring, steps = replace(QUICK_SCORING, also_features=LITE0, also_per_class=10), 200
         base = replace(base, **{**QUICK_BASE, "scoring": scoring})
     else:
-        base, steps = replace(base, size="tiny", refiner_size="tiny", scoring=replace(CPU_SCORING, also_features=LITE0)), 800
+        scoring, steps = replace(CPU_SCORING, also_features=LITE0), 800
+        base = replace(base, size="tiny", refiner_size="tiny", scoring=scoring)
     cheap, context = [], []
     for seed in range(seeds):
         at = replace(base, steps=steps, seed=seed)

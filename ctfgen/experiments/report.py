@@ -251,7 +251,7 @@ def floors_table(setup: Setup) -> list[str]:
 def points_table(setup: Setup) -> tuple[list[str], dict[str, tuple[list[float], list[float], list[float]]]]:
     """Mean FID at every operating point per side, and each side's (recall, FID, IS) means for the plots."""
     lines, curves = [], {}
-    rows = setup.row("ctf") + [r for r in setup.rows if r.cell["side"] == "baseline"]
+    rows = setup.row("ctf", full=False) + [r for r in setup.rows if r.cell["side"] == "baseline"]
     for row in rows:
         points: dict[str, list[dict[str, Any]]] = {}
         for rec in row.records:

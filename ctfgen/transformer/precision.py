@@ -29,8 +29,8 @@ from .model import Transformer
 DECODE_PRECISIONS = ("fp32", "fp32-packed", "bf16", "int8")
 PACKED_FOR_ROWS = 2  # oneDNN picks its blocking for this many rows: one image with CFG (any count runs)
 # fp32-packed packs only layers with at least this many weights (2 MiB of fp32): below it oneDNN's per-call
-# cost outweighs its faster streaming (`benchmarks/bench_decode.py --layers`: 1.3-2.2x slower at 0.25-1 MiB,
-# 0.5-0.8x from 2.4 MiB up), so the small preset decodes as plain fp32 and GPT-B is packed throughout
+# cost eats its faster streaming (`benchmarks/bench_decode.py --layers`, 2 rows, 2 threads: 1.5-2x slower at
+# 0.06-0.25 MiB, even at 0.75-1 MiB, 0.3-0.7x from 2 MiB up), so the small preset's blocks stay plain fp32
 PACK_MIN_WEIGHTS = 1 << 19
 
 
@@ -113,4 +113,5 @@ def weight_bytes_per_token(model: Transformer) -> int:
     return sum(t.numel() * t.element_size() for m in parts for t in [*m.parameters(False), *m.buffers(False)])
 
 
-__all__ = ["DECODE_PRECISIONS", "Int8Linear", "PACK_MIN_WEIGHTS", "PackedLinear", "for_decoding", "weight_bytes_per_token"]
+__all__ = ["DECODE_PRECISIONS", "Int8Linear", "PACK_MIN_WEIGHTS", "PackedLinear", "for_decoding",
+           "weight_bytes_per_token"]
