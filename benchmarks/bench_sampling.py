@@ -73,12 +73,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def seconds(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> float:
-    """Median wall time of fn over `repeats` runs."""
-    return statistics.median(run_times(fn, device) for _ in range(repeats))
-
-
-def run_times(fn: Callable[[], object], device: torch.device) -> float:
+def run_time(fn: Callable[[], object], device: torch.device) -> float:
     sync(device)
     start = time.perf_counter()
     fn()
@@ -92,7 +87,7 @@ def best_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     best = {name: float("inf") for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            best[name] = min(best[name], run_times(fn, device))
+            best[name] = min(best[name], run_time(fn, device))
     return best
 
 
@@ -104,10 +99,11 @@ def images_per_s(models: dict[str, Transformer], shape: dict, batch: int, device
     baseline = lambda: sample_baseline(models["baseline"], labels, STAGE1, g)
     coarse = torch.randint(shape["K"], (batch, shape["grid"] ** 2), generator=g, device=device)
     stage2 = lambda: refine(models["refiner"], coarse, labels, STAGE2, g, mask)
-    best = best_interleaved({"ctf": ctf, "baseline": baseline, "stage2": stage2}, device, repeats)
+    in_passes = {f"{s} passes": (lambda s=s: sample_ctf(models["coarse"], models["refiner"], labels, STAGE1, STAGE2, g, mask,
+                                            refine_steps=s)) for s in passes}
+    best = best_interleaved({"ctf": ctf, "baseline": baseline, "stage2": stage2, **in_passes}, device, repeats)
     t_ctf, t_base, t_stage2 = best["ctf"], best["baseline"], best["stage2"]
-    by_passes = {s: batch / seconds(lambda: sample_ctf(models["coarse"], models["refiner"], labels, STAGE1, STAGE2, g,
-                                                       mask, refine_steps=s), device, repeats) for s in passes}
+    by_passes = {s: batch / best[f"{s} passes"] for s in passes}
     return {"batch": batch, "ctf_images_per_s": batch / t_ctf, "baseline_images_per_s": batch / t_base,
             "ctf_s_per_image": t_ctf / batch, "baseline_s_per_image": t_base / batch,
             "ctf_over_baseline_speed": t_base / t_ctf, "ctf_stage2_share": t_stage2 / t_ctf,
@@ -126,7 +122,7 @@ def decode_step_times(model: Transformer, batch: int, device: torch.device, repe
 
     def step_at(pos: int) -> float:
         cache.pos = pos  # what the slots hold does not change the cost; attention reads slots 0..pos
-        return seconds(lambda: model.step(token, cache), device)
+        return run_time(lambda: model.step(token, cache), device)
 
     # Interleaved, so both positions see the same background load. The ratio uses the best of the
     # repeats, the cost with the least interference from other work on a shared CPU.

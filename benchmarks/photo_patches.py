@@ -17,6 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ctfgen.arguments import Between, Count, arg_type, checked
+
+SIZES = Between(8, 64)  # output pixels: the largest crops of the smallest photo are 75 px a side
+
 
 def photos() -> dict[str, np.ndarray]:
     """The colour photos both packages ship, uint8 [H, W, 3]."""
@@ -46,12 +50,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True,
                         help="folder for photos_train.npz and photos_test.npz (the bench's --data FOLDER/photos.npz)")
-    parser.add_argument("--train-per-class", type=int, default=4000)
-    parser.add_argument("--test-per-class", type=int, default=500)
-    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--train-per-class", type=arg_type(Count), default=4000)
+    parser.add_argument("--test-per-class", type=arg_type(Count), default=500)
+    parser.add_argument("--size", type=checked(int, SIZES), default=32, help="pixels, 8 to 64")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     named = photos()
     for stream, (split, n) in enumerate((("_train", args.train_per_class), ("_test", args.test_per_class))):

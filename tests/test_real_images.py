@@ -95,3 +95,7 @@ def test_photo_patches_make_a_second_dataset_the_bench_reads(tmp_path, monkeypat
     with np.load(tmp_path / "photos_train.npz") as f:
         images = f["images"]
     assert images.shape == (36, 32, 32, 3) and not np.array_equal(images[0], images[1])
+    monkeypatch.setattr(sys, "argv", ["photo_patches.py", "--out", str(tmp_path / "big"), "--size", "100"])
+    with pytest.raises(SystemExit) as stop:  # argparse's one error line, before anything is written
+        runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "photo_patches.py"), run_name="__main__")
+    assert stop.value.code == 2 and not (tmp_path / "big").exists()

@@ -390,8 +390,7 @@ class Workshop:
             final["features"] = self.also_scored(final_set.images, final_set.labels, ref, s)
         samples = self.root / "samples" / f"{cell_key(cell)}.png"
         samples.parent.mkdir(parents=True, exist_ok=True)
-        keep = torch.cat([torch.nonzero(final_set.labels == c).view(-1)[:8] for c in final_set.labels.unique()])
-        image_grid(final_set.images[keep], nrow=8).save(samples)
+        image_grid(final_set.images[first_per_class(final_set.labels, 8)], nrow=8).save(samples)
 
         result = {"label": cell.label, "artifacts": asdict(art), "K": hierarchy.K, "train": train,
                   "flops": sum(t["flops"] for t in train.values()), "nll": nll, "points": points, "final": final,
@@ -403,7 +402,7 @@ class Workshop:
     def also_scored(self, images: torch.Tensor, labels: torch.Tensor, ref: Reference, s: Scoring) -> dict[str, Any]:
         """FID and the rest in each of `s.also_features`, on the first `also_per_class` samples of each class
         against as many class-balanced test images (the same subset for every cell: its seed is fixed)."""
-        keep = torch.cat([torch.nonzero(labels == c).view(-1)[:s.also_per_class] for c in labels.unique()])
+        keep = first_per_class(labels, s.also_per_class)
         ref = replace(ref, n=len(keep))
         return {name: brief(score(images[keep], labels[keep], get_extractor(name), ref, self.device))
                 for name in s.also_features}
@@ -420,6 +419,11 @@ class Workshop:
                           settings=StageSettings(temperature=DEFAULTS["t2"]), seed=1000 * cell.seed + 3,
                           coarse_model=pipe.coarse)
         return {name: brief(score(x, y, extractor, ref, self.device)) for name, x in sets.items()}
+
+
+def first_per_class(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the first `n` items of each class, class by class."""
+    return torch.cat([torch.nonzero(labels == c).view(-1)[:n] for c in labels.unique()])
 
 
 def brief(m: dict[str, Any]) -> dict[str, Any]:
