@@ -6,6 +6,7 @@ KV cache's per-token decode time at the last position against the first.
     python benchmarks/bench_sampling.py --refine-passes 1,2,4,8   # also CTF with stage 2 in that many passes
     python benchmarks/bench_sampling.py --refiner-depth 0.5 --gpt-b-batches 1,64   # a half-depth refiner
     python benchmarks/bench_sampling.py --decode-precision fp32-packed   # both AR stages on packed weights
+    python benchmarks/bench_sampling.py --shapes small --compile          # both AR stages' decode step compiled
 
 Random weights (speed does not depend on them; the heads are re-initialised so sampling is not
 uniform). Two shapes:
@@ -51,8 +52,9 @@ STAGE2 = StageSettings(cfg=1.0, temperature=1.1)
 
 
 def random_models(shape: dict, device: torch.device, reveal: bool = False, refiner_depth: float = 1.0,
-                  precision: str = "fp32") -> dict[str, Transformer]:
-    """The three models of a shape; the autoregressive ones (coarse, baseline) as they decode at `precision`."""
+                  precision: str = "fp32", compile: bool = False) -> dict[str, Transformer]:
+    """The three models of a shape; the autoregressive ones (coarse, baseline) as they decode at `precision`,
+    with their decode step compiled if `compile` (`Transformer.compile_step`, as `ctfgen sample --compile`)."""
     common = dict(num_classes=shape["classes"], grid_h=shape["grid"], grid_w=shape["grid"])
     vocab = {"coarse": (shape["K"], shape["K"]), "refiner": (shape["K"], shape["V"]), "baseline": (shape["V"], shape["V"])}
     models = {}
@@ -65,6 +67,8 @@ def random_models(shape: dict, device: torch.device, reveal: bool = False, refin
                                               reveal=reveal and role == "refiner", **common, **depth))
         torch.nn.init.normal_(model.head.weight, std=0.02)
         models[role] = model.eval() if role == "refiner" else for_decoding(model.eval(), precision)
+        if compile and role != "refiner":
+            models[role].compile_step()
     return models
 
 
@@ -133,16 +137,19 @@ def decode_step_times(model: Transformer, batch: int, device: torch.device, repe
 
 
 def bench_shape(name: str, batches: list[int], device: torch.device, repeats: int, passes: list[int],
-                refiner_depth: float, masked: bool, precision: str) -> dict:
+                refiner_depth: float, masked: bool, precision: str, compile: bool = False) -> dict:
     shape = SHAPES[name]
-    models = random_models(shape, device, reveal=bool(passes), refiner_depth=refiner_depth, precision=precision)
+    models = random_models(shape, device, reveal=bool(passes), refiner_depth=refiner_depth, precision=precision,
+                           compile=compile)
     torch.manual_seed(0)  # balanced random clusters: the cost of a cluster mask, as the pipeline samples by default
     mask = Hierarchy(torch.randperm(shape["V"]) % shape["K"], shape["K"]).member_mask.to(device) if masked else None
     for role in ("coarse", "baseline"):
-        decode_step_times(models[role], 1, device, 1)  # warm-up: allocation, kernels
+        decode_step_times(models[role], 1, device, 1)  # warm-up: allocation, kernels (and the compiler)
+    if compile:  # a whole sampling run too: the first one compiles the prefill's and the first steps' shapes
+        images_per_s(models, shape, 1, device, 1, [], mask)
     result = {"shape": {"name": name, **shape},
               "params": {role: m.num_params() for role, m in models.items()},
-              "refiner_depth": refiner_depth, "refiner_mask": masked, "decode_precision": precision,
+              "refiner_depth": refiner_depth, "refiner_mask": masked, "decode_precision": precision, "compile": compile,
               "sampling": [images_per_s(models, shape, b, device, repeats, passes, mask) for b in batches],
               "decode_step": {role: decode_step_times(models[role], 1, device, 31) for role in ("coarse", "baseline")}}
     return result
@@ -184,8 +191,12 @@ def main() -> None:
                     "(the pipeline's default keeps each code in its cluster)")
     ap.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32",
                     help="the autoregressive stage's weights while sampling, for both sides (ctfgen sample's flag)")
+    ap.add_argument("--compile", action="store_true", help="compile both AR stages' decode step (torch.compile; "
+                    "minutes of compiling first); not with fp32-packed, which the compiled step packs by itself")
     ap.add_argument("--gpt-b-batches", default=None, help="GPT-B batch sizes (default: 1, and 8 without --quick)")
     args = ap.parse_args()
+    if args.compile and args.decode_precision == "fp32-packed":
+        ap.error("--compile packs the fp32 weights itself on the CPU; give --decode-precision fp32")
     passes = [int(p) for p in args.refine_passes.split(",") if p]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -197,7 +208,7 @@ def main() -> None:
     for name in args.shapes.split(","):
         print(f"benchmarking the {name} shape ...", flush=True)
         results.append(bench_shape(name, batches[name], device, repeats[name], passes, args.refiner_depth, args.mask,
-                                   args.decode_precision))
+                                   args.decode_precision, args.compile))
     print_table(results)
     report = {"date": str(date.today()), "device": str(device), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),

@@ -8,6 +8,8 @@ Each (size, role) runs the real `ctfgen.training.train` in a fresh process, so i
 process. Without --codes, the codes are random with the Fashion-MNIST shape: 8x8 grid, V=4096,
 K=256, 10 classes. tokens/s excludes the first step (allocation). On a shared CPU the figures
 move with the other load: compare roles within one run, not runs on different days.
+Roles: `refiner` trains within clusters (ctfgen train's default: the head scores each position's
+cluster members only), `refiner-all-V` is the paper's refiner (a softmax over all V codewords).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import torch
 from ctfgen.hierarchy import Hierarchy, save_hierarchy
 from ctfgen.training import TrainConfig, train
 
-ROLES = ("coarse", "refiner", "baseline")
+# role name -> (TrainConfig role, its other fields)
+ROLES = {"coarse": ("coarse", {}), "refiner": ("refiner", {}), "refiner-all-V": ("refiner", {"refiner_mask": False}),
+         "baseline": ("baseline", {})}
 FMNIST_SHAPE = dict(n=60000, grid=8, V=4096, K=256, classes=10)
 
 
@@ -56,9 +60,10 @@ def run_one(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rss_import = peak_rss_mib()
-    cfg = TrainConfig(role=args.one, size=args.size, codes=args.codes, hierarchy=args.hierarchy, out=args.out,
+    role, fields = ROLES[args.one]
+    cfg = TrainConfig(role=role, size=args.size, codes=args.codes, hierarchy=args.hierarchy, out=args.out,
                       steps=args.steps, batch_size=args.batch_size, lr=1e-4, save_every=10**9, log_every=10**9,
-                      device=args.device)
+                      device=args.device, **fields)
     info = train(cfg, progress=False)
     row = {"role": args.one, "size": args.size, "parameters_M": info["parameters"] / 1e6, "batch_size": args.batch_size,
            "steps": args.steps, "tokens_per_s": info["tokens_per_s"],
@@ -81,9 +86,9 @@ def run_child(role: str, size: str, codes: Path, hierarchy: Path, out: Path, arg
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'size':8} {'role':9} {'params':>8} {'batch':>6} {'tokens/s':>10} {'step ms':>8} {'peak RSS MiB':>13}")
+    print(f"{'size':8} {'role':13} {'params':>8} {'batch':>6} {'tokens/s':>10} {'step ms':>8} {'peak RSS MiB':>13}")
     for r in rows:
-        print(f"{r['size']:8} {r['role']:9} {r['parameters_M']:7.2f}M {r['batch_size']:6d} {r['tokens_per_s']:10.0f} "
+        print(f"{r['size']:8} {r['role']:13} {r['parameters_M']:7.2f}M {r['batch_size']:6d} {r['tokens_per_s']:10.0f} "
               f"{r['step_ms']:8.1f} {r['peak_rss_mib']:13.0f}")
 
 

@@ -44,15 +44,17 @@ def machine() -> str:
 
 
 def bench_cells(grid: str, seeds: int, quick: bool, data: str, data_dir: str | None, steps: int | None = None,
-                size: str | None = None) -> list[Cell]:
-    """The grid's cells, with `steps` and `size` overriding every cell's (duplicates dropped). Reading the
-    training set (budgets in epochs need its size) also checks `data`."""
+                size: str | None = None, tokenizer_steps: int | None = None) -> list[Cell]:
+    """The grid's cells, with `steps`, `size` and `tokenizer_steps` overriding every cell's (duplicates
+    dropped). Reading the training set (budgets in epochs need its size) also checks `data`."""
     train_items = len(build_dataset(data, "train", data_dir=data_dir))
     cells = GRIDS[grid](Cell(side="ctf", steps=1, data=data), seeds, quick, train_items)
     if steps is not None:
         cells = [replace(c, steps=steps) for c in cells]
     if size is not None:
         cells = [replace(c, size=size, refiner_size=size) for c in cells]
+    if tokenizer_steps is not None:
+        cells = [replace(c, tokenizer_steps=tokenizer_steps) for c in cells]
     return list({cell_key(c): c for c in cells}.values())
 
 
@@ -83,7 +85,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", default="versus", choices=sorted(GRIDS),
                    help="versus: the protocol (seeds, refiners, compute-matched baselines); map: V x K x size x "
                         "epochs; cpu: versus cut to a 2-core CPU session; refiner: the refiner options; precision: "
-                        "the AR stage sampled in fp32, bf16 and int8 (docs/bench.md)")
+                        "the AR stage sampled in fp32, bf16 and int8; stage2: the cheap within-cluster refiner "
+                        "against the baseline at its compute (docs/bench.md)")
     p.add_argument("--quick", action="store_true", help="the grid's quick form (tiny models, minutes on a CPU)")
     p.add_argument("--seeds", type=arg_type(Count), default=None, help="training seeds per cell (default 3; quick 2)")
     p.add_argument("--out", default=None, help="output folder (default: runs/bench-GRID[-quick])")
@@ -96,6 +99,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--steps", type=arg_type(Count), default=None, help="one training budget for every cell")
     p.add_argument("--size", default=None, choices=sorted(MODEL_SIZES), help="one model size for every cell")
+    p.add_argument("--tokenizer-steps", type=arg_type(Count), default=None,
+                   help="the tokenizer's training steps for every cell (grids: 600; quick 100); when the floors show "
+                        "the tokenizer's reconstructions near the samples, a longer-trained tokenizer leaves more room")
     add_output_flags(p, resumable=True)
 
 
@@ -105,7 +111,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     logging.getLogger("ctfgen.experiments").setLevel(logging.INFO)
     out = args.out or f"runs/bench-{args.grid}" + ("-quick" if args.quick else "")
     seeds = args.seeds or (2 if args.quick else 3)
-    cells = bench_cells(args.grid, seeds, args.quick, args.data, args.data_dir, args.steps, args.size)
+    cells = bench_cells(args.grid, seeds, args.quick, args.data, args.data_dir, args.steps, args.size,
+                        args.tokenizer_steps)
     meta = {"grid": args.grid + (" (quick)" if args.quick else ""), "seeds": seeds, "data": args.data}
     summary = run_bench(out, cells, meta, args.data_dir, args.cache_dir, args.run, args.device, args.force, args.resume,
                         classifier_epochs=1 if args.quick else 2, classifier_limit=10000 if args.quick else 20000)

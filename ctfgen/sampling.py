@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import CtfgenError
-from .transformer.model import KVCache, Transformer, row_slots
+from .transformer.model import KVCache, Transformer, cluster_members, row_slots
 
 
 @dataclass(frozen=True)
@@ -290,18 +290,6 @@ def sample_speculative(model: Transformer, draft: Transformer, class_labels: tor
         for key, value in stats.items():
             stats_out[key] = stats_out.get(key, 0) + value
     return codes[:, :seq_len]
-
-
-def cluster_members(member_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """member_mask bool [K, V] -> (members long [K, M], is_member bool [K, M]): each cluster's codewords in
-    ascending order, padded to the largest cluster's size M (padding repeats codeword 0, is_member False).
-    Drawing among M members instead of all V codewords is what makes the masked refiner's sampling cheap."""
-    k, v = member_mask.nonzero(as_tuple=True)  # row-major: by cluster, then codeword
-    size = torch.bincount(k, minlength=member_mask.shape[0])  # (not member_mask.sum(1): 5x slower over K x V)
-    first = size.cumsum(0) - size  # where each cluster's members start in (k, v)
-    members = torch.zeros(member_mask.shape[0], int(size.max()), dtype=torch.long, device=member_mask.device)
-    members[k, torch.arange(len(k), device=k.device) - first[k]] = v
-    return members, torch.arange(members.shape[1], device=members.device) < size[:, None]
 
 
 def decided_after(step: int, steps: int, hidden: torch.Tensor) -> torch.Tensor:

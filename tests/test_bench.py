@@ -248,6 +248,11 @@ def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:
     assert verdict(group(worse)[0])[-1] == "No smaller refiner keeps the FID of CTF (beyond the spread)."
     one_seed = [record("ctf", 0, 1.0, 1.0), record("baseline", 0, 9.0, 9.0)]
     assert "tie (within the spread)" in verdict(group(one_seed)[0])[0]  # one seed proves nothing
+    at_edge = [record("ctf", 0, 1.0, 1.0), record("baseline", 0, 9.0, 9.0), record("baseline", 1, 9.0, 9.0)]
+    at_edge[1]["result"]["final"]["settings"]["cfg1"] = 2.0  # the toy grid's strongest guidance
+    assert "baseline, equal steps: best point at the grid's largest CFG (2) for 1 of 2 seeds; its FID might be lower with " \
+           "stronger guidance." in verdict(group(at_edge)[0])
+    assert not any("largest CFG" in line for line in lines)
     other_k = [record("ctf", 0, 1.0, 1.0), record("baseline", 0, 9.0, 9.0, k=64)]
     assert "coarse part" in lines[0] and "coarse part" not in verdict(group(other_k)[0])[0]  # split needs one K
     Image.new("L", (16, 16)).save(tmp_path / "x.png")
@@ -267,6 +272,12 @@ def test_bench_command(tmp_path: Path, fm: Path) -> None:
     assert args.quick and args.steps == 10 and callable(cmd_bench)
     cells = bench_cells(args.grid, args.seeds, args.quick, args.data, args.data_dir, args.steps, "tiny")
     assert {c.steps for c in cells} == {10} and {c.codebook for c in cells} == {1024, 4096}
+    assert {c.tokenizer_steps for c in cells} == {100}  # the quick grids' tokenizer
+    args = parser.parse_args(["--grid", "stage2", "--tokenizer-steps", "2400", "--data-dir", str(fm)])
+    cells = bench_cells(args.grid, 1, False, args.data, args.data_dir, tokenizer_steps=args.tokenizer_steps)
+    assert {c.tokenizer_steps for c in cells} == {2400} and len(cells) == 4
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--tokenizer-steps", "0"])
 
 
 def test_final_set_also_scored_in_other_features(tmp_path: Path, fm: Path) -> None:
@@ -282,4 +293,9 @@ def test_final_set_also_scored_in_other_features(tmp_path: Path, fm: Path) -> No
     final = Results(tmp_path / "bench" / "cells.jsonl").load()[0]["result"]["final"]
     lite0 = final["features"]["effnet-lite0"]
     assert lite0["n"] == 10 and lite0["fid"] > 0  # one sample of each of the 10 classes
-    assert "FID in effnet-lite0 features" in (tmp_path / "bench" / "BENCHMARKS.md").read_text()
+    floors = Results(tmp_path / "bench" / "cells.jsonl").load()[0]["result"]["floors"]
+    for floor in floors.values():  # the floors in those features too, on every floor image (2 of each class)
+        assert floor["features"]["effnet-lite0"]["n"] == 20 and floor["features"]["effnet-lite0"]["fid"] > 0
+    report = (tmp_path / "bench" / "BENCHMARKS.md").read_text()
+    assert "FID in effnet-lite0 features (a class-balanced" in report
+    assert "| floor | from | FID | IS | FID in effnet-lite0 |" in report

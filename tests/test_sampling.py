@@ -139,8 +139,8 @@ def test_masked_refiner_stays_in_cluster(models: dict[str, Transformer], hierarc
 def test_drawing_among_members_is_drawing_from_the_masked_logits(models: dict[str, Transformer], hierarchy: Hierarchy,
                                                                  settings: StageSettings) -> None:
     """The refiner draws among each cluster's members; masking all V logits gives the same tokens for a seed."""
-    from ctfgen.sampling import apply_guidance, cluster_members, draw, token_probs, with_null_labels
-    from ctfgen.transformer import mask_to_clusters
+    from ctfgen.sampling import apply_guidance, draw, token_probs, with_null_labels
+    from ctfgen.transformer import cluster_members, mask_to_clusters
 
     refiner, labels = models["refiner"], torch.arange(CLASSES).repeat(8)
     coarse = torch.randint(0, K, (len(labels), GRID * GRID), generator=gen(3))

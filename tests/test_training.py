@@ -119,6 +119,40 @@ def test_refiner_mask_trains_with_the_masked_objective(data, tmp_path):
     assert info["final_train_loss"] < math.log(V // K) + 0.1
 
 
+def test_training_within_clusters_scores_only_the_members(data, tmp_path):
+    """The refiner trained within clusters computes logits for its cluster's members only (M head rows, not
+    V): the same loss and gradients as masking all V logits, in clusters of unequal size."""
+    import torch.nn.functional as F
+    from ctfgen.transformer import cluster_members, mask_to_clusters
+
+    torch.manual_seed(0)
+    sizes = torch.tensor([5, 2, 9, 12, 1, 1, 1, 1])
+    hierarchy = Hierarchy(torch.repeat_interleave(torch.arange(K), sizes)[torch.randperm(V)], K)
+    model = build_model(preset_config("tiny", role="refiner", vocab_size=K, head_size=V, num_classes=CLASSES,
+                                      grid_h=GRID, grid_w=GRID))
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # a zero head would hide a wrong member order
+    model.eval()  # no class dropout: both passes see the same labels
+    fine = torch.randint(V, (6, GRID * GRID))
+    coarse, labels = hierarchy.to_coarse(fine), torch.arange(6) % CLASSES
+    within = cluster_members(hierarchy.member_mask)
+    rank = torch.empty(V, dtype=torch.long)
+    rank[within[0][within[1]]] = torch.nonzero(within[1])[:, 1]
+    losses, grads = [], []
+    for scored in (lambda: (mask_to_clusters(model(coarse, labels), coarse, hierarchy.member_mask), fine),
+                   lambda: (model(coarse, labels, within=within), rank[fine])):
+        logits, targets = scored()
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+    assert within[0].shape == (K, 12) and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    trainer = Trainer(make_cfg(data, tmp_path, "refiner", refiner_mask=True))  # the loop's own table: v's place
+    members, codewords = trainer.within[0], torch.arange(V)  # among its cluster's members
+    assert torch.equal(members[trainer.hierarchy.to_coarse(codewords), trainer.member_rank], codewords)
+
+
 # ------------------------------------------------------------------------------------------ DDP
 
 def _free_port() -> int:

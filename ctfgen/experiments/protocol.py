@@ -387,7 +387,7 @@ class Workshop:
                  "images_per_s": len(final_set.labels) / sample_s,
                  **brief(score(final_set.images, final_set.labels, extractor, ref, self.device))}
         if s.also_features:
-            final["features"] = self.also_scored(final_set.images, final_set.labels, ref, s)
+            final["features"] = self.also_scored(final_set.images, final_set.labels, ref, s.also_features, s.also_per_class)
         samples = self.root / "samples" / f"{cell_key(cell)}.png"
         samples.parent.mkdir(parents=True, exist_ok=True)
         image_grid(final_set.images[first_per_class(final_set.labels, 8)], nrow=8).save(samples)
@@ -399,13 +399,14 @@ class Workshop:
             result["floors"] = self.floors(cell, pipe, extractor, ref)
         return result
 
-    def also_scored(self, images: torch.Tensor, labels: torch.Tensor, ref: Reference, s: Scoring) -> dict[str, Any]:
-        """FID and the rest in each of `s.also_features`, on the first `also_per_class` samples of each class
+    def also_scored(self, images: torch.Tensor, labels: torch.Tensor, ref: Reference, features: tuple[str, ...],
+                    per_class: int | None = None) -> dict[str, Any]:
+        """FID and the rest in each of `features`, on the first `per_class` images of each class (None: all)
         against as many class-balanced test images (the same subset for every cell: its seed is fixed)."""
-        keep = first_per_class(labels, s.also_per_class)
+        keep = first_per_class(labels, per_class) if per_class else torch.arange(len(labels))
         ref = replace(ref, n=len(keep))
         return {name: brief(score(images[keep], labels[keep], get_extractor(name), ref, self.device))
-                for name in s.also_features}
+                for name in features}
 
     def floors(self, cell: Cell, pipe: CTFPipeline, extractor: Any, ref: Reference) -> dict[str, dict[str, Any]]:
         tokenizer = pipe.tokenizer
@@ -418,7 +419,11 @@ class Workshop:
         sets = floor_sets(tokenizer, pipe.hierarchy, take_images(ds), y, refiner=pipe.refiner,
                           settings=StageSettings(temperature=DEFAULTS["t2"]), seed=1000 * cell.seed + 3,
                           coarse_model=pipe.coarse)
-        return {name: brief(score(x, y, extractor, ref, self.device)) for name, x in sets.items()}
+        floors = {name: brief(score(x, y, extractor, ref, self.device)) for name, x in sets.items()}
+        if cell.scoring.also_features:  # how much room the other features leave (on every floor image)
+            for name, x in sets.items():
+                floors[name]["features"] = self.also_scored(x, y, ref, cell.scoring.also_features)
+        return floors
 
 
 def first_per_class(labels: torch.Tensor, n: int) -> torch.Tensor:

@@ -186,6 +186,12 @@ def verdict(setup: Setup) -> list[str]:
             a, b = row.of(fid), exact.of(fid)
             lines.append(f"{row.label(with_k)} against fp32: FID {_s(a)} vs {_s(b)} -> "
                          f"{_words(compare(a, b), row.cell['decode_precision'], 'fp32')}.")
+    for row in setup.rows:  # a best point at the grid's strongest guidance may not be the side's best
+        top = max(row.cell["scoring"]["cfg"])
+        edge = sum(r["result"]["final"]["settings"]["cfg1"] == top for r in row.records)
+        if edge and len(row.cell["scoring"]["cfg"]) > 1:
+            lines.append(f"{row.label(with_k)}: best point at the grid's largest CFG ({top:g}) for {edge} of "
+                         f"{len(row.records)} seeds; its FID might be lower with stronger guidance.")
     ctfs = setup.row("ctf", full=False)
     for full in [r for r in ctfs if r.full_size] if not with_k else []:
         # smaller refiners with the same options (an option is not a smaller refiner, whatever its FLOPs)
@@ -236,15 +242,18 @@ def floors_table(setup: Setup) -> list[str]:
     rows = [r for r in setup.row("ctf", full=False) if "floors" in r.records[0]["result"]]
     if not rows:
         return []
-    n = rows[0].records[0]["result"]["floors"]["reconstruction"]["n"]
+    first = rows[0].records[0]["result"]["floors"]["reconstruction"]
+    n, features = first["n"], sorted(first.get("features", {}))
     lines = ["", f"Floors (real test images, class-balanced, n={n} per set; mean +- sd over the CTF cells' seeds):", "",
-             "| floor | from | FID | IS |", "|---|---|---|---|"]
+             "| floor | from | FID | IS |" + "".join(f" FID in {f} |" for f in features),
+             "|---|---|---|---|" + "---|" * len(features)]
     for name in ("reconstruction", "true-coarse+uniform", "true-coarse+refiner"):
         for row in (rows if name == "true-coarse+refiner" else rows[:1]):
             fid = row.of(lambda r: r["floors"][name]["fid"])
             is_ = row.of(lambda r: r["floors"][name].get("is_mean"))
+            also = [row.of(lambda r, f=f: r["floors"][name].get("features", {}).get(f, {}).get("fid")) for f in features]
             lines.append(f"| {name} | {row.label(True) if name.endswith('refiner') else 'tokenizer, hierarchy'} | "
-                         f"{_s(fid)} | {_s(is_)} |")
+                         f"{_s(fid)} | {_s(is_)} |" + "".join(f" {_s(a)} |" for a in also))
     return lines
 
 

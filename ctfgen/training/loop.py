@@ -42,8 +42,8 @@ from ..hierarchy import Hierarchy
 from ..outputs import Output, plan_output
 from ..runtime import (StopRequest, load_checkpoint, lr_at, rng_state, save_checkpoint, seed_everything,
                        set_rng_state)
-from ..transformer.model import (ARTIFACT_KIND, Transformer, TransformerConfig, build_model, load_model, mask_to_clusters,
-                                 preset_config, save_model)
+from ..transformer.model import (ARTIFACT_KIND, Transformer, TransformerConfig, build_model, cluster_members, load_model,
+                                 mask_to_clusters, preset_config, save_model)
 from . import checks
 from .config import INFO_NAME, TrainConfig
 from ..distributed import (DistInfo, all_reduce_sum_, barrier, env_world_size, setup_distributed, single_process,
@@ -242,8 +242,14 @@ class Trainer:
         self.model = self._build_model().to(self.device)
         if self.val_codes is not None:
             checks.check_val_codes(self.val_codes, self.codes, self.model.config.num_classes)
-        self.member_mask = (self.hierarchy.member_mask.to(self.device)
-                            if cfg.role == "refiner" and cfg.refiner_mask else None)
+        # a refiner trained within clusters scores only its cluster's members (M head rows, not V): targets
+        # become each codeword's place among its cluster's members
+        self.within = (cluster_members(self.hierarchy.member_mask.to(self.device))
+                       if cfg.role == "refiner" and cfg.refiner_mask else None)
+        if self.within is not None:
+            members, is_member = self.within
+            self.member_rank = torch.empty(self.model.config.head_size, dtype=torch.long, device=self.device)
+            self.member_rank[members[is_member]] = torch.nonzero(is_member)[:, 1]
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                      betas=(cfg.beta1, cfg.beta2), fused=self.device.type == "cuda")
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -388,10 +394,12 @@ class Trainer:
             sync = i == cfg.grad_accum - 1 or not self.dist.enabled
             with nullcontext() if sync else self.forward_model.no_sync():
                 with autocast(self.device):
-                    logits = self.forward_model(m["codes"], m["labels"], self.member_mask, m.get("fine"), m.get("features"))
+                    logits = self.forward_model(m["codes"], m["labels"], None, m.get("fine"), m.get("features"),
+                                                within=self.within)
+                targets = m["targets"] if self.within is None else self.member_rank[m["targets"]]
                 # Equal micro-batches on every rank: mean / grad_accum, averaged over ranks by DDP,
                 # is the mean over the global batch (of the scored tokens, with reveal: nearly so).
-                loss = token_loss(logits, m["targets"], m.get("scored")) / cfg.grad_accum
+                loss = token_loss(logits, targets, m.get("scored")) / cfg.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf

@@ -7,6 +7,7 @@ from ctfgen.transformer.model import (
     Transformer,
     TransformerConfig,
     build_model,
+    cluster_members,
     load_model,
     mask_to_clusters,
     preset_config,
@@ -14,6 +15,6 @@ from ctfgen.transformer.model import (
 )
 
 __all__ = [
-    "MODEL_SIZES", "KVCache", "Transformer", "TransformerConfig", "build_model", "import_llamagen_gpt",
+    "MODEL_SIZES", "KVCache", "Transformer", "TransformerConfig", "build_model", "cluster_members", "import_llamagen_gpt",
     "load_model", "mask_to_clusters", "preset_config", "save_model",
 ]
