@@ -132,6 +132,21 @@ def test_refiner_member_mask_restricts_to_cluster() -> None:
         tiny("coarse", vocab=K)(codes, labels, member_mask=member_mask)
 
 
+def test_member_product_gradients_in_chunks() -> None:
+    """The members-only head product (training within clusters) recomputes its gathered rows in the backward
+    pass: its gradients are the exact ones, whatever the chunking."""
+    from ctfgen.transformer.model import MemberProduct
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(12, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    members = torch.randint(0, 12, (7, 3), generator=g)  # repeated rows too: their gradients add up
+    for step in (1, 2, 7):
+        assert torch.autograd.gradcheck(lambda h, w: MemberProduct.apply(h, w, members, step), (hidden, weight))
+    torch.testing.assert_close(MemberProduct.apply(hidden, weight, members, 3),
+                               torch.einsum("nmd,nd->nm", weight[members], hidden))
+
+
 def test_class_dropout_uses_null_row() -> None:
     model = tiny("baseline", class_dropout_prob=1.0)
     codes, labels = torch.randint(0, 32, (2, 16)), torch.tensor([1, 2])

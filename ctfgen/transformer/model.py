@@ -302,6 +302,33 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+class MemberProduct(torch.autograd.Function):
+    """out[n, j] = weight[members[n, j]] . hidden[n], `step` positions at a time. The backward pass gathers the
+    rows again rather than keeping them, so training stores hidden states and indices, not N x M x dim weights
+    (which at a large width would outgrow the V-wide logits this product replaces)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, members: torch.Tensor, step: int) -> torch.Tensor:
+        ctx.save_for_backward(hidden, weight, members)
+        ctx.step = step
+        return torch.cat([torch.bmm(weight[m].to(h.dtype), h[:, :, None])[..., 0]
+                          for h, m in zip(hidden.split(step), members.split(step))])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, members = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for start in range(0, len(hidden), ctx.step):
+            part = slice(start, start + ctx.step)
+            h, m, g = hidden[part], members[part], grad[part].to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[part] = torch.bmm(g[:, None, :], weight[m].to(h.dtype))[:, 0]
+            if grad_weight is not None:
+                grad_weight.index_add_(0, m.flatten(), (g[:, :, None] * h[:, None, :]).flatten(0, 1).to(weight.dtype))
+        return grad_hidden, grad_weight, None, None
+
+
 class Transformer(nn.Module):
     """`model(codes[B,T], class_labels[B]) -> logits[B, T, head_size]` (fp32).
 
@@ -463,12 +490,10 @@ class Transformer(nn.Module):
     def member_logits(self, hidden: torch.Tensor, members: torch.Tensor, chunk: int = 2 ** 24) -> torch.Tensor:
         """fp32 logits [..., M] of the codewords `members` [..., M] only, from hidden states [..., dim]: the head's
         rows for those codewords, so a refiner restricted to each position's cluster pays for M, not V, of them
-        (in chunks of positions holding at most `chunk` gathered weights)."""
+        (in chunks of positions holding at most `chunk` gathered weights; differentiable)."""
         flat_h, flat_m = hidden.reshape(-1, hidden.shape[-1]), members.reshape(-1, members.shape[-1])
         step = max(1, chunk // (flat_m.shape[1] * flat_h.shape[1]))
-        out = [torch.bmm(self.head.weight[m], h[:, :, None])[..., 0]
-               for h, m in zip(flat_h.split(step), flat_m.split(step))]
-        return torch.cat(out).float().view(members.shape)
+        return MemberProduct.apply(flat_h, self.head.weight, flat_m, step).float().view(members.shape)
 
     @torch.no_grad()
     def hidden_states(self, codes: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
