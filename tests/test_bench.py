@@ -16,6 +16,7 @@ from ctfgen.experiments import Results, cell_key
 from ctfgen.experiments.grids import GRIDS, versus
 from ctfgen.experiments.protocol import Cell, Scoring, Workshop
 from ctfgen.experiments.report import group, steps_to_fid, verdict, write_report
+from ctfgen.hierarchy import load_hierarchy
 from test_demo import fake_fashion_mnist
 
 TOY_SCORING = Scoring(point_per_class=2, final_per_class=3, cfg=(1.0, 2.0), t1=(1.0,), t2=(1.1,), floor_per_class=2,
@@ -43,7 +44,9 @@ def test_grids_are_data() -> None:
     full_versus = GRIDS["versus"](base, 2, False, 60000)  # refiners trained within clusters, the paper's beside them
     ctf = [c for c in full_versus if c.side == "ctf"]
     assert sum(not c.refiner_mask for c in ctf) == 2 * 2 and sum(c.refiner_mask for c in ctf) == 2 * 2 * 6
-    assert not any(c.refiner_mask for c in full_versus if c.side == "baseline")
+    matched = [c for c in full_versus if c.side == "baseline" and c.compute_of]  # charged for the head they compute
+    assert matched and all(c.refiner_mask for c in matched)
+    assert not any(c.refiner_mask for c in full_versus if c.side == "baseline" and not c.compute_of)
     full_map = GRIDS["map"](base, 1, False, 60000)
     assert all(c.refiner_mask for c in full_map if c.side == "ctf")
     assert {c.codebook for c in full_map} == {1024, 4096, 16384} and "auto" in {c.k for c in full_map}
@@ -177,6 +180,15 @@ def test_compute_matched_steps(tmp_path: Path, fm: Path) -> None:
     ctf = 100 * (workshop.flops_per_step(coarse, art) + workshop.flops_per_step(refiner, art))
     per_step = workshop.flops_per_step(workshop._spec(cell, "baseline", 1), art)
     assert (full - 1) * per_step < ctf <= full * per_step
+    # a refiner trained within clusters is charged for the M = largest-cluster head rows it computes, not V
+    _, within = workshop._ctf_specs(replace(cell, side="ctf", refiner_mask=True), 1.0, 1.0)
+    config, m = workshop._config(refiner, art), int(load_hierarchy(art.hierarchy).sizes.max())
+    tokens = refiner.batch_size * config.grid_h * config.grid_w
+    assert workshop.flops_per_step(refiner, art) - workshop.flops_per_step(within, art) == pytest.approx(
+        6 * (config.head_size - m) * config.dim * tokens)
+    assert workshop.baseline_steps(replace(cell, compute_of=(1.0, 1.0), refiner_mask=True), art) < full
+    with pytest.raises(ValueError, match="refiner_mask only with compute_of"):
+        replace(cell, refiner_mask=True)
 
 
 def test_train_items_takes_a_class_balanced_share_and_names_its_own_codes_and_models(tmp_path: Path, fm: Path) -> None:
@@ -225,7 +237,10 @@ def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:
                + [record("ctf", s, 5.0 + 0.1 * s, 3.0, flops=0.5, refiner=(1.0, 0.25), lite0=20.0 + s, refiner_mask=True)
                   for s in range(3)]
                + [record("baseline", s, 9.0 + 0.1 * s, 3.4, compute_of=[1.0, 0.25], lite0=40.0 + s) for s in range(3)]
-               + [record("ctf", s, 5.05 + 0.05 * s, 2.9, flops=1.0, refiner_mask=True) for s in range(3)])
+               + [record("ctf", s, 5.05 + 0.05 * s, 2.9, flops=1.0, refiner_mask=True) for s in range(3)]
+               # the baseline given that cheap refiner's compute counted with its member-only head
+               + [record("baseline", s, 9.5, 3.5, compute_of=[1.0, 0.25], lite0=45.0 + s, refiner_mask=True)
+                  for s in range(3)])
     (setup,) = group(records)  # the Lite0 scoring does not split the setup
     lines = verdict(setup)
     assert "equal steps: FID 5.00 +- 0.20 vs 7.07 +- 0.21 (0.71x) -> CTF better" in lines[0]
@@ -236,7 +251,11 @@ def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:
     assert cheapest[1].endswith("CTF (refiner 0.25x steps, trained within clusters), 0.50x the training FLOPs of "
                                 "CTF (refiner trained within clusters) (against the baseline given its compute: above).")
     cheap = [line for line in lines if line.startswith("CTF (refiner 0.25x steps, trained within clusters) against")]
-    assert len(cheap) == 2 and "effnet-lite0" not in cheap[0]  # the equal-steps baseline was not scored so
+    assert len(cheap) == 3 and "effnet-lite0" not in cheap[0]  # the equal-steps baseline was not scored so
+    assert cheap[2].startswith("CTF (refiner 0.25x steps, trained within clusters) against the baseline, compute of "
+                               "CTF (refiner 0.25x steps, trained within clusters): FID 5.10 +- 0.10 vs 9.50 +- 0.00")
+    charged = [line for line in lines if "against the baseline, compute of CTF (refiner 0.25x steps, trained" in line]
+    assert charged == cheap[2:]  # that baseline is no match for a CTF whose refiner computes all V head rows
     assert ("compute of CTF (refiner 0.25x steps): FID 5.10 +- 0.10 vs 9.10 +- 0.10 (0.56x) -> CTF better; FID in "
             "effnet-lite0 features (n=100) 21.00 +- 1.00 vs 41.00 +- 1.00 (0.51x) -> CTF better; NLL") in cheap[1]
     # an option at full size is compared with each baseline too; a smaller refiner only through the cheapest line

@@ -49,7 +49,7 @@ def versus(base: Cell, budgets: Iterable[int], seeds: int, refiners: Iterable[tu
             cells += [replace(at, side="ctf", refiner_depth=d, refiner_steps=s, refiner_mask=within)
                       for d, s in refiners]
             cells.append(replace(at, side="baseline"))
-            cells += [replace(at, side="baseline", compute_of=(d, s)) for d, s in matched]
+            cells += [replace(at, side="baseline", compute_of=(d, s), refiner_mask=within) for d, s in matched]
     return cells
 
 
@@ -104,7 +104,7 @@ def stage2_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[C
         at = replace(base, steps=steps, seed=seed)
         within = replace(at, side="ctf", refiner_mask=True)
         cheap += [replace(within, refiner_depth=CHEAP_REFINER[0], refiner_steps=CHEAP_REFINER[1]),
-                  replace(at, side="baseline", compute_of=CHEAP_REFINER)]
+                  replace(at, side="baseline", compute_of=CHEAP_REFINER, refiner_mask=True)]
         context += [within, replace(at, side="baseline")]
     return cheap + context  # the verdict's pair first, for every seed
 

@@ -84,7 +84,8 @@ class Scoring:
 @dataclass(frozen=True)
 class Cell:
     """One side at one budget and seed. The baseline ignores the refiner fields unless `compute_of` names
-    a CTF refiner: then it trains for that CTF's FLOPs (coarse + refiner) instead of `steps` steps."""
+    a CTF refiner: then it trains for that CTF's FLOPs (coarse + refiner) instead of `steps` steps, a
+    refiner trained within clusters (`refiner_mask`) charged for the member-only head it computes."""
 
     side: Annotated[str, OneOf("ctf", "baseline")]
     steps: Count  # stage 1's (and the baseline's) training steps: the budget
@@ -119,6 +120,8 @@ class Cell:
             raise ValueError("refine_steps > 1 needs refiner_reveal (a refiner that reads decided codewords)")
         if self.refiner_mask and self.refiner_corrupt > 0:
             raise ValueError("refiner_mask needs true coarse labels (a corrupted one's cluster may not hold the code)")
+        if self.side == "baseline" and self.compute_of is None and self.refiner_mask:
+            raise ValueError("a baseline reads refiner_mask only with compute_of (the CTF whose compute it gets)")
 
     @property
     def label(self) -> str:
@@ -137,8 +140,8 @@ def side_label(cell: dict[str, Any]) -> str:
             parts += (["reads decided codes"] if c["refiner_reveal"] else []) + (
                 [f"{c['refine_steps']} passes"] if c["refine_steps"] != 1 else []) + (
                 ["reads stage-1 features"] if c["refiner_features"] else []) + (
-                [f"trained on {100 * c['refiner_corrupt']:g}% corrupted labels"] if c["refiner_corrupt"] else []) + (
-                ["trained within clusters"] if c["refiner_mask"] else [])
+                [f"trained on {100 * c['refiner_corrupt']:g}% corrupted labels"] if c["refiner_corrupt"] else [])
+        parts += ["trained within clusters"] if c["refiner_mask"] else []  # (a baseline's: the CTF it matches)
         return f" (refiner {', '.join(parts)})" if parts else ""
 
     decoded = f", {c['decode_precision']} decoding" if c["decode_precision"] != "fp32" else ""
@@ -289,11 +292,16 @@ class Workshop:
 
     def flops_per_step(self, spec: ModelSpec, art: Artifacts) -> float:
         """6 x matmul parameters x tokens of one step (forward + backward; attention scores left out), plus
-        2 x those of the coarse model a refiner reads (its forward pass, every step)."""
+        2 x those of the coarse model a refiner reads (its forward pass, every step). A refiner trained within
+        clusters multiplies each position by the head rows of its cluster's members only (padded to the largest
+        cluster, M), so its head counts M x dim, not V x dim."""
         def matmuls(s: ModelSpec) -> int:
             config = self._config(s, art)
             with torch.device("meta"):  # shapes only: counting a GPT-L's parameters allocates nothing
-                return matmul_parameters(build_model(config))
+                n = matmul_parameters(build_model(config))
+            if s.mask:
+                n -= (config.head_size - int(load_hierarchy(art.hierarchy).sizes.max())) * config.dim
+            return n
 
         config = self._config(spec, art)
         tokens = spec.batch_size * config.grid_h * config.grid_w
@@ -342,7 +350,8 @@ class Workshop:
         """`steps`, or the fewest steps whose FLOPs reach those of the CTF named by `compute_of`."""
         if cell.compute_of is None:
             return cell.steps
-        coarse, refiner = self._ctf_specs(cell, *cell.compute_of, options=False)  # the plain refiner's compute
+        coarse, refiner = self._ctf_specs(cell, *cell.compute_of, options=False)  # the plain refiner's compute,
+        refiner = replace(refiner, mask=cell.refiner_mask)  # or the one trained within clusters
         ctf = self.flops_per_step(coarse, art) * coarse.steps + self.flops_per_step(refiner, art) * refiner.steps
         return math.ceil(ctf / self.flops_per_step(self._spec(cell, "baseline", 1), art))
 
