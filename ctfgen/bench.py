@@ -17,11 +17,11 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from .arguments import Count, arg_type
+from .arguments import Count, Positive, arg_type
 from .data.datasets import build_dataset, check_data
 from .errors import CtfgenError
 from .experiments import Results, cell_key, run_grid
@@ -44,9 +44,11 @@ def machine() -> str:
 
 
 def bench_cells(grid: str, seeds: int, quick: bool, data: str, data_dir: str | None, steps: int | None = None,
-                size: str | None = None, tokenizer_steps: int | None = None) -> list[Cell]:
-    """The grid's cells, with `steps`, `size` and `tokenizer_steps` overriding every cell's (duplicates
-    dropped). Reading the training set (budgets in epochs need its size) also checks `data`."""
+                size: str | None = None, tokenizer_steps: int | None = None,
+                beyond_cfg: Sequence[float] = ()) -> list[Cell]:
+    """The grid's cells, with `steps`, `size`, `tokenizer_steps` and `beyond_cfg` (the scoring's) overriding
+    every cell's (duplicates dropped). Reading the training set (budgets in epochs need its size) also checks
+    `data`."""
     train_items = len(build_dataset(data, "train", data_dir=data_dir))
     cells = GRIDS[grid](Cell(side="ctf", steps=1, data=data), seeds, quick, train_items)
     if steps is not None:
@@ -55,6 +57,11 @@ def bench_cells(grid: str, seeds: int, quick: bool, data: str, data_dir: str | N
         cells = [replace(c, size=size, refiner_size=size) for c in cells]
     if tokenizer_steps is not None:
         cells = [replace(c, tokenizer_steps=tokenizer_steps) for c in cells]
+    if beyond_cfg:
+        try:
+            cells = [replace(c, scoring=replace(c.scoring, beyond_cfg=tuple(beyond_cfg))) for c in cells]
+        except ValueError as e:  # values at or below the grid's own guidance
+            raise CtfgenError(f"--beyond-cfg: {e}") from None
     return list({cell_key(c): c for c in cells}.values())
 
 
@@ -102,6 +109,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-steps", type=arg_type(Count), default=None,
                    help="the tokenizer's training steps for every cell (grids: 600; quick 100); when the floors show "
                         "the tokenizer's reconstructions near the samples, a longer-trained tokenizer leaves more room")
+    p.add_argument("--beyond-cfg", type=arg_type(Positive), nargs="+", default=[], metavar="CFG",
+                   help="stronger guidance to try, in turn, for a side whose best point sits at the largest CFG scored "
+                        "so far (e.g. 6 8; above the grid's 4)")
     add_output_flags(p, resumable=True)
 
 
@@ -112,7 +122,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     out = args.out or f"runs/bench-{args.grid}" + ("-quick" if args.quick else "")
     seeds = args.seeds or (2 if args.quick else 3)
     cells = bench_cells(args.grid, seeds, args.quick, args.data, args.data_dir, args.steps, args.size,
-                        args.tokenizer_steps)
+                        args.tokenizer_steps, args.beyond_cfg)
     meta = {"grid": args.grid + (" (quick)" if args.quick else ""), "seeds": seeds, "data": args.data}
     summary = run_bench(out, cells, meta, args.data_dir, args.cache_dir, args.run, args.device, args.force, args.resume,
                         classifier_epochs=1 if args.quick else 2, classifier_limit=10000 if args.quick else 20000)

@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from ctfgen.bench import add_bench_args, bench_cells, cmd_bench, run_bench
+from ctfgen.errors import CtfgenError
 from ctfgen.experiments import Results, cell_key
 from ctfgen.experiments.grids import GRIDS, versus
-from ctfgen.experiments.protocol import Cell, Scoring, Workshop
+from ctfgen.experiments.protocol import Cell, Scoring, Workshop, best_point
 from ctfgen.experiments.report import group, steps_to_fid, verdict, write_report
 from ctfgen.hierarchy import load_hierarchy
 from test_demo import fake_fashion_mnist
@@ -215,8 +216,25 @@ def record(side: str, seed: int, fid: float, nll: float, flops: float = 1.0, ref
         cell["scoring"] = {**cell["scoring"], "also_features": ["effnet-lite0"], "also_per_class": 10}
         final["features"] = {"effnet-lite0": {"fid": lite0, "n": 100}}
     return {"key": f"{side}{seed}{refiner}{compute_of}{options}", "cell": cell, "wall_s": 1.0, "result": {
-        "label": side, "K": k, "flops": flops, "final": final, "artifacts": {"tokenizer": "t", "classifier": "c"}, "points": [{"settings": {"cfg1": 1.0}, "fid": fid, "n": 50}],
+        "label": side, "K": k, "flops": flops, "final": final, "artifacts": {"tokenizer": "t", "classifier": "c"}, "points": [{"settings": {"cfg1": c}, "fid": fid + c - 1, "n": 50} for c in (1.0, 2.0)],
         "nll": {"coarse": nll / 2, "within": nll / 2, "nll": nll}, "samples": "x.png"}}
+
+
+def test_guidance_beyond_the_grid_only_while_the_best_point_sits_at_its_edge() -> None:
+    def scored(point: dict) -> dict:
+        return {"settings": point, "fid": abs(point["cfg1"] - optimum) + point["t1"]}
+
+    grid = Scoring(cfg=(1.0, 2.0, 4.0), t1=(1.0, 1.1), t2=(), beyond_cfg=(6.0, 8.0, 12.0))
+    for optimum, best_cfg, extra in ((7.0, 6.0, [6.0, 8.0]), (30.0, 12.0, [6.0, 8.0, 12.0]), (3.0, 2.0, [])):
+        points = [scored(p) for p in grid.points("baseline")]
+        best = best_point(points, grid.beyond_cfg, scored)
+        assert best["settings"] == {"cfg1": best_cfg, "t1": 1.0}  # (4 and 2 tie at optimum 3: the first)
+        assert [p["settings"]["cfg1"] for p in points[6:]] == extra  # at the best point's temperatures
+    with pytest.raises(ValueError, match="beyond_cfg must rise"):
+        Scoring(beyond_cfg=(3.0,))
+    with pytest.raises(ValueError, match="beyond_cfg must rise"):
+        Scoring(beyond_cfg=(8.0, 6.0))
+    assert cell_key(replace(TOY, scoring=replace(TOY_SCORING, beyond_cfg=()))) == cell_key(TOY)
 
 
 def test_steps_to_fid_interpolates_in_log_steps() -> None:
@@ -269,8 +287,12 @@ def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:
     assert "tie (within the spread)" in verdict(group(one_seed)[0])[0]  # one seed proves nothing
     at_edge = [record("ctf", 0, 1.0, 1.0), record("baseline", 0, 9.0, 9.0), record("baseline", 1, 9.0, 9.0)]
     at_edge[1]["result"]["final"]["settings"]["cfg1"] = 2.0  # the toy grid's strongest guidance
-    assert "baseline, equal steps: best point at the grid's largest CFG (2) for 1 of 2 seeds; its FID might be lower with " \
-           "stronger guidance." in verdict(group(at_edge)[0])
+    assert "baseline, equal steps: best point at the largest CFG scored (2) for 1 of 2 seeds; its FID might be lower " \
+           "with stronger guidance." in verdict(group(at_edge)[0])
+    at_edge[1]["result"]["points"].append({"settings": {"cfg1": 3.0}, "fid": 9.5, "n": 50})  # scored beyond the grid
+    assert not any("largest CFG" in line for line in verdict(group(at_edge)[0]))
+    at_edge[1]["result"]["final"]["settings"]["cfg1"] = 3.0
+    assert any("largest CFG scored (3) for 1 of 2" in line for line in verdict(group(at_edge)[0]))
     assert not any("largest CFG" in line for line in lines)
     other_k = [record("ctf", 0, 1.0, 1.0), record("baseline", 0, 9.0, 9.0, k=64)]
     assert "coarse part" in lines[0] and "coarse part" not in verdict(group(other_k)[0])[0]  # split needs one K
@@ -292,9 +314,14 @@ def test_bench_command(tmp_path: Path, fm: Path) -> None:
     cells = bench_cells(args.grid, args.seeds, args.quick, args.data, args.data_dir, args.steps, "tiny")
     assert {c.steps for c in cells} == {10} and {c.codebook for c in cells} == {1024, 4096}
     assert {c.tokenizer_steps for c in cells} == {100}  # the quick grids' tokenizer
-    args = parser.parse_args(["--grid", "stage2", "--tokenizer-steps", "2400", "--data-dir", str(fm)])
-    cells = bench_cells(args.grid, 1, False, args.data, args.data_dir, tokenizer_steps=args.tokenizer_steps)
+    args = parser.parse_args(["--grid", "stage2", "--tokenizer-steps", "2400", "--data-dir", str(fm),
+                              "--beyond-cfg", "6", "8"])
+    cells = bench_cells(args.grid, 1, False, args.data, args.data_dir, tokenizer_steps=args.tokenizer_steps,
+                        beyond_cfg=args.beyond_cfg)
     assert {c.tokenizer_steps for c in cells} == {2400} and len(cells) == 4
+    assert {c.scoring.beyond_cfg for c in cells} == {(6.0, 8.0)}
+    with pytest.raises(CtfgenError, match="--beyond-cfg: beyond_cfg must rise above the grid's largest CFG 4"):
+        bench_cells("stage2", 1, False, args.data, args.data_dir, beyond_cfg=[3.0])
     with pytest.raises(SystemExit):
         parser.parse_args(["--tokenizer-steps", "0"])
 

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 import torch
 
@@ -65,6 +65,9 @@ class Scoring:
     # samples per class against as many class-balanced test images (Lite0 takes ~0.13 s an image on a CPU thread)
     also_features: tuple[str, ...] = field(default=(), metadata=LATE)
     also_per_class: Count = field(default=200, metadata=LATE)
+    # guidance past the grid (ascending, above its largest CFG), scored one by one at the best point's temperatures
+    # while that best point sits at the strongest guidance scored so far: a side is compared at its own best
+    beyond_cfg: tuple[float, ...] = field(default=(), metadata=LATE)
 
     # fields that add a measurement and change none of the others: cells that differ only there share a setup
     ADDS_ONLY = ("also_features", "also_per_class")
@@ -74,6 +77,9 @@ class Scoring:
         unknown = sorted(set(self.also_features) - set(extractor_names()))
         if unknown:
             raise ValueError(f"unknown feature extractors {unknown}; choose from {extractor_names()}")
+        ladder = (max(self.cfg), *self.beyond_cfg)
+        if any(a >= b for a, b in zip(ladder, ladder[1:])):
+            raise ValueError(f"beyond_cfg must rise above the grid's largest CFG {max(self.cfg):g}; got {self.beyond_cfg}")
 
     def points(self, side: str) -> list[dict[str, float]]:
         t2s = self.t2 if side == "ctf" else (None,)
@@ -383,12 +389,12 @@ class Workshop:
         stage2 = {"refine_steps": cell.refine_steps} if cell.side == "ctf" else {}
         extractor = get_extractor("domain", path=art.classifier)
         ref = Reference(cell.data, "test", None, self.data_dir, self.cache_dir)
-        points = []
-        for point in s.points(cell.side):
+        def scored(point: dict[str, float]) -> dict[str, Any]:
             images = sample_with(pipe, s.point_per_class, 1000 * cell.seed + 1, **point, **stage2)
-            scores = score(images.images, images.labels, extractor, ref, self.device)
-            points.append({"settings": point, **brief(scores)})
-        best = min(points, key=lambda p: p["fid"])
+            return {"settings": point, **brief(score(images.images, images.labels, extractor, ref, self.device))}
+
+        points = [scored(point) for point in s.points(cell.side)]
+        best = best_point(points, s.beyond_cfg, scored)
         start = time.perf_counter()
         final_set = sample_with(pipe, s.final_per_class, 1000 * cell.seed + 2, **best["settings"], **stage2)
         sample_s = time.perf_counter() - start
@@ -433,6 +439,19 @@ class Workshop:
             for name, x in sets.items():
                 floors[name]["features"] = self.also_scored(x, y, ref, cell.scoring.also_features)
         return floors
+
+
+def best_point(points: list[dict[str, Any]], beyond_cfg: tuple[float, ...],
+               scored: Callable[[dict[str, float]], dict[str, Any]]) -> dict[str, Any]:
+    """The lowest-FID point; while it sits at the strongest guidance scored, the next of `beyond_cfg` is scored
+    at its temperatures and added to `points`."""
+    best = min(points, key=lambda p: p["fid"])
+    for cfg in beyond_cfg:
+        if best["settings"]["cfg1"] < max(p["settings"]["cfg1"] for p in points):
+            break  # inside what was scored
+        points.append(scored({**best["settings"], "cfg1": cfg}))
+        best = min(points, key=lambda p: p["fid"])
+    return best
 
 
 def first_per_class(labels: torch.Tensor, n: int) -> torch.Tensor:

@@ -188,11 +188,11 @@ def verdict(setup: Setup) -> list[str]:
             a, b = row.of(fid), exact.of(fid)
             lines.append(f"{row.label(with_k)} against fp32: FID {_s(a)} vs {_s(b)} -> "
                          f"{_words(compare(a, b), row.cell['decode_precision'], 'fp32')}.")
-    for row in setup.rows:  # a best point at the grid's strongest guidance may not be the side's best
-        top = max(row.cell["scoring"]["cfg"])
-        edge = sum(r["result"]["final"]["settings"]["cfg1"] == top for r in row.records)
+    for row in setup.rows:  # a best point at the strongest guidance scored may not be the side's best
+        tops = [max(p["settings"]["cfg1"] for p in r["result"]["points"]) for r in row.records]
+        edge = sum(r["result"]["final"]["settings"]["cfg1"] == top for r, top in zip(row.records, tops))
         if edge and len(row.cell["scoring"]["cfg"]) > 1:
-            lines.append(f"{row.label(with_k)}: best point at the grid's largest CFG ({top:g}) for {edge} of "
+            lines.append(f"{row.label(with_k)}: best point at the largest CFG scored ({max(tops):g}) for {edge} of "
                          f"{len(row.records)} seeds; its FID might be lower with stronger guidance.")
     ctfs = setup.row("ctf", full=False)
     for full in [r for r in ctfs if r.full_size] if not with_k else []:
