@@ -16,7 +16,7 @@ from ctfgen.errors import CtfgenError
 from ctfgen.experiments import Results, cell_key
 from ctfgen.experiments.grids import GRIDS, versus
 from ctfgen.experiments.protocol import Cell, Scoring, Workshop, best_point
-from ctfgen.experiments.report import group, steps_to_fid, verdict, write_report
+from ctfgen.experiments.report import group, points_table, steps_to_fid, verdict, write_report
 from ctfgen.hierarchy import load_hierarchy
 from test_demo import fake_fashion_mnist
 
@@ -293,6 +293,9 @@ def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:
     assert not any("largest CFG" in line for line in verdict(group(at_edge)[0]))
     at_edge[1]["result"]["final"]["settings"]["cfg1"] = 3.0
     assert any("largest CFG scored (3) for 1 of 2" in line for line in verdict(group(at_edge)[0]))
+    table, _ = points_table(group(at_edge)[0])
+    baseline = next(line for line in table if line.startswith("| baseline"))  # a point some seeds lack says so
+    assert '{"cfg1": 2.0}: 10.00, {"cfg1": 3.0}: 9.50 (1 of 2 seeds) |' in baseline
     assert not any("largest CFG" in line for line in lines)
     other_k = [record("ctf", 0, 1.0, 1.0), record("baseline", 0, 9.0, 9.0, k=64)]
     assert "coarse part" in lines[0] and "coarse part" not in verdict(group(other_k)[0])[0]  # split needs one K

@@ -389,6 +389,7 @@ class Workshop:
         stage2 = {"refine_steps": cell.refine_steps} if cell.side == "ctf" else {}
         extractor = get_extractor("domain", path=art.classifier)
         ref = Reference(cell.data, "test", None, self.data_dir, self.cache_dir)
+
         def scored(point: dict[str, float]) -> dict[str, Any]:
             images = sample_with(pipe, s.point_per_class, 1000 * cell.seed + 1, **point, **stage2)
             return {"settings": point, **brief(score(images.images, images.labels, extractor, ref, self.device))}

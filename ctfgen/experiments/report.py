@@ -271,7 +271,9 @@ def points_table(setup: Setup) -> tuple[list[str], dict[str, tuple[list[float], 
         means = {k: {m: spread([p[m] for p in ps]).mean for m in ("fid", "recall", "is_mean") if all(m in p for p in ps)}
                  for k, ps in points.items()}
         n = row.records[0]["result"]["points"][0]["n"]
-        lines.append(f"| {row.label(True)} | {n} | " + ", ".join(f"{k}: {v['fid']:.2f}" for k, v in means.items()) + " |")
+        some = {k: f" ({len(ps)} of {len(row.records)} seeds)" for k, ps in points.items() if len(ps) < len(row.records)}
+        lines.append(f"| {row.label(True)} | {n} | " + ", ".join(f"{k}: {v['fid']:.2f}{some.get(k, '')}"
+                                                                 for k, v in means.items()) + " |")
         pts = list(means.values())  # plotted as points: they have no order
         curves[row.label(True)] = ([v.get("recall", 0.0) for v in pts], [v["fid"] for v in pts],
                                    [v.get("is_mean", 0.0) for v in pts])
