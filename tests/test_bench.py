@@ -126,6 +126,33 @@ def test_refiner_options_are_cells_too(tmp_path: Path, fm: Path) -> None:
         replace(TOY, refiner_mask=True, refiner_corrupt=0.2)
 
 
+def test_a_rescored_cell_takes_only_the_measurements_its_new_option_changes(tmp_path: Path, fm: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guidance past the grid gives the cell a new key; its likelihood split, grid points and floors come from
+    the first cell's measurements, and only the new point (and a final set, if the best point moved) is drawn."""
+    from ctfgen.experiments import protocol
+
+    at_edge = replace(TOY, scoring=replace(TOY_SCORING, cfg=(2.0,)))  # one point: the best sits at the grid's edge
+    rescored = replace(at_edge, scoring=replace(at_edge.scoring, beyond_cfg=(3.0,)))
+    meta = {"grid": "toy", "data": "fashion-mnist", "seeds": 1}
+    out = tmp_path / "bench"
+    run_bench(out, [at_edge], meta, data_dir=str(fm), classifier_epochs=1, classifier_limit=128)
+    drawn, floors = [], []
+    sample_with, floor_sets = protocol.sample_with, protocol.floor_sets
+    monkeypatch.setattr(protocol, "sample_with",
+                        lambda pipe, n, seed, **settings: drawn.append(settings) or sample_with(pipe, n, seed, **settings))
+    monkeypatch.setattr(protocol, "floor_sets", lambda *a, **kw: floors.append(a) or floor_sets(*a, **kw))
+    run_bench(out, [at_edge, rescored], meta, data_dir=str(fm), resume=True, classifier_epochs=1, classifier_limit=128)
+    first, second = (r["result"] for r in Results(out / "cells.jsonl").load())
+    assert second["nll"] == first["nll"] and second["floors"] == first["floors"] and floors == []
+    assert second["points"][0] == first["points"][0] and second["points"][1]["settings"]["cfg1"] == 3.0
+    moved = second["final"]["settings"] != first["final"]["settings"]
+    assert drawn[0] == {"cfg1": 3.0, "t1": 1.0, "t2": 1.1, "refine_steps": 1} and len(drawn) == 1 + moved
+    if not moved:  # the same final set: its figures and sample grid
+        assert second["final"] == first["final"] and second["samples"] == first["samples"]
+    assert len(list((out / "measurements").glob("point-*.json"))) == 2
+
+
 def test_decode_precision_cells_share_the_models_and_are_compared_with_fp32(tmp_path: Path, fm: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from ctfgen import pipeline

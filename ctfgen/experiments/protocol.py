@@ -9,11 +9,15 @@ once), then measures:
 - a final class-balanced set at the side's own best point, drawn with a different seed (picking the
   best point on the set that reports it would flatter every side), with its sampling speed;
 - for CTF, the floors (`floors.floor_sets`).
-Every run decays its learning rate to its own last step; a shorter budget is a separate run.
+Every run decays its learning rate to its own last step; a shorter budget is a separate run. Each of those
+measurements is also kept under a hash of everything it depends on (`Workshop.measured`), so a cell rescored
+with a new scoring option takes again only what that option changes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -24,7 +28,7 @@ from typing import Annotated, Any, Callable
 import torch
 
 from ..arguments import AtLeast, Between, Count, NonNegative, OneOf, Positive, Rate, check_fields
-from ..artifacts import read_json
+from ..artifacts import read_json, write_json
 from ..data.codes import CODES_KIND, CodeDataset
 from ..data.datasets import Subset, balanced_subset, build_dataset, dataset_labels, take_images
 from ..data.transforms import image_grid
@@ -203,7 +207,7 @@ class Artifacts:
 
 class Workshop:
     """Builds and caches what cells need under `root`: artifacts/ (tokenizers, codes, hierarchies, the
-    domain classifier), models/ and samples/. `reuse` is a run folder whose tokenizer/, codes-*/,
+    domain classifier), models/, measurements/ and samples/. `reuse` is a run folder whose tokenizer/, codes-*/,
     hierarchy/ and classifier/ stand in for the ones a cell would build when their V and K match."""
 
     def __init__(self, root: str | Path, data_dir: str | None = None, cache_dir: str | None = None,
@@ -362,6 +366,21 @@ class Workshop:
         return math.ceil(ctf / self.flops_per_step(self._spec(cell, "baseline", 1), art))
 
     # --- one cell ----------------------------------------------------------------------------------
+    def measured(self, what: str, inputs: dict[str, Any], measure: Callable[[], Any]) -> Any:
+        """`measure()`, taken once for these inputs: its JSON result is kept in measurements/ under a hash of
+        `what` and `inputs` (everything the measurement depends on: the model folders, which are named by
+        what made them, the artifacts, seeds, counts and settings), so a cell rescored with a new option (say
+        `beyond_cfg`) samples only what the option changes. A change to the measuring code itself does not
+        show in the hash: delete measurements/ (as models/ after a change to training) to take them anew."""
+        text = json.dumps({"what": what, **inputs}, sort_keys=True)
+        path = self.root / "measurements" / f"{what}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+        if path.is_file():
+            return read_json(path)["result"]
+        result = measure()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"what": what, "inputs": inputs, "result": result})
+        return result
+
     def run(self, cell: Cell) -> dict[str, Any]:
         art = self.artifacts(cell)
         tokenizer = load_tokenizer(art.tokenizer).to(self.device)
@@ -373,46 +392,65 @@ class Workshop:
                 self.model(spec, art) for spec in self._ctf_specs(cell, cell.refiner_depth, cell.refiner_steps))
             pipe: CTFPipeline | BaselinePipeline = CTFPipeline(
                 tokenizer, hierarchy, load_model(coarse_dir, self.device), load_model(refiner_dir, self.device))
-            train = {"coarse": coarse, "refiner": refiner}
+            train, model_dirs = {"coarse": coarse, "refiner": refiner}, (coarse_dir, refiner_dir)
+        else:
+            model_dir, baseline = self.model(self._spec(cell, "baseline", self.baseline_steps(cell, art)), art)
+            pipe = BaselinePipeline(tokenizer, load_model(model_dir, self.device))
+            train, model_dirs = {"baseline": baseline}, (model_dir,)
+        # what every measurement of this cell depends on, besides its own counts and settings
+        setup = {"models": [d.name for d in model_dirs], "artifacts": asdict(art), "data": cell.data,
+                 "seed": cell.seed, "refine_steps": cell.refine_steps, "decode_precision": cell.decode_precision,
+                 "device": self.device.type}
+
+        def likelihood() -> dict[str, Any]:
+            if cell.side == "baseline":
+                return nll_split(test_codes, hierarchy, baseline=pipe.model, limit=s.nll_items)["baseline"]
             nll = nll_split(test_codes, hierarchy, coarse=pipe.coarse, refiner=pipe.refiner, limit=s.nll_items)["ctf"]
             if cell.refine_steps > 1:  # the exact NLL of sampling in that many passes (in a random order)
                 nll["within_in_passes"] = within_in_passes(pipe.refiner, test_codes, hierarchy, cell.refine_steps,
                                                            s.nll_items, stage1=pipe.coarse, seed=cell.seed)
                 nll["nll_in_passes"] = nll["coarse"] + nll["within_in_passes"]
-        else:
-            model_dir, baseline = self.model(self._spec(cell, "baseline", self.baseline_steps(cell, art)), art)
-            pipe = BaselinePipeline(tokenizer, load_model(model_dir, self.device))
-            train = {"baseline": baseline}
-            nll = nll_split(test_codes, hierarchy, baseline=pipe.model, limit=s.nll_items)["baseline"]
+            return nll
 
+        nll = self.measured("nll", {**setup, "nll_items": s.nll_items}, likelihood)
         pipe.prepare_decode(cell.decode_precision)  # after the likelihood split, which scores the model as trained
         stage2 = {"refine_steps": cell.refine_steps} if cell.side == "ctf" else {}
         extractor = get_extractor("domain", path=art.classifier)
         ref = Reference(cell.data, "test", None, self.data_dir, self.cache_dir)
 
         def scored(point: dict[str, float]) -> dict[str, Any]:
-            images = sample_with(pipe, s.point_per_class, 1000 * cell.seed + 1, **point, **stage2)
-            return {"settings": point, **brief(score(images.images, images.labels, extractor, ref, self.device))}
+            def measure() -> dict[str, Any]:
+                images = sample_with(pipe, s.point_per_class, 1000 * cell.seed + 1, **point, **stage2)
+                return {"settings": point, **brief(score(images.images, images.labels, extractor, ref, self.device))}
+            return self.measured("point", {**setup, "point": point, "per_class": s.point_per_class}, measure)
 
         points = [scored(point) for point in s.points(cell.side)]
         best = best_point(points, s.beyond_cfg, scored)
-        start = time.perf_counter()
-        final_set = sample_with(pipe, s.final_per_class, 1000 * cell.seed + 2, **best["settings"], **stage2)
-        sample_s = time.perf_counter() - start
-        final = {"settings": best["settings"], "sample_s": round(sample_s, 2),
-                 "images_per_s": len(final_set.labels) / sample_s,
-                 **brief(score(final_set.images, final_set.labels, extractor, ref, self.device))}
-        if s.also_features:
-            final["features"] = self.also_scored(final_set.images, final_set.labels, ref, s.also_features, s.also_per_class)
-        samples = self.root / "samples" / f"{cell_key(cell)}.png"
-        samples.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(final_set.images[first_per_class(final_set.labels, 8)], nrow=8).save(samples)
 
+        def final_set() -> dict[str, Any]:
+            start = time.perf_counter()
+            drawn = sample_with(pipe, s.final_per_class, 1000 * cell.seed + 2, **best["settings"], **stage2)
+            sample_s = time.perf_counter() - start
+            final = {"settings": best["settings"], "sample_s": round(sample_s, 2),
+                     "images_per_s": len(drawn.labels) / sample_s,
+                     **brief(score(drawn.images, drawn.labels, extractor, ref, self.device))}
+            if s.also_features:
+                final["features"] = self.also_scored(drawn.images, drawn.labels, ref, s.also_features, s.also_per_class)
+            samples = self.root / "samples" / f"{cell_key(cell)}.png"
+            samples.parent.mkdir(parents=True, exist_ok=True)
+            image_grid(drawn.images[first_per_class(drawn.labels, 8)], nrow=8).save(samples)
+            return {**final, "samples": str(samples.relative_to(self.root))}
+
+        final = self.measured("final", {**setup, "settings": best["settings"], "per_class": s.final_per_class,
+                                        "also_features": s.also_features, "also_per_class": s.also_per_class}, final_set)
+        samples = final.pop("samples")  # (the grid drawn when the set was: a rescored cell shows the same images)
         result = {"label": cell.label, "artifacts": asdict(art), "K": hierarchy.K, "train": train,
                   "flops": sum(t["flops"] for t in train.values()), "nll": nll, "points": points, "final": final,
-                  "samples": str(samples.relative_to(self.root))}
+                  "samples": samples}
         if cell.side == "ctf" and s.floor_per_class:
-            result["floors"] = self.floors(cell, pipe, extractor, ref)
+            result["floors"] = self.measured(
+                "floors", {**setup, "per_class": s.floor_per_class, "also_features": s.also_features},
+                lambda: self.floors(cell, pipe, extractor, ref))
         return result
 
     def also_scored(self, images: torch.Tensor, labels: torch.Tensor, ref: Reference, features: tuple[str, ...],
