@@ -117,3 +117,17 @@ def test_a_grid_resumes_and_never_recomputes_a_finished_cell(tmp_path) -> None:
     assert [r["result"]["fid"] for r in records] == [10.0, 11.0, 20.0, 21.0]
     assert run_grid(grid, run, results) == records and len(runs) == 5  # all done: nothing runs
     assert cell_key(ToyCell(1, 0)) != cell_key(ToyCell(1, 1)) == cell_key(ToyCell(1, 1))
+
+
+def test_a_cell_another_process_finished_meanwhile_is_not_run_again(tmp_path) -> None:
+    results = Results(tmp_path / "results.jsonl")
+    grid = [ToyCell(1, seed) for seed in range(3)]
+    other = {"key": cell_key(grid[1]), "cell": {"k": 1, "seed": 1}, "result": {"fid": -1.0}}
+
+    def run(cell: ToyCell) -> dict:
+        if cell == grid[0]:
+            results.append(other)  # a second bench on the folder finishes the next cell first
+        return {"fid": float(cell.seed)}
+
+    records = run_grid(grid, run, results)
+    assert [r["result"]["fid"] for r in records] == [0.0, -1.0, 2.0]

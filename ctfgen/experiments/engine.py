@@ -2,8 +2,9 @@
 
 A cell is a frozen dataclass holding everything that changes its numbers (data, sizes, budget, seed, ...);
 its key is a hash of those values. `run_grid` appends one JSON line per finished cell to a results file
-and skips every cell whose key is already there, so an interrupted grid resumes where it stopped and a
-finished cell is never recomputed. Reports read the file (`Results.load`) and run nothing.
+and skips every cell whose key is already there (read again before each cell, so a cell that another
+process on the same file finished meanwhile is skipped too), so an interrupted grid resumes where it
+stopped and a finished cell is never recomputed. Reports read the file (`Results.load`) and run nothing.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Results:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def load(self) -> list[dict[str, Any]]:
+    def load(self, quiet: bool = False) -> list[dict[str, Any]]:
         if not self.path.is_file():
             return []
         records = []
@@ -59,7 +60,8 @@ class Results:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:  # a line cut by a kill mid-write: that cell runs again
-                log.warning("%s: skipping an incomplete line", self.path)
+                if not quiet:
+                    log.warning("%s: skipping an incomplete line", self.path)
         return records
 
     def append(self, record: dict[str, Any]) -> None:
@@ -82,6 +84,8 @@ def run_grid(cells: Iterable[C], run: Callable[[C], dict[str, Any]], results: Re
     done = {r["key"]: r for r in results.load()}
     for i, cell in enumerate(cells, 1):
         key = cell_key(cell)
+        if key not in done:  # another process on the same folder may have finished it since
+            done.update((r["key"], r) for r in results.load(quiet=True))
         if key in done:
             log.info("[%d/%d] %s: done earlier", i, len(cells), key)
             continue
