@@ -264,6 +264,13 @@ def test_guidance_beyond_the_grid_only_while_the_best_point_sits_at_its_edge() -
     assert cell_key(replace(TOY, scoring=replace(TOY_SCORING, beyond_cfg=()))) == cell_key(TOY)
 
 
+def test_a_scoring_field_older_records_lack_does_not_split_a_setup() -> None:
+    old, new = record("ctf", 0, 5.0, 3.0), record("baseline", 0, 6.0, 3.1)
+    old["cell"]["scoring"].pop("beyond_cfg")  # recorded before the field existed; the new one spells out []
+    (setup,) = group([old, new])
+    assert [r.cell["side"] for r in setup.rows] == ["ctf", "baseline"]
+
+
 def test_steps_to_fid_interpolates_in_log_steps() -> None:
     curve = [(100, 60.0), (400, 40.0), (1600, 30.0)]
     assert steps_to_fid(curve, 50.0) == pytest.approx(200.0)  # halfway in FID, halfway in log steps

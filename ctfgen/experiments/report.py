@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +24,7 @@ REFINER_OPTIONS = ("refiner_reveal", "refine_steps", "refiner_features", "refine
 # what tells rows of a setup apart
 ROW_FIELDS = ("side", "k", "refiner_depth", "refiner_steps", "compute_of", "decode_precision") + REFINER_OPTIONS
 SETUP_FIELDS_OUT = ROW_FIELDS + ("seed",)  # a setup: every other field
+SCORING_DEFAULTS = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(Scoring)}
 MAP_FIELDS = ("codebook", "size", "steps")
 
 
@@ -88,8 +89,9 @@ def group(records: list[dict[str, Any]]) -> list[Setup]:
     for rec in records:
         cell = {**CELL_DEFAULTS, **rec["cell"]}  # records from before a field existed: its default
         fields = {k: v for k, v in cell.items() if k not in SETUP_FIELDS_OUT}
-        if isinstance(fields.get("scoring"), dict):  # a measurement added to some cells does not split the setup
-            fields["scoring"] = {k: v for k, v in fields["scoring"].items() if k not in Scoring.ADDS_ONLY}
+        if isinstance(fields.get("scoring"), dict):  # a measurement added to some cells does not split the setup,
+            scoring = {**SCORING_DEFAULTS, **fields["scoring"]}  # nor a field that older records lack
+            fields["scoring"] = {k: v for k, v in scoring.items() if k not in Scoring.ADDS_ONLY}
         setup = setups.setdefault(json.dumps(fields, sort_keys=True), Setup(fields))
         row_fields = {k: cell[k] for k in ROW_FIELDS}
         if cell["side"] == "baseline":
