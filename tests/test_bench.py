@@ -168,7 +168,8 @@ def test_decode_precision_cells_share_the_models_and_are_compared_with_fp32(tmp_
     records = {r["result"]["label"]: r["result"] for r in Results(out / "cells.jsonl").load()}
     assert set(records) == {"CTF", "CTF, int8 decoding", "baseline, equal steps", "baseline, equal steps, int8 decoding"}
     assert len(list((out / "models").glob("coarse-*"))) == 1 and len(list((out / "models").glob("baseline-*"))) == 1
-    assert records["CTF, int8 decoding"]["nll"] == records["CTF"]["nll"]  # the likelihood is the trained model's
+    assert records["CTF, int8 decoding"]["nll"] == records["CTF"]["nll"]  # the likelihood is the trained model's,
+    assert len(list((out / "measurements").glob("nll-*.json"))) == 2  # scored once for both precisions
     assert used == [("coarse", "fp32"), ("coarse", "int8"), ("model", "fp32"), ("model", "int8")]  # sampled so
     (setup,) = group(Results(out / "cells.jsonl").load())
     lines = verdict(setup)

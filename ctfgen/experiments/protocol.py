@@ -188,6 +188,8 @@ class ModelSpec:
 
 
 CELL_DEFAULTS = {f.name: f.default for f in fields(Cell) if f.default is not MISSING}
+# as a record spells them (tuples are JSON lists): what a record written before a field existed means by it
+SCORING_DEFAULTS = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(Scoring)}
 
 
 def matmul_parameters(model: torch.nn.Module) -> int:
@@ -397,10 +399,11 @@ class Workshop:
             model_dir, baseline = self.model(self._spec(cell, "baseline", self.baseline_steps(cell, art)), art)
             pipe = BaselinePipeline(tokenizer, load_model(model_dir, self.device))
             train, model_dirs = {"baseline": baseline}, (model_dir,)
-        # what every measurement of this cell depends on, besides its own counts and settings
+        # what every measurement of this cell depends on, besides its own counts and settings; the likelihood
+        # scores the models as trained, everything after it samples at the cell's decode precision
         setup = {"models": [d.name for d in model_dirs], "artifacts": asdict(art), "data": cell.data,
-                 "seed": cell.seed, "refine_steps": cell.refine_steps, "decode_precision": cell.decode_precision,
-                 "device": self.device.type}
+                 "seed": cell.seed, "refine_steps": cell.refine_steps, "device": self.device.type}
+        sampled = {**setup, "decode_precision": cell.decode_precision}
 
         def likelihood() -> dict[str, Any]:
             if cell.side == "baseline":
@@ -422,7 +425,7 @@ class Workshop:
             def measure() -> dict[str, Any]:
                 images = sample_with(pipe, s.point_per_class, 1000 * cell.seed + 1, **point, **stage2)
                 return {"settings": point, **brief(score(images.images, images.labels, extractor, ref, self.device))}
-            return self.measured("point", {**setup, "point": point, "per_class": s.point_per_class}, measure)
+            return self.measured("point", {**sampled, "point": point, "per_class": s.point_per_class}, measure)
 
         points = [scored(point) for point in s.points(cell.side)]
         best = best_point(points, s.beyond_cfg, scored)
@@ -441,7 +444,7 @@ class Workshop:
             image_grid(drawn.images[first_per_class(drawn.labels, 8)], nrow=8).save(samples)
             return {**final, "samples": str(samples.relative_to(self.root))}
 
-        final = self.measured("final", {**setup, "settings": best["settings"], "per_class": s.final_per_class,
+        final = self.measured("final", {**sampled, "settings": best["settings"], "per_class": s.final_per_class,
                                         "also_features": s.also_features, "also_per_class": s.also_per_class}, final_set)
         samples = final.pop("samples")  # (the grid drawn when the set was: a rescored cell shows the same images)
         result = {"label": cell.label, "artifacts": asdict(art), "K": hierarchy.K, "train": train,
@@ -449,7 +452,7 @@ class Workshop:
                   "samples": samples}
         if cell.side == "ctf" and s.floor_per_class:
             result["floors"] = self.measured(
-                "floors", {**setup, "per_class": s.floor_per_class, "also_features": s.also_features},
+                "floors", {**sampled, "per_class": s.floor_per_class, "also_features": s.also_features},
                 lambda: self.floors(cell, pipe, extractor, ref))
         return result
 

@@ -11,20 +11,19 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from PIL import Image, ImageDraw
 
-from .protocol import CELL_DEFAULTS, Scoring, side_label
+from .protocol import CELL_DEFAULTS, SCORING_DEFAULTS, Scoring, side_label
 from .stats import Spread, compare, spread
 
 REFINER_OPTIONS = ("refiner_reveal", "refine_steps", "refiner_features", "refiner_corrupt", "refiner_mask")
 # what tells rows of a setup apart
 ROW_FIELDS = ("side", "k", "refiner_depth", "refiner_steps", "compute_of", "decode_precision") + REFINER_OPTIONS
 SETUP_FIELDS_OUT = ROW_FIELDS + ("seed",)  # a setup: every other field
-SCORING_DEFAULTS = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(Scoring)}
 MAP_FIELDS = ("codebook", "size", "steps")
 
 
