@@ -4,7 +4,7 @@ LlamaGen's own `generate` (same weights, same process) and against the memory-ba
     python benchmarks/bench_decode.py --quick                         # batch 1, one run of each
     python benchmarks/bench_decode.py --llamagen /path/to/LlamaGen    # also LlamaGen's sampler; batch 1 and 8
     python benchmarks/bench_decode.py --profile                       # where one decode step's time goes
-    python benchmarks/bench_decode.py --layers                        # plain against packed fp32, per layer shape
+    python benchmarks/bench_decode.py --layers                        # plain against packed weights, per layer shape
 
 Each row samples whole 16x16 grids (256 tokens, CFG 2.0, so the model runs on twice the batch) and
 reports wall time / 256. Rows run in turn, `--repeats` rounds, and each keeps its best round (the
@@ -15,13 +15,14 @@ imported from the folder given at run time; nothing of it is copied here.
 
 The bound: one decode step reads every weight matrix once (`weight_bytes_per_token`), so it cannot be
 faster than those bytes over the memory's read bandwidth, measured here by summing a 256 MB buffer with
-the same threads. "/bound" is the measured time over that bound (1.0 would be perfect).
+the same threads (every round; the best is kept, as it is for the samplers' times). "/bound" is the
+measured time over that bound (1.0 would be perfect).
 Rows: `baseline` is ctfgen's AR sampler over V = 16384 codewords (LlamaGen's model), at each
 `--decode-precision`; `CTF stage 1` the same sampler over K = 512 coarse labels (a smaller head; fp32,
 fp32-packed and int8); the last lines put their ratio beside the ratio of the weight bytes a token reads.
-`--layers` times one bias-free linear layer at 2 rows (batch 1 with CFG), torch's fp32 product against
-oneDNN's packed one, over weight sizes from the small preset's to GPT-B's head: where packing pays
-(`PACK_MIN_WEIGHTS` in ctfgen.transformer.precision).
+`--layers` times one bias-free linear layer at 2 rows (batch 1 with CFG), torch's product against oneDNN's
+packed one, in fp32 and (where the CPU has oneDNN's bf16 kernels) in bf16, over weight sizes from the small
+preset's to GPT-B's head: where packing pays (`PACK_MIN_WEIGHTS` in ctfgen.transformer.precision).
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ from typing import Callable
 import torch
 
 from ctfgen.artifacts import write_json
-from ctfgen.sampling import StageSettings, sample_causal
+from ctfgen.sampling import StageSettings, decode_cache, sample_causal
 from ctfgen.transformer import build_model, import_llamagen_gpt, preset_config
 from ctfgen.transformer.precision import DECODE_PRECISIONS, PACK_MIN_WEIGHTS, PackedLinear, for_decoding, \
-    weight_bytes_per_token
+    packed_kernels_available, weight_bytes_per_token
 
 GRID, V, K, CLASSES = 16, 16384, 512, 1000
 TOKENS = GRID * GRID
@@ -91,7 +92,7 @@ def profile_step(model: torch.nn.Module) -> dict[str, float]:
     """Milliseconds of one decode step (batch 1 with CFG, at the middle position) by kind of operation."""
     from torch.profiler import profile
 
-    cache = model.make_cache(2)
+    cache = decode_cache(model, 2)  # as sampling makes it
     token = torch.zeros(2, 1, dtype=torch.long)
     with torch.no_grad():
         model.prefill(torch.tensor([0, CLASSES]), cache)
@@ -116,13 +117,13 @@ LAYER_SHAPES = [(128, 128), (128, 512), (256, 768), (512, 512), (128, 4096), (51
                 (2048, 768), (768, 16384)]  # (in, out): small and GPT-B blocks and heads
 
 
-def layer_sweep(rounds: int = 300) -> list[dict[str, float]]:
+def layer_sweep(dtype: torch.dtype, rounds: int = 300) -> list[dict[str, float]]:
     """Best-of-`rounds` microseconds of one layer at 2 rows, plain and packed, interleaved (same background load)."""
     rows = []
     for d_in, d_out in LAYER_SHAPES:
-        plain = torch.nn.Linear(d_in, d_out, bias=False)
+        plain = torch.nn.Linear(d_in, d_out, bias=False).to(dtype)
         runs = {"plain": plain, "packed": PackedLinear(plain)}
-        x = torch.randn(2, 1, d_in)
+        x = torch.randn(2, 1, d_in, dtype=dtype)
         best = {name: float("inf") for name in runs}
         with torch.no_grad():
             for _ in range(rounds):
@@ -130,11 +131,12 @@ def layer_sweep(rounds: int = 300) -> list[dict[str, float]]:
                     start = time.perf_counter()
                     layer(x)
                     best[name] = min(best[name], time.perf_counter() - start)
-        rows.append({"in": d_in, "out": d_out, "weights": d_in * d_out, "plain_us": 1e6 * best["plain"],
+        rows.append({"dtype": str(dtype), "in": d_in, "out": d_out, "weights": d_in * d_out, "plain_us": 1e6 * best["plain"],
                      "packed_us": 1e6 * best["packed"], "packed_over_plain": best["packed"] / best["plain"]})
-        print(f"  {d_in:5d} x {d_out:5d} ({4 * d_in * d_out / 2 ** 20:6.2f} MiB): plain {rows[-1]['plain_us']:8.1f} us, "
+        left_plain = dtype == torch.float32 and d_in * d_out < PACK_MIN_WEIGHTS
+        print(f"  {d_in:5d} x {d_out:5d} ({plain.weight.nbytes / 2 ** 20:6.2f} MiB): plain {rows[-1]['plain_us']:8.1f} us, "
               f"packed {rows[-1]['packed_us']:8.1f} us, packed/plain {rows[-1]['packed_over_plain']:.2f}"
-              + ("" if d_in * d_out >= PACK_MIN_WEIGHTS else "  (left plain by fp32-packed)"), flush=True)
+              + ("  (left plain by fp32-packed)" if left_plain else ""), flush=True)
     return rows
 
 
@@ -146,15 +148,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="rounds (default 3; quick 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--profile", action="store_true", help="also break one decode step down by operation")
-    ap.add_argument("--layers", action="store_true", help="only time plain against packed fp32 per layer shape")
+    ap.add_argument("--layers", action="store_true", help="only time plain against packed weights per layer shape (fp32, bf16)")
     ap.add_argument("--out", default="runs/bench-decode/bench_decode.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.layers:
-        print(f"one linear layer at 2 rows, best of 300 ({torch.get_num_threads()} threads):")
+        layers, dtypes = [], [torch.float32, torch.bfloat16] if packed_kernels_available(torch.bfloat16) else [torch.float32]
+        for dtype in dtypes:
+            print(f"one {dtype} linear layer at 2 rows, best of 300 ({torch.get_num_threads()} threads):")
+            layers += layer_sweep(dtype)
         write_json(args.out, {"date": str(date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "cpu": platform.processor() or platform.machine(), "layers": layer_sweep()})
+                              "cpu": platform.processor() or platform.machine(), "layers": layers})
         print(f"\nwritten to {args.out}")
         return
     warnings.filterwarnings("ignore", category=FutureWarning)  # LlamaGen's torch.backends.cuda.sdp_kernel
@@ -164,8 +169,7 @@ def main() -> None:
     models = ctfgen_models(llamagen)
     variants = {(role, p): for_decoding(model, p) for role, model in models.items() for p in precisions
                 if role == "baseline" or p in ("fp32", "fp32-packed", "int8")}
-    bandwidth = read_bandwidth()
-    print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s ({torch.get_num_threads()} threads)", flush=True)
+    bandwidth = read_bandwidth()  # measured again every round, the best kept: the same rule as the samplers' times
 
     rows = []
     for batch in batches:
@@ -178,6 +182,8 @@ def main() -> None:
             runs[f"ctfgen {role} ({p})"] = (lambda m: lambda: sample_causal(m, labels, STAGE1, torch.Generator()))(model)
         best = {name: float("inf") for name in runs}
         for _ in range(repeats):
+            bandwidth = max(bandwidth, read_bandwidth())
+            print(f"  read bandwidth: {bandwidth / 1e9:.1f} GB/s, best so far ({torch.get_num_threads()} threads)", flush=True)
             for name, run in runs.items():
                 start = time.perf_counter()
                 with torch.no_grad():

@@ -39,7 +39,7 @@ import torch
 from ctfgen.artifacts import write_json
 from ctfgen.hierarchy import Hierarchy
 from ctfgen.runtime import pick_device
-from ctfgen.sampling import StageSettings, refine, sample_baseline, sample_ctf
+from ctfgen.sampling import StageSettings, decode_cache, refine, sample_baseline, sample_ctf
 from ctfgen.transformer import MODEL_SIZES, Transformer, build_model, preset_config
 from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding
 
@@ -119,7 +119,7 @@ def decode_step_times(model: Transformer, batch: int, device: torch.device, repe
     """Seconds of one cached decode step at the first token position and at the last (CFG-doubled batch)."""
     labels = torch.zeros(2 * batch, dtype=torch.long, device=device)
     token = torch.zeros(2 * batch, 1, dtype=torch.long, device=device)
-    cache = model.make_cache(2 * batch)
+    cache = decode_cache(model, 2 * batch)  # as sampling makes it
     last = model.config.seq_len - 1  # the last step feeds token seq_len - 2 at input position seq_len - 1
 
     model.prefill(labels, cache)

@@ -132,9 +132,10 @@ def inference_mode(*models: Transformer) -> Iterator[None]:
 
 def decode_cache(model: Transformer, rows: int, spare: int = 0) -> KVCache:
     """A KV cache for sampling `rows` sequences (and `spare` slots past the grid): bf16 on GPUs (half the
-    memory traffic), else the model's dtype."""
+    memory traffic), else fp32, whatever the weights: attention runs in the cache's dtype, and on the CPU
+    torch's bf16 attention over one new token is ~5x slower than its fp32 one (docs/sampling.md)."""
     on_gpu = model.head.weight.device.type == "cuda"
-    return model.make_cache(rows, torch.bfloat16 if on_gpu else None, spare)
+    return model.make_cache(rows, torch.bfloat16 if on_gpu else torch.float32, spare)
 
 
 def with_null_labels(model: Transformer, class_labels: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from ctfgen.errors import CtfgenError
 from ctfgen.pipeline import add_sample_args, cmd_sample, load_pipeline
+from ctfgen.sampling import decode_cache
 from ctfgen.transformer import build_model, preset_config
 from ctfgen.transformer import precision as precision_module
 from ctfgen.transformer.precision import (DECODE_PRECISIONS, PACK_MIN_WEIGHTS, Int8Linear, PackedLinear, for_decoding,
@@ -57,10 +58,13 @@ def test_lower_precision_copy_is_close_and_its_cache_agrees(precision: str, monk
         if precision == "fp32-packed":  # the same numbers summed in another order
             torch.testing.assert_close(approx, exact, rtol=1e-5, atol=1e-5)
             assert all(not isinstance(m, nn.Linear) for m in fast.blocks.modules()) and not isinstance(fast.head, nn.Linear)
-        cache = fast.make_cache(2)
-        assert cache.k[0].dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
-        steps = [fast.prefill(labels, cache)] + [fast.step(codes[:, t:t + 1], cache) for t in range(15)]
-        torch.testing.assert_close(torch.cat(steps, 1), approx, rtol=0, atol=0.05 * exact.abs().max().item())
+        # sampling's cache on the CPU is fp32 whatever the weights (attention runs in the cache's dtype); a cache in
+        # the weights' dtype is what a GPU gets
+        for cache, dtype in [(decode_cache(fast, 2), torch.float32),
+                             (fast.make_cache(2), torch.bfloat16 if precision == "bf16" else torch.float32)]:
+            assert cache.k[0].dtype == dtype
+            steps = [fast.prefill(labels, cache)] + [fast.step(codes[:, t:t + 1], cache) for t in range(15)]
+            torch.testing.assert_close(torch.cat(steps, 1), approx, rtol=0, atol=0.05 * exact.abs().max().item())
     assert fast.rope_cos.dtype == torch.float32
 
 
@@ -90,6 +94,21 @@ def test_fp32_packed_packs_only_layers_large_enough_to_gain() -> None:
     codes, labels = torch.randint(0, 64, (2, 16)), torch.tensor([0, 2])
     with torch.no_grad():
         torch.testing.assert_close(fast(codes, labels), wide(codes, labels), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_packs_its_weights_where_onednn_has_bf16_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = causal_model()
+    codes, labels = torch.randint(0, 64, (2, 16)), torch.tensor([0, 2])
+    logits = {}
+    for packed in (False, True):
+        monkeypatch.setattr(precision_module, "packed_kernels_available", lambda dtype=torch.float32: packed)
+        fast = for_decoding(model, "bf16")
+        layers = [m for m in [*fast.blocks.modules(), fast.head] if hasattr(m, "weight") and m.weight.dim() == 2]
+        assert all(isinstance(m, PackedLinear if packed else nn.Linear) for m in layers) and len(layers) == 2 * 5 + 1  # blocks, head
+        assert all(m.weight.dtype == torch.bfloat16 for m in layers)
+        with torch.no_grad():
+            logits[packed] = fast(codes, labels)
+    torch.testing.assert_close(logits[True], logits[False], rtol=0.02, atol=0.02)  # the same bf16 numbers, another order
 
 
 def test_weight_bytes_shrink_with_precision() -> None:

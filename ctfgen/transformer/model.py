@@ -269,8 +269,8 @@ class Attention(nn.Module):
                 # slot is read under the mask, so no layer waits for the rows' furthest position on the host
                 end = cache.max_len
                 mask = (torch.arange(end, device=x.device) <= row_slots(start, L)[..., None])[:, None]  # [B, 1, L, end]
-            keys, values = keys[:, :, :end].to(q.dtype), values[:, :, :end].to(q.dtype)  # the written slots only
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout)
+            keys, values = keys[:, :, :end], values[:, :, :end]  # the written slots only, in the cache's dtype
+            y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask, dropout_p=dropout).to(q.dtype)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, L, D)))
 
 
