@@ -15,7 +15,8 @@ much cheaper than the model and the wall-time speed-up says little about large m
 also times, at LlamaGen's GPT-B shape with random weights and at each batch size, one decode step, one
 verification pass over lookahead + 1 tokens and a step of a draft of size `--draft-size`, and combines
 them with the measured tokens per pass: the speed-up a GPT-B model with this acceptance would see (a
-projection from measured parts, labelled as such).
+projection from measured parts, labelled as such). `--decode-precision` samples both models of a pair, and
+times both in the projection, at that precision (`ctfgen sample --decode-precision`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from pathlib import Path
 import torch
 
 from ctfgen.artifacts import write_json
-from ctfgen.sampling import StageSettings, sample_causal
+from ctfgen.sampling import StageSettings, decode_cache, sample_causal
 from ctfgen.transformer import build_model, load_model, preset_config
+from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding
 
 SETTINGS = StageSettings(cfg=2.0, temperature=1.0)
 
@@ -68,14 +70,17 @@ def measure(model: torch.nn.Module, draft: torch.nn.Module, batch: int, lookahea
     return out
 
 
-def gpt_b_costs(role: str, vocab: int, batch: int, lookaheads: list[int], draft_size: str, repeats: int = 5) -> dict:
-    """Seconds of a GPT-B decode step, a verification pass over k + 1 tokens, and a draft step (CFG: 2 x batch rows)."""
+def gpt_b_costs(role: str, vocab: int, batch: int, lookaheads: list[int], draft_size: str, precision: str,
+                repeats: int = 5) -> dict:
+    """Seconds of a GPT-B decode step, a verification pass over k + 1 tokens, and a draft step (CFG: 2 x batch rows),
+    both models at the decode precision."""
     def model(size: str):
         torch.manual_seed(0)
-        return build_model(preset_config(size, role=role, vocab_size=vocab, num_classes=1000, grid_h=16, grid_w=16)).eval()
+        built = build_model(preset_config(size, role=role, vocab_size=vocab, num_classes=1000, grid_h=16, grid_w=16))
+        return for_decoding(built.eval(), precision)
 
     def step_time(m, n: int) -> float:
-        cache = m.make_cache(2 * batch)
+        cache = decode_cache(m, 2 * batch)  # as sampling makes it
         tokens = torch.zeros(2 * batch, n, dtype=torch.long)
         best = float("inf")
         with torch.no_grad():
@@ -102,6 +107,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--project", action="store_true", help="also project the speed-up at GPT-B from measured parts")
     ap.add_argument("--draft-size", default="small", help="the draft's size in the GPT-B projection")
+    ap.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32",
+                    help="both models' weights while sampling and in the projection (ctfgen sample's flag)")
     ap.add_argument("--out", default="runs/bench-speculative/bench_speculative.json")
     args = ap.parse_args()
     lookaheads = [int(k) for k in args.lookaheads.split(",")]
@@ -109,15 +116,15 @@ def main() -> None:
     images, rounds = (16, 1) if args.quick else (args.images, args.rounds)
     results = []
     for name, model_dir, draft_dir in map(parse_pair, args.pair):
-        model, draft = load_model(model_dir), load_model(draft_dir)
+        model, draft = (for_decoding(load_model(folder), args.decode_precision) for folder in (model_dir, draft_dir))
         vocab = model.config.vocab_size
         print(f"{name}: model {model.num_params() / 1e6:.2f} M parameters, draft {draft.num_params() / 1e6:.2f} M, "
               f"vocabulary {vocab}", flush=True)
         rows = [row for b in batches for row in measure(model, draft, b, lookaheads, images, rounds)]
         if args.project:
             role = model.config.role  # the coarse model keeps its K; a baseline gets LlamaGen's V
-            costs = {b: gpt_b_costs(role, vocab if role == "coarse" else 16384, b, lookaheads, args.draft_size)
-                     for b in batches}
+            costs = {b: gpt_b_costs(role, vocab if role == "coarse" else 16384, b, lookaheads, args.draft_size,
+                                    args.decode_precision) for b in batches}
             for row in rows:
                 k, c = row["lookahead"], costs[row["batch"]]
                 round_s = k * c["draft_step_s"] + c["verify_s"][k]
@@ -133,7 +140,7 @@ def main() -> None:
             print(f"{r['name']:24} {row['batch']:5d} {row['lookahead']:9d} {row['acceptance']:8.2f} "
                   f"{row['tokens_per_pass']:8.2f} {row['speedup']:8.2f}{extra}")
     write_json(args.out, {"date": str(date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "settings": vars(SETTINGS), "images": images, "rounds": rounds, "results": results})
+                          "decode_precision": args.decode_precision, "settings": vars(SETTINGS), "images": images, "rounds": rounds, "results": results})
     print(f"\nwritten to {args.out}")
 
 

@@ -4,6 +4,7 @@ the KV cache, never touching the original model, and reachable from the pipeline
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,30 @@ def test_bf16_packs_its_weights_where_onednn_has_bf16_kernels(monkeypatch: pytes
         with torch.no_grad():
             logits[packed] = fast(codes, labels)
     torch.testing.assert_close(logits[True], logits[False], rtol=0.02, atol=0.02)  # the same bf16 numbers, another order
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor generates C++ on the CPU")
+def test_the_compiled_step_on_the_cpu_runs_on_packed_weights() -> None:
+    """Freezing reaches inductor (torch.compile's own options={"freezing": True} left the products as plain
+    aten::mm): the compiled step calls oneDNN's packed product, and its logits are the eager step's."""
+    import torch._dynamo
+    from torch.profiler import profile
+
+    model, compiled = causal_model(), causal_model()
+    torch._dynamo.reset()
+    compiled.compile_step()
+    codes, labels = torch.randint(0, 64, (2, 4)), torch.tensor([0, 2])
+    logits = {}
+    with torch.no_grad():
+        for name, m in (("eager", model), ("compiled", compiled)):
+            cache = m.make_cache(2)
+            m.prefill(labels, cache)
+            first = [m.step(codes[:, t:t + 1], cache) for t in range(2)]  # compiles: static, then dynamic
+            with profile() as prof:
+                logits[name] = torch.cat([*first, *[m.step(codes[:, t:t + 1], cache) for t in range(2, 4)]], 1)
+            ops = {event.key for event in prof.key_averages() if "mm" in event.key or "linear" in event.key}
+    assert ops == {"mkldnn::_linear_pointwise"}, ops
+    torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=1e-5, atol=1e-5)
 
 
 def test_weight_bytes_shrink_with_precision() -> None:

@@ -380,11 +380,21 @@ class Transformer(nn.Module):
     def compile_step(self, **options: Any) -> None:
         """Compile the one-token decode step (torch.compile; `options` go to it, e.g. backend). The cache
         position is a dynamic integer, so one graph serves every position. On the CPU inductor freezes the
-        weights (constants of the graph), which lets it reorder them for oneDNN's small-batch kernel: twice
-        as fast a GPT-B step at batch 1 (docs/sampling.md)."""
-        if options.get("backend", "inductor") == "inductor" and self.head.weight.device.type == "cpu":
-            options.setdefault("options", {"freezing": True})
-        self.step = torch.compile(self.step, dynamic=True, **options)  # the instance attribute shadows the method
+        weights (constants of the graph), which lets it reorder them for oneDNN's small-batch kernel
+        (docs/sampling.md)."""
+        compiled = torch.compile(self.step, dynamic=True, **options)
+        if options.get("backend", "inductor") != "inductor" or self.head.weight.device.type != "cpu":
+            self.step = compiled  # the instance attribute shadows the method
+            return
+        from torch._inductor import config as inductor_config
+
+        def frozen_step(*args: Any, **kwargs: Any) -> Any:
+            # Freezing must be on while inductor compiles, which happens at the first calls; torch.compile's
+            # options={"freezing": True} left the products as plain aten::mm (torch 2.13), the patch does not
+            with inductor_config.patch(freezing=True):
+                return compiled(*args, **kwargs)
+
+        self.step = frozen_step
 
     def make_cache(self, batch_size: int, dtype: torch.dtype | None = None, spare: int = 0) -> KVCache:
         """A cache for causal decoding of one full image (class token + seq_len - 1 tokens), and `spare`
