@@ -17,6 +17,8 @@ from ctfgen.errors import CtfgenError
 from ctfgen.pipeline import add_sample_args, cmd_sample, load_pipeline
 from ctfgen.sampling import StageSettings, sample_causal, token_probs, apply_guidance, with_null_labels
 from ctfgen.transformer import Transformer, build_model, preset_config, save_model
+from ctfgen.transformer import precision as precision_module
+from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding
 from test_sampling import gen, hierarchy, models, run_dir, random_model  # noqa: F401  (fixtures)
 
 K, CLASSES = 4, 2
@@ -77,6 +79,17 @@ def test_a_perfect_draft_is_always_accepted_and_hidden_states_match() -> None:
     assert stats["accepted"] == stats["proposed"] and stats["rounds"] == 3  # 1 + 3 x (4 proposed + 1): 16 tokens
     torch.testing.assert_close(torch.stack(hidden, 1), target.hidden_states(codes, labels), rtol=0, atol=1e-5)
     assert torch.equal(codes, sample_causal(target, labels, StageSettings(cfg=2.0), gen(0), draft=target, lookahead=4))
+
+
+@pytest.mark.parametrize("precision", DECODE_PRECISIONS[1:])
+def test_speculative_sampling_at_each_decode_precision(precision: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-row cache writes of speculative rounds take the bf16 model's keys into its fp32 CPU cache."""
+    monkeypatch.setattr(precision_module, "PACK_MIN_WEIGHTS", 0)  # pack even the tiny model's layers
+    target, stats = for_decoding(model(0, grid=(4, 4)), precision), {}
+    codes = sample_causal(target, torch.tensor([0, 1, 1]), StageSettings(cfg=2.0), gen(0), draft=target, lookahead=4,
+                          stats_out=stats)
+    assert codes.shape == (3, 16) and 0 <= int(codes.min()) and int(codes.max()) < K
+    assert stats["accepted"] >= 0.9 * stats["proposed"]  # its own draft: refused only where a pass and a step round apart
 
 
 def test_rows_of_a_batch_move_on_by_their_own_counts() -> None:

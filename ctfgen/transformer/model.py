@@ -226,9 +226,10 @@ class KVCache:
             self.v[layer][:, :, start:end] = v
         else:  # row b at slots start[b]..start[b]+L (checked once a pass by the model, not once a layer):
             # index the [B, max_len] dims of a transposed view
+            # (an indexed write does not convert dtypes as a slice assignment does: bf16 weights, fp32 cache)
             rows, slots = torch.arange(k.shape[0], device=k.device)[:, None], row_slots(start, L)
-            self.k[layer].transpose(1, 2)[rows, slots] = k.transpose(1, 2)
-            self.v[layer].transpose(1, 2)[rows, slots] = v.transpose(1, 2)
+            self.k[layer].transpose(1, 2)[rows, slots] = k.transpose(1, 2).to(self.k[layer].dtype)
+            self.v[layer].transpose(1, 2)[rows, slots] = v.transpose(1, 2).to(self.v[layer].dtype)
         return self.k[layer], self.v[layer]
 
     def check_fits(self, end: int) -> None:
