@@ -131,8 +131,9 @@ def layer_sweep(dtype: torch.dtype, rounds: int = 300) -> list[dict[str, float]]
                     start = time.perf_counter()
                     layer(x)
                     best[name] = min(best[name], time.perf_counter() - start)
-        rows.append({"dtype": str(dtype), "in": d_in, "out": d_out, "weights": d_in * d_out, "plain_us": 1e6 * best["plain"],
-                     "packed_us": 1e6 * best["packed"], "packed_over_plain": best["packed"] / best["plain"]})
+        rows.append({"dtype": str(dtype), "in": d_in, "out": d_out, "weights": d_in * d_out,
+                     "plain_us": 1e6 * best["plain"], "packed_us": 1e6 * best["packed"],
+                     "packed_over_plain": best["packed"] / best["plain"]})
         left_plain = dtype == torch.float32 and d_in * d_out < PACK_MIN_WEIGHTS
         print(f"  {d_in:5d} x {d_out:5d} ({plain.weight.nbytes / 2 ** 20:6.2f} MiB): plain {rows[-1]['plain_us']:8.1f} us, "
               f"packed {rows[-1]['packed_us']:8.1f} us, packed/plain {rows[-1]['packed_over_plain']:.2f}"
@@ -148,14 +149,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="rounds (default 3; quick 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--profile", action="store_true", help="also break one decode step down by operation")
-    ap.add_argument("--layers", action="store_true", help="only time plain against packed weights per layer shape (fp32, bf16)")
+    ap.add_argument("--layers", action="store_true",
+                    help="only time plain against packed weights per layer shape (fp32, bf16)")
     ap.add_argument("--out", default="runs/bench-decode/bench_decode.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.layers:
-        layers, dtypes = [], [torch.float32, torch.bfloat16] if packed_kernels_available(torch.bfloat16) else [torch.float32]
-        for dtype in dtypes:
+        layers = []
+        for dtype in [torch.float32, torch.bfloat16] if packed_kernels_available(torch.bfloat16) else [torch.float32]:
             print(f"one {dtype} linear layer at 2 rows, best of 300 ({torch.get_num_threads()} threads):")
             layers += layer_sweep(dtype)
         write_json(args.out, {"date": str(date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -183,7 +185,8 @@ def main() -> None:
         best = {name: float("inf") for name in runs}
         for _ in range(repeats):
             bandwidth = max(bandwidth, read_bandwidth())
-            print(f"  read bandwidth: {bandwidth / 1e9:.1f} GB/s, best so far ({torch.get_num_threads()} threads)", flush=True)
+            print(f"  read bandwidth: {bandwidth / 1e9:.1f} GB/s, best so far ({torch.get_num_threads()} threads)",
+                  flush=True)
             for name, run in runs.items():
                 start = time.perf_counter()
                 with torch.no_grad():

@@ -116,10 +116,11 @@ def main() -> None:
     images, rounds = (16, 1) if args.quick else (args.images, args.rounds)
     results = []
     for name, model_dir, draft_dir in map(parse_pair, args.pair):
-        model, draft = (for_decoding(load_model(folder), args.decode_precision) for folder in (model_dir, draft_dir))
+        model, draft = load_model(model_dir), load_model(draft_dir)
         vocab = model.config.vocab_size
         print(f"{name}: model {model.num_params() / 1e6:.2f} M parameters, draft {draft.num_params() / 1e6:.2f} M, "
               f"vocabulary {vocab}", flush=True)
+        model, draft = for_decoding(model, args.decode_precision), for_decoding(draft, args.decode_precision)
         rows = [row for b in batches for row in measure(model, draft, b, lookaheads, images, rounds)]
         if args.project:
             role = model.config.role  # the coarse model keeps its K; a baseline gets LlamaGen's V
@@ -140,7 +141,8 @@ def main() -> None:
             print(f"{r['name']:24} {row['batch']:5d} {row['lookahead']:9d} {row['acceptance']:8.2f} "
                   f"{row['tokens_per_pass']:8.2f} {row['speedup']:8.2f}{extra}")
     write_json(args.out, {"date": str(date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "decode_precision": args.decode_precision, "settings": vars(SETTINGS), "images": images, "rounds": rounds, "results": results})
+                          "decode_precision": args.decode_precision, "settings": vars(SETTINGS), "images": images,
+                          "rounds": rounds, "results": results})
     print(f"\nwritten to {args.out}")
 
 

@@ -105,7 +105,8 @@ def test_bf16_packs_its_weights_where_onednn_has_bf16_kernels(monkeypatch: pytes
         monkeypatch.setattr(precision_module, "packed_kernels_available", lambda dtype=torch.float32: packed)
         fast = for_decoding(model, "bf16")
         layers = [m for m in [*fast.blocks.modules(), fast.head] if hasattr(m, "weight") and m.weight.dim() == 2]
-        assert all(isinstance(m, PackedLinear if packed else nn.Linear) for m in layers) and len(layers) == 2 * 5 + 1  # blocks, head
+        assert len(layers) == 2 * 5 + 1  # the blocks' five matrices each, the head
+        assert all(isinstance(m, PackedLinear if packed else nn.Linear) for m in layers)
         assert all(m.weight.dtype == torch.bfloat16 for m in layers)
         with torch.no_grad():
             logits[packed] = fast(codes, labels)
