@@ -6,9 +6,10 @@ weight once per token, so its speed is set by how many bytes the weights take.
   2-16 rows of decoding torch's default matrix product reads the weights at about half the memory's
   bandwidth; oneDNN's kernel on packed weights reads them near it. Same precision, another summation
   order: logits differ in the last bits, so a sampled token can differ where two are nearly tied.
-* ``bf16``: weights, activations and KV cache in bfloat16 (half the bytes); logits stay fp32. On a CPU
-  whose oneDNN has bf16 kernels (AVX512-BF16, AMX) the weights are also packed as above: torch's bf16 product
-  at 2 rows runs at half the packed one's speed there.
+* ``bf16``: weights and activations in bfloat16 (half the bytes); logits stay fp32, and so does the KV cache
+  on the CPU (`ctfgen.sampling.decode_cache`; bf16 on a GPU). On a CPU whose oneDNN has bf16 kernels
+  (AVX512-BF16, AMX) the weights are also packed as above: torch's bf16 product at 2 rows runs at half the
+  packed one's speed there.
 * ``int8``: weight-only quantisation of every matrix in the blocks and the head (one scale per output
   row, symmetric); activations in bf16 for the product (on the CPU torch's int8-weight GEMV kernel),
   everything else in fp32. A quarter of the bytes.
