@@ -4,7 +4,7 @@ LlamaGen's own `generate` (same weights, same process) and against the memory-ba
     python benchmarks/bench_decode.py --quick                         # batch 1, one run of each
     python benchmarks/bench_decode.py --llamagen /path/to/LlamaGen    # also LlamaGen's sampler; batch 1 and 8
     python benchmarks/bench_decode.py --profile                       # where one decode step's time goes
-    python benchmarks/bench_decode.py --layers                        # plain against packed weights, per layer shape
+    python benchmarks/bench_decode.py --layers [--rows 2 64 4096]     # plain against packed weights, per layer shape
 
 Each row samples whole 16x16 grids (256 tokens, CFG 2.0, so the model runs on twice the batch) and
 reports wall time / 256. Rows run in turn, `--repeats` rounds, and each keeps its best round (the
@@ -20,9 +20,10 @@ measured time over that bound (1.0 would be perfect).
 Rows: `baseline` is ctfgen's AR sampler over V = 16384 codewords (LlamaGen's model), at each
 `--decode-precision`; `CTF stage 1` the same sampler over K = 512 coarse labels (a smaller head; fp32,
 fp32-packed and int8); the last lines put their ratio beside the ratio of the weight bytes a token reads.
-`--layers` times one bias-free linear layer at 2 rows (batch 1 with CFG), torch's product against oneDNN's
-packed one, in fp32 and (where the CPU has oneDNN's bf16 kernels) in bf16, over weight sizes from the small
-preset's to GPT-B's head: where packing pays (`PACK_MIN_WEIGHTS` in ctfgen.transformer.precision).
+`--layers` times one bias-free linear layer at 2 rows (batch 1 with CFG; `--rows` for others, e.g. a refiner's
+pass), torch's product against oneDNN's packed one, in fp32 and (where the CPU has oneDNN's bf16 kernels) in
+bf16, over weight sizes from the small preset's to GPT-B's head: where packing pays (`PACK_MIN_WEIGHTS` in
+ctfgen.transformer.precision).
 """
 
 from __future__ import annotations
@@ -117,13 +118,13 @@ LAYER_SHAPES = [(128, 128), (128, 512), (256, 768), (512, 512), (128, 4096), (51
                 (2048, 768), (768, 16384)]  # (in, out): small and GPT-B blocks and heads
 
 
-def layer_sweep(dtype: torch.dtype, rounds: int = 300) -> list[dict[str, float]]:
-    """Best-of-`rounds` microseconds of one layer at 2 rows, plain and packed, interleaved (same background load)."""
-    rows = []
+def layer_sweep(dtype: torch.dtype, n_rows: int = 2) -> list[dict[str, float]]:
+    """Best microseconds of one layer at `n_rows` rows, plain and packed, interleaved (same background load)."""
+    rows, rounds = [], max(5, 600 // n_rows)
     for d_in, d_out in LAYER_SHAPES:
         plain = torch.nn.Linear(d_in, d_out, bias=False).to(dtype)
         runs = {"plain": plain, "packed": PackedLinear(plain)}
-        x = torch.randn(2, 1, d_in, dtype=dtype)
+        x = torch.randn(n_rows, 1, d_in, dtype=dtype)
         best = {name: float("inf") for name in runs}
         with torch.no_grad():
             for _ in range(rounds):
@@ -131,13 +132,13 @@ def layer_sweep(dtype: torch.dtype, rounds: int = 300) -> list[dict[str, float]]
                     start = time.perf_counter()
                     layer(x)
                     best[name] = min(best[name], time.perf_counter() - start)
-        rows.append({"dtype": str(dtype), "in": d_in, "out": d_out, "weights": d_in * d_out,
+        rows.append({"dtype": str(dtype), "rows": n_rows, "in": d_in, "out": d_out, "weights": d_in * d_out,
                      "plain_us": 1e6 * best["plain"], "packed_us": 1e6 * best["packed"],
                      "packed_over_plain": best["packed"] / best["plain"]})
-        left_plain = dtype == torch.float32 and d_in * d_out < PACK_MIN_WEIGHTS
+        left_plain = dtype == torch.float32 and d_in * d_out < PACK_MIN_WEIGHTS and n_rows == 2
         print(f"  {d_in:5d} x {d_out:5d} ({plain.weight.nbytes / 2 ** 20:6.2f} MiB): plain {rows[-1]['plain_us']:8.1f} us, "
               f"packed {rows[-1]['packed_us']:8.1f} us, packed/plain {rows[-1]['packed_over_plain']:.2f}"
-              + ("  (left plain by fp32-packed)" if left_plain else ""), flush=True)
+              + ("  (fp32-packed leaves it plain in a decode step)" if left_plain else ""), flush=True)
     return rows
 
 
@@ -151,15 +152,19 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also break one decode step down by operation")
     ap.add_argument("--layers", action="store_true",
                     help="only time plain against packed weights per layer shape (fp32, bf16)")
+    ap.add_argument("--rows", type=int, nargs="+", default=[2],
+                    help="--layers: rows of the products (2: one image with CFG; 64 and up: a refiner's pass)")
     ap.add_argument("--out", default="runs/bench-decode/bench_decode.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.layers:
         layers = []
-        for dtype in [torch.float32, torch.bfloat16] if packed_kernels_available(torch.bfloat16) else [torch.float32]:
-            print(f"one {dtype} linear layer at 2 rows, best of 300 ({torch.get_num_threads()} threads):")
-            layers += layer_sweep(dtype)
+        for n_rows in args.rows:
+            for dtype in [torch.float32, torch.bfloat16] if packed_kernels_available(torch.bfloat16) else [torch.float32]:
+                print(f"one {dtype} linear layer at {n_rows} rows, best of {max(5, 600 // n_rows)} "
+                      f"({torch.get_num_threads()} threads):")
+                layers += layer_sweep(dtype, n_rows)
         write_json(args.out, {"date": str(date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
                               "cpu": platform.processor() or platform.machine(), "layers": layers})
         print(f"\nwritten to {args.out}")

@@ -5,7 +5,7 @@ KV cache's per-token decode time at the last position against the first.
     python benchmarks/bench_sampling.py --device cuda      # also GPT-B at batch 8 (best of 3 rounds; small: of 7)
     python benchmarks/bench_sampling.py --refine-passes 1,2,4,8   # also CTF with stage 2 in that many passes
     python benchmarks/bench_sampling.py --refiner-depth 0.5 --gpt-b-batches 1,64   # a half-depth refiner
-    python benchmarks/bench_sampling.py --decode-precision fp32-packed   # both AR stages on packed weights
+    python benchmarks/bench_sampling.py --decode-precision fp32-packed   # all three models on packed weights
     python benchmarks/bench_sampling.py --shapes small --compile          # both AR stages' decode step compiled
 
 Random weights (speed does not depend on them; the heads are re-initialised so sampling is not
@@ -66,7 +66,7 @@ def random_models(shape: dict, device: torch.device, reveal: bool = False, refin
             model = build_model(preset_config(shape["size"], role=role, vocab_size=vocab_size, head_size=head_size,
                                               reveal=reveal and role == "refiner", **common, **depth))
         torch.nn.init.normal_(model.head.weight, std=0.02)
-        models[role] = model.eval() if role == "refiner" else for_decoding(model.eval(), precision)
+        models[role] = for_decoding(model.eval(), precision)
         if compile and role != "refiner":
             models[role].compile_step()
     return models
@@ -190,7 +190,8 @@ def main() -> None:
     ap.add_argument("--no-refiner-mask", dest="mask", action="store_false", help="sample stage 2 from all V codewords "
                     "(the pipeline's default keeps each code in its cluster)")
     ap.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32",
-                    help="the autoregressive stage's weights while sampling, for both sides (ctfgen sample's flag)")
+                    help="the weights' precision while sampling, for both sides and CTF's refiner (ctfgen sample's "
+                         "flag)")
     ap.add_argument("--compile", action="store_true", help="compile both AR stages' decode step (torch.compile; "
                     "minutes of compiling first); not with fp32-packed, which the compiled step packs by itself")
     ap.add_argument("--gpt-b-batches", default=None, help="GPT-B batch sizes (default: 1, and 8 without --quick)")

@@ -121,8 +121,8 @@ class _Pipeline:
 
     def prepare_decode(self, precision: str = "fp32", compile: bool = False, draft: Transformer | None = None,
                        lookahead: int = 4, **compile_options: Any) -> None:
-        """Sample the autoregressive stage at `precision` (fp32, exact; fp32-packed; bf16; int8 weight-only:
-        see ctfgen.transformer.precision), with its decode step compiled (`Transformer.compile_step`), and/or
+        """Sample the autoregressive stage (and CTF's refiner) at `precision` (fp32, exact; fp32-packed; bf16; int8
+        weight-only: see ctfgen.transformer.precision), with its decode step compiled (`Transformer.compile_step`), and/or
         speculatively with `draft` proposing `lookahead` tokens a pass (the same distribution; docs/sampling.md)."""
         if compile and precision == "fp32-packed" and compile_options.get("backend", "inductor") == "inductor":
             raise CtfgenError("--compile does not take --decode-precision fp32-packed (inductor cannot compile its "
@@ -194,6 +194,11 @@ class CTFPipeline(_Pipeline):
         save_model(self.coarse, run / "coarse")
         if self.refiner is not None:
             save_model(self.refiner, run / "refiner")
+
+    def prepare_decode(self, precision: str = "fp32", *args: Any, **kwargs: Any) -> None:
+        super().prepare_decode(precision, *args, **kwargs)
+        if self.refiner is not None:  # its one pass runs at the same precision (never compiled: it runs once)
+            self.refiner = for_decoding(self.refiner, precision)
 
     def __call__(self, class_labels: int | Sequence[int] | torch.Tensor, *, cfg1: float = DEFAULTS["cfg1"],
                  cfg2: float = DEFAULTS["cfg2"], t1: float = DEFAULTS["t1"], t2: float = DEFAULTS["t2"],
@@ -310,8 +315,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off for many "
                    "images; the first batch waits for the compiler)")
     p.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32",
-                   help="weights of the autoregressive stage while sampling: fp32 (exact, the default), fp32-packed "
-                   "(CPU: the same weights in oneDNN's layout, about 2x faster at batch 1), bf16, or int8 (weight-only); "
+                   help="weights of the sampling stages: fp32 (exact, the default), fp32-packed (CPU: the same weights "
+                   "in oneDNN's layout, about 2x faster), bf16, or int8 (weight-only; CTF's refiner runs in bf16); "
                    "docs/sampling.md gives their speed and effect on FID")
     p.add_argument("--draft", default=None, help="a smaller model folder of the autoregressive stage's role (a coarse "
                    "model for CTF, a baseline for --kind baseline): sample that stage speculatively, the same "

@@ -74,15 +74,40 @@ def test_fp32_is_the_model_and_bad_requests_fail(monkeypatch: pytest.MonkeyPatch
     assert for_decoding(model, "fp32") is model
     with pytest.raises(CtfgenError, match="--decode-precision must be one of"):
         for_decoding(model, "fp8")
-    refiner = build_model(preset_config("tiny", role="refiner", vocab_size=8, head_size=64, num_classes=3, grid_h=4,
-                                        grid_w=4))
-    with pytest.raises(CtfgenError, match="causal models"):
-        for_decoding(refiner, "int8")
     with pytest.raises(CtfgenError, match="fp32-packed runs on the CPU with oneDNN"):
         for_decoding(causal_model().to("meta"), "fp32-packed")
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # a torch build without oneDNN
     with pytest.raises(CtfgenError, match="does not have"):
         for_decoding(model, "fp32-packed")
+
+
+@pytest.mark.parametrize("precision", ["fp32-packed", "bf16", "int8"])
+def test_a_refiner_runs_at_the_precision_with_its_head_a_plain_layer(precision: str) -> None:
+    torch.manual_seed(0)
+    refiner = build_model(preset_config("tiny", role="refiner", vocab_size=8, head_size=64, num_classes=3, grid_h=4,
+                                        grid_w=4)).eval()
+    nn.init.normal_(refiner.head.weight, std=0.1)
+    before = {k: v.clone() for k, v in refiner.state_dict().items()}
+    fast = for_decoding(refiner, precision)
+    assert fast is not refiner and all(torch.equal(before[k], v) for k, v in refiner.state_dict().items())
+    # stage 2 gathers its cluster members' rows from the head: a plain layer; int8's GEMV kernel would be slow at
+    # a refiner's rows, so int8 runs the refiner in bf16
+    dtype = torch.float32 if precision == "fp32-packed" else torch.bfloat16
+    assert type(fast.head) is nn.Linear and fast.head.weight.dtype == dtype
+    blocks = [m for m in fast.blocks.modules() if hasattr(m, "weight") and m.weight.dim() == 2]
+    # packed at every size: a refiner's pass has a row per position, where packing gains even for tiny layers
+    packed = precision == "fp32-packed" or precision_module.packed_kernels_available(torch.bfloat16)
+    assert len(blocks) == 2 * 5 and all(isinstance(m, PackedLinear if packed else nn.Linear) for m in blocks)
+    assert all(m.weight.dtype == dtype for m in blocks)
+    coarse, labels = torch.randint(0, 8, (2, 16)), torch.tensor([0, 2])
+    members = torch.randint(0, 64, (2, 16, 5))
+    with torch.no_grad():
+        exact, approx = refiner(coarse, labels), fast(coarse, labels)
+        assert approx.dtype == torch.float32
+        tolerance = 1e-5 if precision == "fp32-packed" else 0.05 * exact.abs().max().item()  # packed: another order
+        torch.testing.assert_close(approx, exact, rtol=0, atol=tolerance)
+        within = fast.member_logits(fast.refiner_states(coarse, labels), members)
+        torch.testing.assert_close(within, exact.gather(2, members), rtol=0, atol=tolerance)
 
 
 def test_fp32_packed_packs_only_layers_large_enough_to_gain() -> None:
@@ -157,6 +182,8 @@ def test_pipelines_and_the_cli_sample_at_each_precision(run_dir: Path, tmp_path:
         for precision in DECODE_PRECISIONS[1:]:
             pipe = load_pipeline(run_dir, kind)
             pipe.prepare_decode(precision)
+            if kind == "ctf":  # the refiner's pass runs at the precision too (int8: in bf16)
+                assert (pipe.refiner.head.weight.dtype == torch.float32) == (precision == "fp32-packed")
             tokens = pipe([0, 1, 2, 3], generator=gen(1), progress=False).tokens
             assert tokens.shape == exact.shape and (tokens == exact).float().mean() > 0.5  # close, not equal
     parser = argparse.ArgumentParser()

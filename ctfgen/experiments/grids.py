@@ -14,8 +14,8 @@
   the baseline at equal steps and at the cheap CTF's compute, also in EfficientNet-Lite0 features.
 Each grid has a full form (what a GPU runs in hours) and a quick one (minutes on a 2-core CPU; it
 shows the instrument works, not the verdict). `cpu` is the versus grid cut to what a 2-core CPU
-fits in a few hours (tiny models with the whole protocol at 400 steps and at equal steps over 200, 800
-and 1600 steps, small ones at equal steps, and the cheapest refiner at 800 steps against the baseline at
+fits in a few hours (tiny models with the whole protocol at 400 steps and at equal steps over 200, 800,
+1600 and 3200 steps, small ones at equal steps, and the cheapest refiner at 800 steps against the baseline at
 its compute); docs/bench.md says what it costs.
 """
 
@@ -81,8 +81,9 @@ def cpu_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell
     within = [replace(c, refiner_mask=True) for c in budgets if c.side == "ctf" and c.steps >= 400]
     # last the stage2 grid's cheap refiner and the baseline given its compute (the other two sides are above)
     cheap = [c for c in stage2_grid(base, seeds, False, train_items) if c.refiner_steps < 1 or c.compute_of]
-    # and the budget series one doubling further: does the FID gap close with longer training?
-    longer = versus(tiny, (1600,), seeds, (FULL_REFINER,), ())
+    # and the budget series two doublings further: does the FID gap close with longer training? (both refiners)
+    longer = versus(tiny, (1600, 3200), seeds, (FULL_REFINER,), ())
+    longer += [replace(c, refiner_mask=True) for c in longer if c.side == "ctf"]
     return budgets + at_400 + small + within + cheap + longer
 
 

@@ -113,7 +113,7 @@ class Cell:
     refiner_features: bool = False  # the refiner reads the coarse model's hidden states (--stage1-features)
     refiner_corrupt: Rate = 0.0  # share of coarse labels redrawn by the coarse model in refiner training (--corrupt)
     refiner_mask: bool = False  # the refiner trains on its cluster's members only (--refiner-mask), as stage 2 samples
-    decode_precision: Annotated[str, OneOf(*DECODE_PRECISIONS)] = "fp32"  # the AR stage's weights while sampling
+    decode_precision: Annotated[str, OneOf(*DECODE_PRECISIONS)] = "fp32"  # the weights' precision while sampling
     batch_size: Count = 64
     lr: Positive = 1e-3
     warmup_steps: NonNegative = 50  # capped at a quarter of a run
@@ -404,6 +404,8 @@ class Workshop:
         setup = {"models": [d.name for d in model_dirs], "artifacts": asdict(art), "data": cell.data,
                  "seed": cell.seed, "refine_steps": cell.refine_steps, "device": self.device.type}
         sampled = {**setup, "decode_precision": cell.decode_precision}
+        if cell.side == "ctf" and cell.decode_precision != "fp32":  # since 2026-12-01 the refiner follows it too
+            sampled["refiner_precision"] = cell.decode_precision
 
         def likelihood() -> dict[str, Any]:
             if cell.side == "baseline":

@@ -14,6 +14,12 @@ weight once per token, so its speed is set by how many bytes the weights take.
   row, symmetric); activations in bf16 for the product (on the CPU torch's int8-weight GEMV kernel),
   everything else in fp32. A quarter of the bytes.
 
+A refiner (stage 2) follows the same precision, though its one pass over every position is bound by
+arithmetic, not by the weights' bytes: fp32-packed packs every layer of its blocks (oneDNN's kernel computed
+2-3x faster than torch's product from 64 rows up, at every layer size), bf16 runs it in bf16, and so does int8 (torch's int8-weight kernel is made
+for a few rows: 3.6x slower than bf16 at 4,096). Its head stays a plain layer: stage 2 gathers the rows of each
+cluster's members from it.
+
 Each changes the sampled tokens a little; docs/bench.md ("Decode precision") measures what that costs in
 FID, docs/sampling.md what it buys in speed.
 """
@@ -88,33 +94,34 @@ class PackedLinear(nn.Module):
 
 
 def for_decoding(model: Transformer, precision: str = "fp32") -> Transformer:
-    """The model to sample a causal stage with at `precision` (a copy unless fp32; the model is unchanged)."""
+    """The model to sample a stage with at `precision` (a copy unless fp32; the model is unchanged): a causal
+    model (stage 1, the baseline) or a refiner (see the module's docstring)."""
     if precision not in DECODE_PRECISIONS:
         raise CtfgenError(f"--decode-precision must be one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
         return model
-    if not model.config.causal:
-        raise CtfgenError("lower-precision decoding is for the causal models (stage 1, the baseline)")
     if precision == "fp32-packed" and (model.head.weight.device.type != "cpu" or not packed_kernels_available()):
         raise CtfgenError("--decode-precision fp32-packed runs on the CPU with oneDNN's packed linear kernels, which "
                           "this device or torch build does not have; use fp32 here")
-    fast = copy.deepcopy(model).eval()
-    if precision == "bf16":
+    fast, causal = copy.deepcopy(model).eval(), model.config.causal  # a refiner's head stays a plain layer
+    if precision == "bf16" or (precision == "int8" and not causal):
         fast.to(torch.bfloat16)
         fast.rope_cos, fast.rope_sin = model.rope_cos.clone(), model.rope_sin.clone()  # rotations stay fp32
         if fast.head.weight.device.type == "cpu" and packed_kernels_available(torch.bfloat16):
-            swap_linears(fast, PackedLinear, 0)  # packed bf16 gains at every size measured (bench_decode.py --layers)
+            swap_linears(fast, PackedLinear, 0, causal)  # packed bf16 gains at every size measured (bench_decode.py --layers)
+    elif precision == "fp32-packed":  # a refiner's pass has a row per position: from 64 rows up packing gains at every
+        swap_linears(fast, PackedLinear, PACK_MIN_WEIGHTS if causal else 0, causal)  # size (--layers --rows 64)
     else:
-        swap_linears(fast, PackedLinear if precision == "fp32-packed" else Int8Linear,
-                     PACK_MIN_WEIGHTS if precision == "fp32-packed" else 0)
+        swap_linears(fast, Int8Linear, 0)
     return fast
 
 
-def swap_linears(model: Transformer, swap: type[nn.Module], least: int) -> None:
-    """Replace, in place, every linear layer of the blocks and the head with at least `least` weights by `swap(layer)`."""
+def swap_linears(model: Transformer, swap: type[nn.Module], least: int, head: bool = True) -> None:
+    """Replace, in place, every linear layer of the blocks, the model's own (the head too if `head`) with at
+    least `least` weights by `swap(layer)`."""
     for parent in [model, *model.blocks.modules()]:
         for name, child in parent.named_children():
-            if isinstance(child, nn.Linear) and child.weight.numel() >= least:
+            if isinstance(child, nn.Linear) and child.weight.numel() >= least and (head or child is not model.head):
                 setattr(parent, name, swap(child))
 
 
