@@ -13,10 +13,13 @@ the folder it was given:
 | a finished one of this kind     | refused           | continue its training  | replace it: write beside it, |
 |                                 |                   | (stages that resume)   | swap in at the end           |
 | another kind, or foreign files  | refused           | refused                | refused                      |
+| one another process is writing  | refused           | refused                | refused                      |
 
 A replacement is written to `.NAME.replacing` beside the folder and swapped in only when complete,
 so an interrupted `--force` run leaves the old artifact as it was (`--force --resume` continues the
-interrupted replacement). Folders written before `status.json` existed are recognised by the kind
+interrupted replacement). `status.json` also names the process that writes the folder (pid and host):
+while it runs, a second command on the same folder is refused rather than left to write the same files.
+Folders written before `status.json` existed are recognised by the kind
 in their `config.json` / `meta.json` and count as finished.
 
 `plan_output` writes nothing (except to complete a swap a kill cut short, which tolerates a race), so
@@ -31,6 +34,7 @@ import datetime
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -131,7 +135,7 @@ class Output:
         for stale in self.path.glob(".*.tmp"):
             stale.unlink()
         write_json(self.path / STATUS_NAME, {"kind": self.kind, "finished": False, "command": " ".join(sys.argv),
-                                             "started": _now()})
+                                             "started": _now(), "pid": os.getpid(), "host": socket.gethostname()})
         return self
 
     def write(self, save: Callable[[Path], T]) -> T:
@@ -179,6 +183,40 @@ def _recover_swap(final: Path) -> None:
         pass
 
 
+def _writer(folder: Path) -> str | None:
+    """Another live process on this machine that opened `folder` and has not finished it, described; else None (a
+    killed run's pid is gone, another machine's cannot be checked, and a process may reopen its own folder)."""
+    if not (folder / STATUS_NAME).is_file():
+        return None
+    record = read_json(folder / STATUS_NAME)
+    pid, command = record.get("pid"), record.get("command", "")
+    if record.get("finished") or not isinstance(pid, int) or pid == os.getpid() or record.get("host") != socket.gethostname():
+        return None
+    return f"pid {pid}, `{command}`, started {record.get('started', '?')}" if _running(pid, command) else None
+
+
+def _running(pid: int, command: str) -> bool:
+    """Whether process `pid` exists and, where /proc tells, still runs `command` (a pid can be reused)."""
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists (another user's)
+        pass
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return True  # no /proc here: the pid alone says it
+    return cmdline.endswith(command)
+
+
+def _check_not_busy(folder: Path) -> None:
+    busy = _writer(folder)
+    if busy:
+        raise CtfgenError(f"{folder} is being written by another running ctfgen process ({busy}); wait for it to end "
+                          "or stop it first")
+
+
 def _describe(kind: str) -> str:
     return "a run folder" if kind == RUN_KIND else f"a {kind} folder"
 
@@ -202,8 +240,11 @@ def plan_output(folder: str | Path, kind: str, *, force: bool = False, resume: b
     if found is None:
         check_writable(final)
         return Output(final, final, kind, resumed=False, clear=False)
+    _check_not_busy(final)
     if finished and force:
         staging = _staging(final)
+        if staging.is_dir():
+            _check_not_busy(staging)
         check_writable(final.parent, final)
         keep = resume and resumable and staging.is_dir() and not _is_empty(staging)
         return Output(final, staging, kind, resumed=keep, clear=not keep)

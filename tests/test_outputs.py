@@ -4,6 +4,9 @@ unfinished work continues only when asked. Plain folders, then a real training r
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,6 +94,35 @@ def test_unfinished_work_continues_only_when_asked(tmp_path: Path) -> None:
     (folder / "part.npy").write_text("half")
     out = open_output(folder, "thing")
     assert not out.resumed and not (folder / "part.npy").exists()
+
+
+def test_a_folder_another_running_process_writes_is_refused(tmp_path: Path) -> None:
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        def written_by(folder: Path, pid: int, command: str) -> None:
+            status = json.loads((folder / STATUS_NAME).read_text())
+            write_json(folder / STATUS_NAME, {**status, "pid": pid, "command": command})
+
+        folder = tmp_path / "a"
+        out = open_output(folder, "thing", resumable=True)
+        assert json.loads((folder / STATUS_NAME).read_text())["pid"] == os.getpid()
+        plan_output(folder, "thing", resume=True, resumable=True)  # a process may reopen its own folder
+        written_by(folder, other.pid, " ".join(other.args[1:]))
+        for flags in ({"resume": True}, {"force": True}, {}):
+            with pytest.raises(CtfgenError, match=f"being written by another running ctfgen process \\(pid {other.pid}"):
+                plan_output(folder, "thing", resumable=True, **flags)
+        written_by(folder, other.pid, "ctfgen train --out a")  # the pid now runs something else: reused, not busy
+        plan_output(folder, "thing", resume=True, resumable=True)
+        out.finish()  # finished: --force replaces it, unless another process is writing the replacement
+        staging = plan_output(folder, "thing", force=True).open().path
+        written_by(staging, other.pid, " ".join(other.args[1:]))
+        with pytest.raises(CtfgenError, match="being written by another running"):
+            plan_output(folder, "thing", force=True)
+    finally:
+        other.kill()
+        other.wait()
+    assert plan_output(folder, "thing", force=True).path == staging  # a killed writer's work is taken over
+    assert plan_output(tmp_path / "a", "thing", force=True, resume=True, resumable=True).path == staging
 
 
 def test_older_folders_are_recognised_by_their_config(tmp_path: Path) -> None:

@@ -15,8 +15,8 @@
 Each grid has a full form (what a GPU runs in hours) and a quick one (minutes on a 2-core CPU; it
 shows the instrument works, not the verdict). `cpu` is the versus grid cut to what a 2-core CPU
 fits in a few hours (tiny models with the whole protocol at 400 steps and at equal steps over 200, 800,
-1600 and 3200 steps, small ones at equal steps, and the cheapest refiner at 800 steps against the baseline at
-its compute); docs/bench.md says what it costs.
+1600 and 3200 steps, small ones at equal steps and with the refiner at full and quarter depth, and the cheapest
+refiner at 800 steps against the baseline at its compute); docs/bench.md says what it costs.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ def cpu_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell
     # and the budget series two doublings further: does the FID gap close with longer training? (both refiners)
     longer = versus(tiny, (1600, 3200), seeds, (FULL_REFINER,), ())
     longer += [replace(c, refiner_mask=True) for c in longer if c.side == "ctf"]
-    return budgets + at_400 + small + within + cheap + longer
+    # how shallow a refiner trained within clusters may be: the small models' 4 layers and one (a quarter)
+    depths = [replace(c, refiner_mask=True, refiner_depth=d) for c in small if c.side == "ctf" for d in (1.0, 0.25)]
+    return budgets + at_400 + small + within + cheap + longer + depths
 
 
 LITE0 = ("effnet-lite0",)  # the issue's second feature space (ImageNet features, shipped in a PyPI package)
