@@ -161,7 +161,8 @@ def main() -> None:
     if args.layers:
         layers = []
         for n_rows in args.rows:
-            for dtype in [torch.float32, torch.bfloat16] if packed_kernels_available(torch.bfloat16) else [torch.float32]:
+            bf16 = [torch.bfloat16] if packed_kernels_available(torch.bfloat16) else []
+            for dtype in [torch.float32, *bf16]:
                 print(f"one {dtype} linear layer at {n_rows} rows, best of {max(5, 600 // n_rows)} "
                       f"({torch.get_num_threads()} threads):")
                 layers += layer_sweep(dtype, n_rows)

@@ -190,7 +190,8 @@ def _writer(folder: Path) -> str | None:
         return None
     record = read_json(folder / STATUS_NAME)
     pid, command = record.get("pid"), record.get("command", "")
-    if record.get("finished") or not isinstance(pid, int) or pid == os.getpid() or record.get("host") != socket.gethostname():
+    here = record.get("host") == socket.gethostname()
+    if record.get("finished") or not isinstance(pid, int) or pid == os.getpid() or not here:
         return None
     return f"pid {pid}, `{command}`, started {record.get('started', '?')}" if _running(pid, command) else None
 

@@ -109,7 +109,7 @@ def test_a_folder_another_running_process_writes_is_refused(tmp_path: Path) -> N
         plan_output(folder, "thing", resume=True, resumable=True)  # a process may reopen its own folder
         written_by(folder, other.pid, " ".join(other.args[1:]))
         for flags in ({"resume": True}, {"force": True}, {}):
-            with pytest.raises(CtfgenError, match=f"being written by another running ctfgen process \\(pid {other.pid}"):
+            with pytest.raises(CtfgenError, match=rf"being written by another running ctfgen process \(pid {other.pid}"):
                 plan_output(folder, "thing", resumable=True, **flags)
         written_by(folder, other.pid, "ctfgen train --out a")  # the pid now runs something else: reused, not busy
         plan_output(folder, "thing", resume=True, resumable=True)

@@ -15,10 +15,10 @@ weight once per token, so its speed is set by how many bytes the weights take.
   everything else in fp32. A quarter of the bytes.
 
 A refiner (stage 2) follows the same precision, though its one pass over every position is bound by
-arithmetic, not by the weights' bytes: fp32-packed packs every layer of its blocks (oneDNN's kernel computed
-2-3x faster than torch's product from 64 rows up, at every layer size), bf16 runs it in bf16, and so does int8 (torch's int8-weight kernel is made
-for a few rows: 3.6x slower than bf16 at 4,096). Its head stays a plain layer: stage 2 gathers the rows of each
-cluster's members from it.
+arithmetic, not by the weights' bytes: fp32-packed packs every layer of its blocks (from 64 rows up oneDNN's
+kernel beat torch's product at every layer size, by 1.1-3x), bf16 runs it in bf16, and so does int8 (torch's
+int8-weight kernel is made for a few rows: 3.6x slower than bf16 at 4,096). Its head stays a plain layer:
+stage 2 gathers the rows of each cluster's members from it.
 
 Each changes the sampled tokens a little; docs/bench.md ("Decode precision") measures what that costs in
 FID, docs/sampling.md what it buys in speed.
@@ -108,9 +108,9 @@ def for_decoding(model: Transformer, precision: str = "fp32") -> Transformer:
         fast.to(torch.bfloat16)
         fast.rope_cos, fast.rope_sin = model.rope_cos.clone(), model.rope_sin.clone()  # rotations stay fp32
         if fast.head.weight.device.type == "cpu" and packed_kernels_available(torch.bfloat16):
-            swap_linears(fast, PackedLinear, 0, causal)  # packed bf16 gains at every size measured (bench_decode.py --layers)
-    elif precision == "fp32-packed":  # a refiner's pass has a row per position: from 64 rows up packing gains at every
-        swap_linears(fast, PackedLinear, PACK_MIN_WEIGHTS if causal else 0, causal)  # size (--layers --rows 64)
+            swap_linears(fast, PackedLinear, 0, causal)  # gains at every size measured (bench_decode.py --layers)
+    elif precision == "fp32-packed":  # a refiner's pass has a row per position, where packing gains at every size
+        swap_linears(fast, PackedLinear, PACK_MIN_WEIGHTS if causal else 0, causal)
     else:
         swap_linears(fast, Int8Linear, 0)
     return fast
