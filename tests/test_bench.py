@@ -89,6 +89,7 @@ def test_cells_run_resume_and_report(tmp_path: Path, fm: Path) -> None:
     assert "FID at own best (n=30)" in report and "true-coarse+uniform" in report
     assert "| side | 3 steps | 4 steps |" in report  # FID against the budget, each budget its own run
     assert "CTF reaches the FID the baseline has at 4 steps" in report
+    assert "CTF (refiner 0.5x depth, 0.5x steps) reaches" not in report  # steps to FID: full-size refiners only
     assert len(summary["setups"]) == 2 and any("equal steps" in v for v in summary["setups"][0]["verdict"])
 
     calls = []

@@ -390,24 +390,26 @@ def steps_to_fid(points: list[tuple[float, float]], target: float) -> float | No
 
 
 def steps_to_fid_lines(family: list[Setup]) -> list[str]:
-    """How many steps CTF (the paper's refiner) needs to reach the FID the equal-steps baseline has at the
-    largest budget, and the reverse."""
-    sides: dict[str, list[tuple[float, float]]] = {"CTF": [], "the baseline": []}
+    """How many steps each full-size CTF (one line per refiner kind and K) needs to reach the FID the equal-steps
+    baseline has at the largest budget, and the reverse."""
+    baseline = [(s.fields["steps"], s.baseline.of(final("fid")).mean) for s in family if s.baseline is not None]
+    ctfs: dict[str, list[tuple[float, float]]] = {}
     for setup in family:
-        ctf, base = setup.row("ctf"), setup.baseline
-        if len(ctf) == 1:  # (one K)
-            sides["CTF"].append((setup.fields["steps"], ctf[0].of(final("fid")).mean))
-        if base is not None:
-            sides["the baseline"].append((setup.fields["steps"], base.of(final("fid")).mean))
-    if not all(sides.values()):
-        return []
+        rows = [r for r in setup.row("ctf", full=False) if r.full_size]
+        one_k = len({r.records[0]["result"]["K"] for r in rows}) == 1
+        for r in rows:
+            ctfs.setdefault(r.label(not one_k), []).append((setup.fields["steps"], r.of(final("fid")).mean))
     lines = []
-    for a, b in (("CTF", "the baseline"), ("the baseline", "CTF")):
-        last_steps, target = sides[b][-1]
-        needed = steps_to_fid(sides[a], target)
-        reach = f"about {needed:.0f} steps ({needed / last_steps:.2f}x as many)" if needed else "none of the budgets"
-        lines.append(f"- {a[0].upper() + a[1:]} reaches the FID {b} has at {last_steps:.0f} steps ({target:.2f}) "
-                     f"in {reach}.")
+    for label, ctf in ctfs.items() if baseline else ():
+        for (a, ours), (b, theirs) in (((label, ctf), ("the baseline", baseline)),
+                                       (("the baseline", baseline), (label, ctf))):
+            last_steps, target = theirs[-1]
+            needed = steps_to_fid(ours, target)
+            reach = f"about {needed:.0f} steps ({needed / last_steps:.2f}x as many)" if needed else "none of the budgets"
+            lines.append(f"- {a[0].upper() + a[1:]} reaches the FID {b} has at {last_steps:.0f} steps ({target:.2f}) "
+                         f"in {reach}.")
+    if not lines:
+        return []
     return ["Steps to FID (mean FIDs, interpolated linearly in log steps between the budgets):", ""] + lines + [""]
 
 
