@@ -39,6 +39,7 @@ from typing import Callable
 
 import torch
 
+from ctfgen.arguments import Count, arg_type
 from ctfgen.artifacts import write_json
 from ctfgen.sampling import StageSettings, decode_cache, sample_causal
 from ctfgen.transformer import build_model, import_llamagen_gpt, preset_config
@@ -152,7 +153,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also break one decode step down by operation")
     ap.add_argument("--layers", action="store_true",
                     help="only time plain against packed weights per layer shape (fp32, bf16)")
-    ap.add_argument("--rows", type=int, nargs="+", default=[2],
+    ap.add_argument("--rows", type=arg_type(Count), nargs="+", default=[2],
                     help="--layers: rows of the products (2: one image with CFG; 64 and up: a refiner's pass)")
     ap.add_argument("--out", default="runs/bench-decode/bench_decode.json")
     args = ap.parse_args()

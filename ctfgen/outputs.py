@@ -244,8 +244,7 @@ def plan_output(folder: str | Path, kind: str, *, force: bool = False, resume: b
     _check_not_busy(final)
     if finished and force:
         staging = _staging(final)
-        if staging.is_dir():
-            _check_not_busy(staging)
+        _check_not_busy(staging)  # a replacement another process is writing
         check_writable(final.parent, final)
         keep = resume and resumable and staging.is_dir() and not _is_empty(staging)
         return Output(final, staging, kind, resumed=keep, clear=not keep)

@@ -123,7 +123,8 @@ class _Pipeline:
                        lookahead: int = 4, **compile_options: Any) -> None:
         """Sample the autoregressive stage (and CTF's refiner) at `precision` (fp32, exact; fp32-packed; bf16;
         int8 weight-only: see ctfgen.transformer.precision), with its decode step compiled
-        (`Transformer.compile_step`), and/or speculatively with `draft` proposing `lookahead` tokens a pass (the same distribution; docs/sampling.md)."""
+        (`Transformer.compile_step`), and/or speculatively with `draft` proposing `lookahead` tokens a pass
+        (the same distribution; docs/sampling.md)."""
         if compile and precision == "fp32-packed" and compile_options.get("backend", "inductor") == "inductor":
             raise CtfgenError("--compile does not take --decode-precision fp32-packed (inductor cannot compile its "
                               "packed weights); --compile alone packs them the same way on the CPU")
