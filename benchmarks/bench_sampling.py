@@ -5,6 +5,7 @@ KV cache's per-token decode time at the last position against the first.
     python benchmarks/bench_sampling.py --device cuda      # also GPT-B at batch 8 (best of 3 rounds; small: of 7)
     python benchmarks/bench_sampling.py --refine-passes 1,2,4,8   # also CTF with stage 2 in that many passes
     python benchmarks/bench_sampling.py --refiner-depth 0.5 --gpt-b-batches 1,64   # a half-depth refiner
+    python benchmarks/bench_sampling.py --refiner-depth 0.25 --refiner-width 0.5     # and a narrower, shallower one
     python benchmarks/bench_sampling.py --decode-precision fp32-packed   # all three models on packed weights
     python benchmarks/bench_sampling.py --shapes small --compile          # both AR stages' decode step compiled
 
@@ -17,8 +18,9 @@ uniform). Two shapes:
 refiner pass and its sampling. With --refine-passes the refiner reads decided codes (`reveal`), and
 CTF is also timed with stage 2 in each number of passes (`refine(steps=S)`; S = 1 is the paper's).
 Stage 2 keeps each code in its cluster (random balanced clusters), as the pipeline does by default;
-`--refiner-depth` sets the refiner's share of stage 1's layers (the bench found a half-depth refiner
-as good as a full one; docs/bench.md). Images/s counts token sampling (stage 1 with CFG 2.0, stage 2
+`--refiner-depth` and `--refiner-width` set the refiner's share of stage 1's layers and width (the bench
+found refiners of a quarter of the layers, and of a quarter of the layers at half the width, as good as a
+full one: docs/bench.md). Images/s counts token sampling (stage 1 with CFG 2.0, stage 2
 without guidance, the pipeline's defaults), not the tokenizer's decoder, which costs the same for both
 methods. CTF, the baseline and stage 2 alone run in turn, round after round, and each keeps its best
 round (the one least disturbed by other work). On a shared CPU the figures still move with the other
@@ -36,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from ctfgen.arguments import Fraction, arg_type
 from ctfgen.artifacts import write_json
 from ctfgen.hierarchy import Hierarchy
 from ctfgen.runtime import pick_device
@@ -51,8 +54,16 @@ STAGE1 = StageSettings(cfg=2.0, temperature=1.1)
 STAGE2 = StageSettings(cfg=1.0, temperature=1.1)
 
 
+def refiner_layers(size: str, depth: float, width: float) -> dict[str, int]:
+    """A refiner's layer count and width as shares of a size preset's; its heads keep the preset's head size."""
+    preset = MODEL_SIZES[size]
+    heads = max(1, round(width * preset["n_head"]))
+    return {"n_layer": max(1, round(depth * preset["n_layer"])), "n_head": heads,
+            "dim": heads * preset["dim"] // preset["n_head"]}
+
+
 def random_models(shape: dict, device: torch.device, reveal: bool = False, refiner_depth: float = 1.0,
-                  precision: str = "fp32", compile: bool = False) -> dict[str, Transformer]:
+                  refiner_width: float = 1.0, precision: str = "fp32", compile: bool = False) -> dict[str, Transformer]:
     """The three models of a shape; the autoregressive ones (coarse, baseline) as they decode at `precision`,
     with their decode step compiled if `compile` (`Transformer.compile_step`, as `ctfgen sample --compile`)."""
     common = dict(num_classes=shape["classes"], grid_h=shape["grid"], grid_w=shape["grid"])
@@ -60,11 +71,10 @@ def random_models(shape: dict, device: torch.device, reveal: bool = False, refin
     models = {}
     for role, (vocab_size, head_size) in vocab.items():
         torch.manual_seed(0)
-        layers = MODEL_SIZES[shape["size"]]["n_layer"]
-        depth = {"n_layer": max(1, round(refiner_depth * layers))} if role == "refiner" else {}
+        smaller = refiner_layers(shape["size"], refiner_depth, refiner_width) if role == "refiner" else {}
         with torch.device(device):
             model = build_model(preset_config(shape["size"], role=role, vocab_size=vocab_size, head_size=head_size,
-                                              reveal=reveal and role == "refiner", **common, **depth))
+                                              reveal=reveal and role == "refiner", **common, **smaller))
         torch.nn.init.normal_(model.head.weight, std=0.02)
         models[role] = for_decoding(model.eval(), precision)
         if compile and role != "refiner":
@@ -137,10 +147,10 @@ def decode_step_times(model: Transformer, batch: int, device: torch.device, repe
 
 
 def bench_shape(name: str, batches: list[int], device: torch.device, repeats: int, passes: list[int],
-                refiner_depth: float, masked: bool, precision: str, compile: bool = False) -> dict:
+                refiner_depth: float, refiner_width: float, masked: bool, precision: str, compile: bool = False) -> dict:
     shape = SHAPES[name]
-    models = random_models(shape, device, reveal=bool(passes), refiner_depth=refiner_depth, precision=precision,
-                           compile=compile)
+    models = random_models(shape, device, reveal=bool(passes), refiner_depth=refiner_depth,
+                           refiner_width=refiner_width, precision=precision, compile=compile)
     torch.manual_seed(0)  # balanced random clusters: the cost of a cluster mask, as the pipeline samples by default
     mask = Hierarchy(torch.randperm(shape["V"]) % shape["K"], shape["K"]).member_mask.to(device) if masked else None
     for role in ("coarse", "baseline"):
@@ -149,7 +159,7 @@ def bench_shape(name: str, batches: list[int], device: torch.device, repeats: in
         images_per_s(models, shape, 1, device, 1, [], mask)
     result = {"shape": {"name": name, **shape},
               "params": {role: m.num_params() for role, m in models.items()},
-              "refiner_depth": refiner_depth, "refiner_mask": masked, "decode_precision": precision, "compile": compile,
+              "refiner_depth": refiner_depth, "refiner_width": refiner_width, "refiner_mask": masked, "decode_precision": precision, "compile": compile,
               "sampling": [images_per_s(models, shape, b, device, repeats, passes, mask) for b in batches],
               "decode_step": {role: decode_step_times(models[role], 1, device, 31) for role in ("coarse", "baseline")}}
     return result
@@ -186,7 +196,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="runs/bench-sampling/bench_sampling.json")
     ap.add_argument("--refine-passes", default="", help="comma-separated stage-2 pass counts to time, e.g. 1,2,4,8")
-    ap.add_argument("--refiner-depth", type=float, default=1.0, help="the refiner's share of the stage-1 depth")
+    ap.add_argument("--refiner-depth", type=arg_type(Fraction), default=1.0, help="the refiner's share of the stage-1 depth")
+    ap.add_argument("--refiner-width", type=arg_type(Fraction), default=1.0, help="the refiner's share of the stage-1 width "
+                    "(heads of the same size, fewer)")
     ap.add_argument("--no-refiner-mask", dest="mask", action="store_false", help="sample stage 2 from all V codewords "
                     "(the pipeline's default keeps each code in its cluster)")
     ap.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32",
@@ -208,7 +220,8 @@ def main() -> None:
     results = []
     for name in args.shapes.split(","):
         print(f"benchmarking the {name} shape ...", flush=True)
-        results.append(bench_shape(name, batches[name], device, repeats[name], passes, args.refiner_depth, args.mask,
+        results.append(bench_shape(name, batches[name], device, repeats[name], passes, args.refiner_depth,
+                                   args.refiner_width, args.mask,
                                    args.decode_precision, args.compile))
     print_table(results)
     report = {"date": str(date.today()), "device": str(device), "torch": torch.__version__,

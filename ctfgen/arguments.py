@@ -77,6 +77,7 @@ Count = Annotated[int, AtLeast(1)]  # steps, sizes, batch sizes, intervals
 NonNegative = Annotated[int, AtLeast(0)]
 Positive = Annotated[float, Above(0.0)]  # learning rates
 Rate = Annotated[float, Between(0.0, 1.0, hi_open=True)]  # dropout probabilities, EMA decay, Adam betas
+Fraction = Annotated[float, Between(0.0, 1.0, lo_open=True)]  # shares of a model's depth or steps
 
 
 def flag(name: str) -> str:

@@ -9,7 +9,9 @@ so an interrupted bench resumes and a finished cell is never recomputed); the re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import json
 import logging
 import os
 import platform
@@ -43,14 +45,36 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def cell_condition(text: str) -> tuple[str, Any]:
+    """An argparse type: FIELD=VALUE, a field of a cell and the value a cell must have there (read as JSON:
+    400, 0.25, true, [1.0, 0.25]; anything else is a string, e.g. tiny)."""
+    name, equals, value = text.partition("=")
+    fields = sorted(f.name for f in dataclasses.fields(Cell) if f.name != "scoring")
+    if not equals or name not in fields:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with FIELD one of {', '.join(fields)}; got {text!r}")
+    try:
+        wanted = json.loads(value)
+    except json.JSONDecodeError:
+        wanted = value
+    return name, tuple(wanted) if isinstance(wanted, list) else wanted  # a cell holds tuples
+
+
+def conditions_text(only: Sequence[tuple[str, Any]]) -> str:
+    return " ".join(f"{name}={json.dumps(value)}" for name, value in only)
+
+
 def bench_cells(grid: str, seeds: int, quick: bool, data: str, data_dir: str | None, steps: int | None = None,
                 size: str | None = None, tokenizer_steps: int | None = None,
-                beyond_cfg: Sequence[float] = ()) -> list[Cell]:
-    """The grid's cells, with `steps`, `size`, `tokenizer_steps` and `beyond_cfg` (the scoring's) overriding
-    every cell's (duplicates dropped). Reading the training set (budgets in epochs need its size) also checks
-    `data`."""
+                beyond_cfg: Sequence[float] = (), only: Sequence[tuple[str, Any]] = ()) -> list[Cell]:
+    """The grid's cells that have every value `only` names (`cell_condition`), with `steps`, `size`,
+    `tokenizer_steps` and `beyond_cfg` (the scoring's) then overriding every cell's (duplicates dropped).
+    Reading the training set (budgets in epochs need its size) also checks `data`."""
     train_items = len(build_dataset(data, "train", data_dir=data_dir))
     cells = GRIDS[grid](Cell(side="ctf", steps=1, data=data), seeds, quick, train_items)
+    cells = [c for c in cells if all(getattr(c, name) == value for name, value in only)]
+    if not cells:
+        quick_form = " (quick)" if quick else ""
+        raise CtfgenError(f"--only {conditions_text(only)}: no cell of the {grid} grid{quick_form} has that")
     if steps is not None:
         cells = [replace(c, steps=steps) for c in cells]
     if size is not None:
@@ -112,6 +136,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beyond-cfg", type=arg_type(Positive), nargs="+", default=[], metavar="CFG",
                    help="stronger guidance to try, in turn, for a side whose best point sits at the largest CFG scored "
                         "so far (e.g. 6 8; above the grid's 4)")
+    p.add_argument("--only", type=cell_condition, nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="run only the grid's cells with these values (before --steps and --size apply), e.g. "
+                        "size=small refiner_mask=true; fields as in ctfgen.experiments.protocol.Cell")
     add_output_flags(p, resumable=True)
 
 
@@ -122,8 +149,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     out = args.out or f"runs/bench-{args.grid}" + ("-quick" if args.quick else "")
     seeds = args.seeds or (2 if args.quick else 3)
     cells = bench_cells(args.grid, seeds, args.quick, args.data, args.data_dir, args.steps, args.size,
-                        args.tokenizer_steps, args.beyond_cfg)
-    meta = {"grid": args.grid + (" (quick)" if args.quick else ""), "seeds": seeds, "data": args.data}
+                        args.tokenizer_steps, args.beyond_cfg, args.only)
+    meta = {"grid": args.grid + (" (quick)" if args.quick else "") + (f", only {conditions_text(args.only)}"
+                                                                      if args.only else ""),
+            "seeds": seeds, "data": args.data}
     summary = run_bench(out, cells, meta, args.data_dir, args.cache_dir, args.run, args.device, args.force, args.resume,
                         classifier_epochs=1 if args.quick else 2, classifier_limit=10000 if args.quick else 20000)
     for i, setup in enumerate(summary["setups"], 1):
@@ -131,4 +160,4 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"report -> {Path(out) / 'BENCHMARKS.md'}")
 
 
-__all__ = ["BENCH_KIND", "add_bench_args", "bench_cells", "cmd_bench", "run_bench"]
+__all__ = ["BENCH_KIND", "add_bench_args", "bench_cells", "cell_condition", "cmd_bench", "run_bench"]

@@ -31,7 +31,7 @@ from .sampling import (StageSettings, check_class_labels, check_draft, in_batche
                        sample_ctf)
 from .tokenizer.model import VQTokenizer, load_tokenizer, save_tokenizer
 from .transformer.model import Transformer, load_model, save_model
-from .transformer.precision import DECODE_PRECISIONS, for_decoding
+from .transformer.precision import DECODE_PRECISIONS, for_decoding, packed_kernels_available
 
 TRAIN_INFO_NAME = "train_info.json"  # written by ctfgen.training next to each model
 
@@ -196,10 +196,15 @@ class CTFPipeline(_Pipeline):
         if self.refiner is not None:
             save_model(self.refiner, run / "refiner")
 
-    def prepare_decode(self, precision: str = "fp32", *args: Any, **kwargs: Any) -> None:
-        super().prepare_decode(precision, *args, **kwargs)
-        if self.refiner is not None:  # its one pass runs at the same precision (never compiled: it runs once)
-            self.refiner = for_decoding(self.refiner, precision)
+    def prepare_decode(self, precision: str = "fp32", compile: bool = False, **options: Any) -> None:
+        super().prepare_decode(precision, compile=compile, **options)
+        if self.refiner is None:
+            return
+        # its one pass runs at the same precision (never compiled: it runs once), packed where the compiled step
+        # packs stage 1's fp32 weights (inductor on the CPU)
+        packs = (compile and precision == "fp32" and options.get("backend", "inductor") == "inductor"
+                 and self.device.type == "cpu" and packed_kernels_available())
+        self.refiner = for_decoding(self.refiner, "fp32-packed" if packs else precision)
 
     def __call__(self, class_labels: int | Sequence[int] | torch.Tensor, *, cfg1: float = DEFAULTS["cfg1"],
                  cfg2: float = DEFAULTS["cfg2"], t1: float = DEFAULTS["t1"], t2: float = DEFAULTS["t2"],
@@ -362,7 +367,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def apply_decode_flags(pipe: CTFPipeline | BaselinePipeline, args: argparse.Namespace) -> None:
     """The decode flags: --decode-precision, --compile, --draft and --lookahead."""
     draft = load_model(args.draft, pipe.device) if args.draft else None
-    pipe.prepare_decode(args.decode_precision, args.compile, draft, args.lookahead)
+    pipe.prepare_decode(args.decode_precision, args.compile, draft=draft, lookahead=args.lookahead)
 
 
 def sample_labels(args: argparse.Namespace, num_classes: int) -> torch.Tensor:

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ctfgen.bench import add_bench_args, bench_cells, cmd_bench, run_bench
+from ctfgen.bench import add_bench_args, bench_cells, cell_condition, cmd_bench, run_bench
 from ctfgen.errors import CtfgenError
 from ctfgen.experiments import Results, cell_key
 from ctfgen.experiments.grids import GRIDS, versus
 from ctfgen.experiments.protocol import Cell, Scoring, Workshop, best_point
-from ctfgen.experiments.report import group, points_table, steps_to_fid, verdict, write_report
+from ctfgen.experiments.report import group, points_table, setup_title, steps_to_fid, verdict, write_report
 from ctfgen.hierarchy import load_hierarchy
 from test_demo import fake_fashion_mnist
 
@@ -247,6 +247,41 @@ def record(side: str, seed: int, fid: float, nll: float, flops: float = 1.0, ref
     return {"key": f"{side}{seed}{refiner}{compute_of}{options}", "cell": cell, "wall_s": 1.0, "result": {
         "label": side, "K": k, "flops": flops, "final": final, "artifacts": {"tokenizer": "t", "classifier": "c"}, "points": [{"settings": {"cfg1": c}, "fid": fid + c - 1, "n": 50} for c in (1.0, 2.0)],
         "nll": {"coarse": nll / 2, "within": nll / 2, "nll": nll}, "samples": "x.png"}}
+
+
+def test_a_refiner_of_a_smaller_preset_is_a_smaller_refiner_of_the_same_setup() -> None:
+    small = dict(size="small", refiner_size="small", refiner_mask=True)
+    records = ([record("ctf", s, 5.0 + 0.1 * s, 3.0, **small) for s in range(3)]
+               + [record("baseline", s, 7.0 + 0.1 * s, 3.5, **small) for s in range(3)]
+               # the tiny preset's refiner at the full share of its layers: not the full-size refiner
+               + [record("ctf", s, 5.1 + 0.1 * s, 3.0, flops=0.4, **{**small, "refiner_size": "tiny"}) for s in range(3)])
+    (setup,) = group(records)
+    narrow = "CTF (refiner tiny, trained within clusters)"
+    assert [r.label(False) for r in setup.rows] == ["CTF (refiner trained within clusters)", "baseline, equal steps",
+                                                   narrow]
+    assert not setup.rows[2].full_size
+    lines = verdict(setup)
+    assert not any(line.startswith(f"{narrow} against") for line in lines)  # only through the cheapest line
+    assert lines[-1] == (f"Cheapest refiner whose FID is not worse than the full one's (beyond the spread): {narrow}, "
+                         "0.40x the training FLOPs of CTF (refiner trained within clusters).")
+    assert setup_title(setup).startswith("V=64, small models, 3 steps")
+
+
+def test_only_keeps_the_grid_cells_with_those_values(fm: Path) -> None:
+    def only(*conditions: str, **overrides: object) -> list[Cell]:
+        return bench_cells("cpu", 3, False, "fashion-mnist", str(fm), **overrides,
+                           only=[cell_condition(c) for c in conditions])
+
+    depths = only("size=small", "refiner_mask=true")  # the refiners of three sizes, 3 seeds
+    assert len(depths) == 9 and {(c.refiner_size, c.refiner_depth) for c in depths} == {
+        ("small", 1.0), ("small", 0.25), ("tiny", 0.5)}
+    matched = only("compute_of=[1.0, 0.25]", "seed=0")  # JSON lists are the cells' tuples
+    assert [(c.side, c.seed, c.compute_of) for c in matched] == [("baseline", 0, (1.0, 0.25))]
+    assert [c.steps for c in only("steps=3200", "side=baseline", steps=50)] == [50, 50, 50]  # chosen, then set
+    with pytest.raises(CtfgenError, match='--only size="GPT-XL": no cell of the cpu grid has that'):
+        only("size=GPT-XL")
+    with pytest.raises(argparse.ArgumentTypeError, match="FIELD one of batch_size, codebook"):
+        cell_condition("flavour=sweet")
 
 
 def test_guidance_beyond_the_grid_only_while_the_best_point_sits_at_its_edge() -> None:

@@ -175,6 +175,9 @@ CASES = {
     "bench --steps 0": BENCH + ["--steps", "0", "--out", "{root}/new"],
     "bench --size bogus": BENCH + ["--size", "bogus", "--out", "{root}/new"],
     "bench --run that is missing": BENCH + ["--run", "{root}/missing", "--out", "{root}/new"],
+    "bench --only a field cells lack": BENCH + ["--only", "flavour=sweet", "--out", "{root}/new"],
+    "bench --only without a value": BENCH + ["--only", "size", "--out", "{root}/new"],
+    "bench --only a value no cell has": BENCH + ["--only", "size=GPT-XL", "--out", "{root}/new"],
     # empty selections
     "cluster --images 0": CLUSTER + ["--k", "auto", "--images", "0", "--out", "{root}/new"],
     "analyze-redundancy --images 0": REDUNDANCY + ["--images", "0", "--out", "{root}/new"],

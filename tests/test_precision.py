@@ -18,7 +18,7 @@ from ctfgen.sampling import decode_cache
 from ctfgen.transformer import build_model, preset_config
 from ctfgen.transformer import precision as precision_module
 from ctfgen.transformer.precision import (DECODE_PRECISIONS, PACK_MIN_WEIGHTS, Int8Linear, PackedLinear, for_decoding,
-                                          weight_bytes_per_token)
+                                          packed_kernels_available, weight_bytes_per_token)
 from test_sampling import gen, hierarchy, models, run_dir  # noqa: F401  (fixtures)
 
 
@@ -174,6 +174,18 @@ def test_weight_bytes_shrink_with_precision() -> None:
     assert weight_bytes_per_token(for_decoding(model, "fp32-packed")) == full
     assert weight_bytes_per_token(for_decoding(model, "bf16")) == full // 2
     assert full / 4 < weight_bytes_per_token(for_decoding(model, "int8")) < full / 3.5  # int8 plus a scale per row
+
+
+def test_compile_packs_the_refiner_where_it_packs_stage_1(run_dir: Path) -> None:  # noqa: F811
+    """On the CPU the compiled step packs stage 1's fp32 weights (inductor's freezing); the refiner's one pass,
+    never compiled, is packed instead. Compiling is lazy: nothing is compiled here."""
+    def refiner_packed(**compile_options: object) -> bool:
+        pipe = load_pipeline(run_dir, "ctf")
+        pipe.prepare_decode(compile=True, **compile_options)
+        return any(isinstance(m, PackedLinear) for m in pipe.refiner.modules())
+
+    assert refiner_packed() == packed_kernels_available()
+    assert not refiner_packed(backend="eager")  # which packs nothing
 
 
 def test_pipelines_and_the_cli_sample_at_each_precision(run_dir: Path, tmp_path: Path) -> None:  # noqa: F811

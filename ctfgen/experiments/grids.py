@@ -84,8 +84,10 @@ def cpu_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell
     # and the budget series two doublings further: does the FID gap close with longer training? (both refiners)
     longer = versus(tiny, (1600, 3200), seeds, (FULL_REFINER,), ())
     longer += [replace(c, refiner_mask=True) for c in longer if c.side == "ctf"]
-    # how shallow a refiner trained within clusters may be: the small models' 4 layers and one (a quarter)
+    # how small a refiner trained within clusters may be: the small models' 4 layers, one (a quarter), and
+    # one at half the width (the tiny preset's: about a sixteenth of the full refiner's FLOPs per position)
     depths = [replace(c, refiner_mask=True, refiner_depth=d) for c in small if c.side == "ctf" for d in (1.0, 0.25)]
+    depths += [replace(c, refiner_mask=True, refiner_size="tiny", refiner_depth=0.5) for c in small if c.side == "ctf"]
     return budgets + at_400 + small + within + cheap + longer + depths
 
 

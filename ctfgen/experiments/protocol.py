@@ -27,7 +27,7 @@ from typing import Annotated, Any, Callable
 
 import torch
 
-from ..arguments import AtLeast, Between, Count, NonNegative, OneOf, Positive, Rate, check_fields
+from ..arguments import AtLeast, Count, Fraction, NonNegative, OneOf, Positive, Rate, check_fields
 from ..artifacts import read_json, write_json
 from ..data.codes import CODES_KIND, CodeDataset
 from ..data.datasets import Subset, balanced_subset, build_dataset, dataset_labels, take_images
@@ -51,7 +51,6 @@ from .floors import floor_sets
 from .likelihood import nll_split, within_in_passes
 
 log = logging.getLogger(__name__)
-Fraction = Annotated[float, Between(0.0, 1.0, lo_open=True)]
 
 
 @dataclass(frozen=True)
@@ -141,11 +140,13 @@ class Cell:
 
 def side_label(cell: dict[str, Any]) -> str:
     """What the report calls a side, from a cell's fields: "CTF (refiner 0.5x depth)", "baseline, equal
-    steps", "CTF (refiner reads decided codes, 4 passes)", ... (fields a record lacks take their defaults)."""
+    steps", "CTF (refiner reads decided codes, 4 passes)", "CTF (refiner tiny, 0.5x depth)" (a refiner of
+    another size preset than stage 1's), ... (fields a record lacks take their defaults)."""
     c = {**CELL_DEFAULTS, **cell}
 
     def refiner(depth: float, steps: float, options: bool) -> str:
-        parts = ([f"{depth:g}x depth"] if depth != 1 else []) + ([f"{steps:g}x steps"] if steps != 1 else [])
+        sized = [c["refiner_size"]] if options and c["refiner_size"] != c["size"] else []
+        parts = sized + ([f"{depth:g}x depth"] if depth != 1 else []) + ([f"{steps:g}x steps"] if steps != 1 else [])
         if options:
             parts += (["reads decided codes"] if c["refiner_reveal"] else []) + (
                 [f"{c['refine_steps']} passes"] if c["refine_steps"] != 1 else []) + (

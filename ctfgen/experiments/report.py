@@ -22,7 +22,8 @@ from .stats import Spread, compare, spread
 
 REFINER_OPTIONS = ("refiner_reveal", "refine_steps", "refiner_features", "refiner_corrupt", "refiner_mask")
 # what tells rows of a setup apart
-ROW_FIELDS = ("side", "k", "refiner_depth", "refiner_steps", "compute_of", "decode_precision") + REFINER_OPTIONS
+ROW_FIELDS = ("side", "k", "refiner_size", "refiner_depth", "refiner_steps", "compute_of",
+              "decode_precision") + REFINER_OPTIONS
 SETUP_FIELDS_OUT = ROW_FIELDS + ("seed",)  # a setup: every other field
 MAP_FIELDS = ("codebook", "size", "steps")
 
@@ -40,8 +41,9 @@ class Row:
 
     @property
     def full_size(self) -> bool:
-        """A refiner at full depth and steps (with or without options)."""
-        return self.cell["refiner_depth"] == 1 and self.cell["refiner_steps"] == 1
+        """A refiner of stage 1's size at full depth and steps (with or without options)."""
+        c = self.cell
+        return c["refiner_size"] == c["size"] and c["refiner_depth"] == 1 and c["refiner_steps"] == 1
 
     @property
     def full_refiner(self) -> bool:
@@ -216,7 +218,7 @@ def verdict(setup: Setup) -> list[str]:
 
 def setup_title(setup: Setup) -> str:
     f = setup.fields
-    return (f"V={f['codebook']}, {f['size']} stage 1 / {f['refiner_size']} refiner, {f['steps']} steps at batch "
+    return (f"V={f['codebook']}, {f['size']} models, {f['steps']} steps at batch "
             f"{f['batch_size']}, lr {f['lr']:g} (cosine to the end), dropout {f['dropout']:g}")
 
 

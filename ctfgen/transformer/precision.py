@@ -133,4 +133,4 @@ def weight_bytes_per_token(model: Transformer) -> int:
 
 
 __all__ = ["DECODE_PRECISIONS", "Int8Linear", "PACK_MIN_WEIGHTS", "PackedLinear", "for_decoding",
-           "weight_bytes_per_token"]
+           "packed_kernels_available", "weight_bytes_per_token"]
