@@ -10,9 +10,11 @@ KV cache's per-token decode time at the last position against the first.
     python benchmarks/bench_sampling.py --shapes small --compile          # both AR stages' decode step compiled
 
 Random weights (speed does not depend on them; the heads are re-initialised so sampling is not
-uniform). Two shapes:
+uniform). Three shapes:
 - "small": the Fashion-MNIST shape, 8x8 grid, V=4096, K=256, 10 classes, the "small" preset for
   the coarse model, the baseline and the refiner;
+- "tiny": the bench grids' tiny models (the `stage2` grid's verdict), 8x8 grid, V=4096, K=512, 10
+  classes, the "tiny" preset for all three (not in the default `--shapes`);
 - "GPT-B": LlamaGen's B shape, 16x16 grid, V=16384, K=512, 1000 classes, GPT-B for all three.
 "CTF/base" is the speed ratio (> 1: CTF is faster); "stage 2" is the share of CTF's time spent in the
 refiner pass and its sampling. With --refine-passes the refiner reads decided codes (`reveal`), and
@@ -48,6 +50,7 @@ from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding
 
 SHAPES = {
     "small": dict(size="small", grid=8, V=4096, K=256, classes=10),
+    "tiny": dict(size="tiny", grid=8, V=4096, K=512, classes=10),
     "GPT-B": dict(size="GPT-B", grid=16, V=16384, K=512, classes=1000),
 }
 STAGE1 = StageSettings(cfg=2.0, temperature=1.1)
@@ -191,7 +194,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="GPT-B at batch 1 only, one round (otherwise batch 1 and 8, best of 3 rounds)")
-    ap.add_argument("--shapes", default="small,GPT-B", help="comma-separated: small, GPT-B")
+    ap.add_argument("--shapes", default="small,GPT-B", help="comma-separated: small, tiny, GPT-B")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="runs/bench-sampling/bench_sampling.json")
@@ -210,19 +213,21 @@ def main() -> None:
     args = ap.parse_args()
     if args.compile and args.decode_precision == "fp32-packed":
         ap.error("--compile packs the fp32 weights itself on the CPU; give --decode-precision fp32")
+    shapes = args.shapes.split(",")
+    if not set(shapes) <= set(SHAPES):
+        ap.error(f"--shapes: each of {', '.join(SHAPES)}; got {args.shapes}")
     passes = [int(p) for p in args.refine_passes.split(",") if p]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     gpt_b = [int(b) for b in args.gpt_b_batches.split(",")] if args.gpt_b_batches else [1] if args.quick else [1, 8]
-    batches = {"small": [1, 64], "GPT-B": gpt_b}
-    repeats = {"small": 7, "GPT-B": 1 if args.quick else 3}  # rounds, best of each side: the small shape is cheap
+    batches = {"small": [1, 64], "tiny": [1, 64], "GPT-B": gpt_b}
+    repeats = {"small": 7, "tiny": 7, "GPT-B": 1 if args.quick else 3}  # rounds, best of each side: small shapes are cheap
     results = []
-    for name in args.shapes.split(","):
+    for name in shapes:
         print(f"benchmarking the {name} shape ...", flush=True)
         results.append(bench_shape(name, batches[name], device, repeats[name], passes, args.refiner_depth,
-                                   args.refiner_width, args.mask,
-                                   args.decode_precision, args.compile))
+                                   args.refiner_width, args.mask, args.decode_precision, args.compile))
     print_table(results)
     report = {"date": str(date.today()), "device": str(device), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),

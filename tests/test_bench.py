@@ -254,14 +254,23 @@ def test_a_refiner_of_a_smaller_preset_is_a_smaller_refiner_of_the_same_setup() 
     records = ([record("ctf", s, 5.0 + 0.1 * s, 3.0, **small) for s in range(3)]
                + [record("baseline", s, 7.0 + 0.1 * s, 3.5, **small) for s in range(3)]
                # the tiny preset's refiner at the full share of its layers: not the full-size refiner
-               + [record("ctf", s, 5.1 + 0.1 * s, 3.0, flops=0.4, **{**small, "refiner_size": "tiny"}) for s in range(3)])
+               + [record("ctf", s, 5.1 + 0.1 * s, 3.0, flops=0.4, **{**small, "refiner_size": "tiny"}) for s in range(3)]
+               # a baseline given the compute of a full-depth refiner of the small preset: not the tiny one's match
+               + [record("baseline", s, 6.0, 3.4, compute_of=[1.0, 1.0], **small) for s in range(3)])
     (setup,) = group(records)
     narrow = "CTF (refiner tiny, trained within clusters)"
     assert [r.label(False) for r in setup.rows] == ["CTF (refiner trained within clusters)", "baseline, equal steps",
-                                                   narrow]
+                                                   narrow, "baseline, compute of CTF (refiner trained within clusters)"]
     assert not setup.rows[2].full_size
     lines = verdict(setup)
     assert not any(line.startswith(f"{narrow} against") for line in lines)  # only through the cheapest line
+    tiny_match = [record("baseline", s, 6.0, 3.4, compute_of=[1.0, 1.0], **{**small, "refiner_size": "tiny"})
+                  for s in range(3)]
+    (setup,) = group(records + tiny_match)
+    assert setup.rows[-1].label(False) == "baseline, compute of CTF (refiner tiny, trained within clusters)"
+    assert [line.split(":")[0] for line in verdict(setup) if line.startswith(f"{narrow} against")] == [
+        f"{narrow} against the baseline, equal steps",
+        f"{narrow} against the baseline, compute of CTF (refiner tiny, trained within clusters)"]
     assert lines[-1] == (f"Cheapest refiner whose FID is not worse than the full one's (beyond the spread): {narrow}, "
                          "0.40x the training FLOPs of CTF (refiner trained within clusters).")
     assert setup_title(setup).startswith("V=64, small models, 3 steps")

@@ -17,7 +17,7 @@ from ctfgen.pipeline import BaselinePipeline, CTFPipeline, add_sample_args, cmd_
 from ctfgen.sampling import (StageSettings, apply_guidance, draw, filter_top_p, refine, sample_baseline, sample_causal,
                              sample_ctf)
 from ctfgen.tokenizer.model import VQConfig, VQTokenizer, save_tokenizer
-from ctfgen.transformer import Transformer, build_model, preset_config, save_model
+from ctfgen.transformer import Transformer, build_model, cluster_members, preset_config, save_model
 
 V, K, CLASSES, GRID = 32, 8, 5, 4
 
@@ -140,7 +140,7 @@ def test_drawing_among_members_is_drawing_from_the_masked_logits(models: dict[st
                                                                  settings: StageSettings) -> None:
     """The refiner draws among each cluster's members; masking all V logits gives the same tokens for a seed."""
     from ctfgen.sampling import apply_guidance, draw, token_probs, with_null_labels
-    from ctfgen.transformer import cluster_members, mask_to_clusters
+    from ctfgen.transformer import mask_to_clusters
 
     refiner, labels = models["refiner"], torch.arange(CLASSES).repeat(8)
     coarse = torch.randint(0, K, (len(labels), GRID * GRID), generator=gen(3))
@@ -152,6 +152,22 @@ def test_drawing_among_members_is_drawing_from_the_masked_logits(models: dict[st
     members, is_member = cluster_members(hierarchy.member_mask)
     for k in range(K):
         assert members[k][is_member[k]].tolist() == torch.nonzero(hierarchy.member_mask[k]).view(-1).tolist()
+
+
+def test_a_mask_lists_its_members_once(models: dict[str, Transformer], hierarchy: Hierarchy,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch after batch a pipeline passes its hierarchy's one mask: its members are listed once."""
+    from ctfgen import sampling
+
+    listed = []
+    monkeypatch.setattr(sampling, "cluster_members", lambda mask: listed.append(mask) or cluster_members(mask))
+    sampling.members_of.cache_clear()
+    labels, mask = torch.arange(CLASSES), hierarchy.member_mask
+    coarse = torch.randint(0, K, (CLASSES, GRID * GRID), generator=gen(5))
+    first = [refine(models["refiner"], coarse, labels, StageSettings(), gen(6), mask) for _ in range(3)]
+    assert len(listed) == 1 and all(torch.equal(f, first[0]) for f in first)
+    refine(models["refiner"], coarse, labels, StageSettings(), gen(6), mask.clone())  # another mask object
+    assert len(listed) == 2
 
 
 @pytest.mark.parametrize("settings, flag", [

@@ -93,8 +93,8 @@ class Scoring:
 @dataclass(frozen=True)
 class Cell:
     """One side at one budget and seed. The baseline ignores the refiner fields unless `compute_of` names
-    a CTF refiner: then it trains for that CTF's FLOPs (coarse + refiner) instead of `steps` steps, a
-    refiner trained within clusters (`refiner_mask`) charged for the member-only head it computes."""
+    a CTF refiner: then it trains for that CTF's FLOPs (coarse + a refiner of `refiner_size`) instead of `steps`
+    steps, a refiner trained within clusters (`refiner_mask`) charged for the member-only head it computes."""
 
     side: Annotated[str, OneOf("ctf", "baseline")]
     steps: Count  # stage 1's (and the baseline's) training steps: the budget
@@ -145,14 +145,14 @@ def side_label(cell: dict[str, Any]) -> str:
     c = {**CELL_DEFAULTS, **cell}
 
     def refiner(depth: float, steps: float, options: bool) -> str:
-        sized = [c["refiner_size"]] if options and c["refiner_size"] != c["size"] else []
+        sized = [c["refiner_size"]] if c["refiner_size"] != c["size"] else []  # (a baseline's: the CTF it matches)
         parts = sized + ([f"{depth:g}x depth"] if depth != 1 else []) + ([f"{steps:g}x steps"] if steps != 1 else [])
         if options:
             parts += (["reads decided codes"] if c["refiner_reveal"] else []) + (
                 [f"{c['refine_steps']} passes"] if c["refine_steps"] != 1 else []) + (
                 ["reads stage-1 features"] if c["refiner_features"] else []) + (
                 [f"trained on {100 * c['refiner_corrupt']:g}% corrupted labels"] if c["refiner_corrupt"] else [])
-        parts += ["trained within clusters"] if c["refiner_mask"] else []  # (a baseline's: the CTF it matches)
+        parts += ["trained within clusters"] if c["refiner_mask"] else []  # (likewise)
         return f" (refiner {', '.join(parts)})" if parts else ""
 
     decoded = f", {c['decode_precision']} decoding" if c["decode_precision"] != "fp32" else ""

@@ -157,7 +157,8 @@ def verdict(setup: Setup) -> list[str]:
     def matched(ctf: Row) -> list[Row]:  # the baselines given this CTF's compute (counted with a V-wide head, or
         # with the member-only one that only a refiner trained within clusters has)
         return [r for r in setup.row("baseline", compute_of=[ctf.cell["refiner_depth"], ctf.cell["refiner_steps"]])
-                if ctf.cell["refiner_mask"] or not r.cell["refiner_mask"]]
+                if (ctf.cell["refiner_mask"] or not r.cell["refiner_mask"])
+                and r.cell["refiner_size"] == ctf.cell["refiner_size"]]
 
     for ctf in [r for r in setup.row("ctf", full=False) if r.full_size or matched(r)]:
         name = ctf.label(with_k)
