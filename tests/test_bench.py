@@ -263,7 +263,9 @@ def test_a_refiner_of_a_smaller_preset_is_a_smaller_refiner_of_the_same_setup() 
                                                    narrow, "baseline, compute of CTF (refiner trained within clusters)"]
     assert not setup.rows[2].full_size
     lines = verdict(setup)
-    assert not any(line.startswith(f"{narrow} against") for line in lines)  # only through the cheapest line
+    # the cheapest refiner against each baseline it has (not the one matched to another refiner's compute)
+    assert [line.split(":")[0] for line in lines if line.startswith(f"{narrow} against")] == [
+        f"{narrow} against the baseline, equal steps"]
     tiny_match = [record("baseline", s, 6.0, 3.4, compute_of=[1.0, 1.0], **{**small, "refiner_size": "tiny"})
                   for s in range(3)]
     (setup,) = group(records + tiny_match)
@@ -272,7 +274,8 @@ def test_a_refiner_of_a_smaller_preset_is_a_smaller_refiner_of_the_same_setup() 
         f"{narrow} against the baseline, equal steps",
         f"{narrow} against the baseline, compute of CTF (refiner tiny, trained within clusters)"]
     assert lines[-1] == (f"Cheapest refiner whose FID is not worse than the full one's (beyond the spread): {narrow}, "
-                         "0.40x the training FLOPs of CTF (refiner trained within clusters).")
+                         "0.40x the training FLOPs of CTF (refiner trained within clusters) (against the baselines: "
+                         "above).")
     assert setup_title(setup).startswith("V=64, small models, 3 steps")
 
 
@@ -345,9 +348,9 @@ def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:
     assert "NLL 3.010 +- 0.010 vs 3.510 +- 0.010 nats/token -> CTF better" in lines[0]
     assert "compute of CTF: FID 5.00 +- 0.20 vs 5.07 +- 0.45 (0.99x) -> tie (within the spread)" in lines[1]
     cheapest = [line for line in lines if line.startswith("Cheapest refiner")]
-    assert len(cheapest) == 2 and "0.5x depth" in cheapest[0] and "0.60x the training FLOPs of CTF." in cheapest[0]
+    assert len(cheapest) == 2 and "0.5x depth" in cheapest[0] and "0.60x the training FLOPs of CTF (" in cheapest[0]
     assert cheapest[1].endswith("CTF (refiner 0.25x steps, trained within clusters), 0.50x the training FLOPs of "
-                                "CTF (refiner trained within clusters) (against the baseline given its compute: above).")
+                                "CTF (refiner trained within clusters) (against the baselines: above).")
     cheap = [line for line in lines if line.startswith("CTF (refiner 0.25x steps, trained within clusters) against")]
     assert len(cheap) == 3 and "effnet-lite0" not in cheap[0]  # the equal-steps baseline was not scored so
     assert cheap[2].startswith("CTF (refiner 0.25x steps, trained within clusters) against the baseline, compute of "
@@ -356,10 +359,11 @@ def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:
     assert charged == cheap[2:]  # that baseline is no match for a CTF whose refiner computes all V head rows
     assert ("compute of CTF (refiner 0.25x steps): FID 5.10 +- 0.10 vs 9.10 +- 0.10 (0.56x) -> CTF better; FID in "
             "effnet-lite0 features (n=100) 21.00 +- 1.00 vs 41.00 +- 1.00 (0.51x) -> CTF better; NLL") in cheap[1]
-    # an option at full size is compared with each baseline too; a smaller refiner only through the cheapest line
+    # an option at full size is compared with each baseline too, and so is the cheapest smaller refiner
     assert any(line.startswith("CTF (refiner reads stage-1 features) against the baseline, compute of CTF: FID 5.00")
                for line in lines)
-    assert not any("0.5x depth) against" in line for line in lines)
+    assert [line.split(":")[0] for line in lines if "0.5x depth) against" in line] == [
+        "CTF (refiner 0.5x depth) against the baseline, equal steps"]
     worse = [record("ctf", s, 5.0, 3.0) for s in range(3)] + [record("ctf", s, 6.0, 3.0, refiner=(0.5, 1.0))
                                                                for s in range(3)]
     assert verdict(group(worse)[0])[-1] == "No smaller refiner keeps the FID of CTF (beyond the spread)."

@@ -147,9 +147,10 @@ def _fid_call(a: Spread | None, b: Spread | None) -> str:
 
 
 def verdict(setup: Setup) -> list[str]:
-    """Plain sentences: CTF (with the full-size refiner, plain or with an option, and any refiner with a
-    baseline given its own compute) against each of its baselines in FID (at each side's best point; in
-    other features too where both were scored so) and NLL, and the cheapest refiner that keeps CTF's quality."""
+    """Plain sentences: CTF (with the full-size refiner, plain or with an option, any refiner with a baseline
+    given its own compute, and the cheapest refiner that keeps the full one's FID) against each of its
+    baselines in FID (at each side's best point; in other features too where both were scored so) and NLL,
+    and which refiner is that cheapest one."""
     lines, base = [], setup.baseline
     with_k = len({r.cell["k"] for r in setup.row("ctf")}) > 1
     fid = final("fid")
@@ -160,7 +161,9 @@ def verdict(setup: Setup) -> list[str]:
                 if (ctf.cell["refiner_mask"] or not r.cell["refiner_mask"])
                 and r.cell["refiner_size"] == ctf.cell["refiner_size"]]
 
-    for ctf in [r for r in setup.row("ctf", full=False) if r.full_size or matched(r)]:
+    ctfs = setup.row("ctf", full=False)
+    cheap = [(full, cheapest_refiner(full, ctfs)) for full in ctfs if full.full_size] if not with_k else []
+    for ctf in [r for r in ctfs if r.full_size or matched(r) or any(r is c for _, c in cheap)]:
         name = ctf.label(with_k)
         for other in [base] + matched(ctf):
             if other is None:
@@ -198,21 +201,26 @@ def verdict(setup: Setup) -> list[str]:
         if edge and len(row.cell["scoring"]["cfg"]) > 1:
             lines.append(f"{row.label(with_k)}: best point at the largest CFG scored ({max(tops):g}) for {edge} of "
                          f"{len(row.records)} seeds; its FID might be lower with stronger guidance.")
-    ctfs = setup.row("ctf", full=False)
-    for full in [r for r in ctfs if r.full_size] if not with_k else []:
-        # smaller refiners with the same options (an option is not a smaller refiner, whatever its FLOPs)
-        variants = [r for r in ctfs if all(r.cell[k] == full.cell[k] for k in REFINER_OPTIONS)]
-        if len(variants) > 1:
-            keep = [r for r in variants if compare(r.of(fid), full.of(fid)) != "b better"]
-            cheapest = min(keep, key=lambda r: r.of(flops).mean)
-            if cheapest is full:
-                lines.append(f"No smaller refiner keeps the FID of {full.label(False)} (beyond the spread).")
-                continue
+    for full, cheapest in cheap:
+        if cheapest is full:
+            lines.append(f"No smaller refiner keeps the FID of {full.label(False)} (beyond the spread).")
+        elif cheapest is not None:
             lines.append(f"Cheapest refiner whose FID is not worse than the full one's (beyond the spread): "
                          f"{cheapest.label(False)}, {cheapest.of(flops).mean / full.of(flops).mean:.2f}x the training "
-                         f"FLOPs of {full.label(False)}" + (" (against the baseline given its compute: above)."
-                                                           if matched(cheapest) else "."))
+                         f"FLOPs of {full.label(False)}"
+                         + (" (against the baselines: above)." if base or matched(cheapest) else "."))
     return lines
+
+
+def cheapest_refiner(full: Row, ctfs: list[Row]) -> Row | None:
+    """Of `full` (a full-size refiner's CTF) and the CTFs with smaller refiners and the same options (an option
+    is not a smaller refiner, whatever its FLOPs), the one trained on the fewest FLOPs whose FID is not worse
+    than full's beyond the spread; None when there is no smaller one."""
+    variants = [r for r in ctfs if all(r.cell[k] == full.cell[k] for k in REFINER_OPTIONS)]
+    if len(variants) < 2:
+        return None
+    keep = [r for r in variants if compare(r.of(final("fid")), full.of(final("fid"))) != "b better"]
+    return min(keep, key=lambda r: r.of(flops).mean)
 
 
 # --- the report -------------------------------------------------------------------------------------
