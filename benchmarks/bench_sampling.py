@@ -66,7 +66,8 @@ def refiner_layers(size: str, depth: float, width: float) -> dict[str, int]:
 
 
 def random_models(shape: dict, device: torch.device, reveal: bool = False, refiner_depth: float = 1.0,
-                  refiner_width: float = 1.0, precision: str = "fp32", compile: bool = False) -> dict[str, Transformer]:
+                  refiner_width: float = 1.0, precision: str = "fp32",
+                  compile: bool = False) -> dict[str, Transformer]:
     """The three models of a shape; the autoregressive ones (coarse, baseline) as they decode at `precision`,
     with their decode step compiled if `compile` (`Transformer.compile_step`, as `ctfgen sample --compile`)."""
     common = dict(num_classes=shape["classes"], grid_h=shape["grid"], grid_w=shape["grid"])
@@ -150,7 +151,8 @@ def decode_step_times(model: Transformer, batch: int, device: torch.device, repe
 
 
 def bench_shape(name: str, batches: list[int], device: torch.device, repeats: int, passes: list[int],
-                refiner_depth: float, refiner_width: float, masked: bool, precision: str, compile: bool = False) -> dict:
+                refiner_depth: float, refiner_width: float, masked: bool, precision: str,
+                compile: bool = False) -> dict:
     shape = SHAPES[name]
     models = random_models(shape, device, reveal=bool(passes), refiner_depth=refiner_depth,
                            refiner_width=refiner_width, precision=precision, compile=compile)
@@ -162,7 +164,8 @@ def bench_shape(name: str, batches: list[int], device: torch.device, repeats: in
         images_per_s(models, shape, 1, device, 1, [], mask)
     result = {"shape": {"name": name, **shape},
               "params": {role: m.num_params() for role, m in models.items()},
-              "refiner_depth": refiner_depth, "refiner_width": refiner_width, "refiner_mask": masked, "decode_precision": precision, "compile": compile,
+              "refiner_depth": refiner_depth, "refiner_width": refiner_width, "refiner_mask": masked,
+              "decode_precision": precision, "compile": compile,
               "sampling": [images_per_s(models, shape, b, device, repeats, passes, mask) for b in batches],
               "decode_step": {role: decode_step_times(models[role], 1, device, 31) for role in ("coarse", "baseline")}}
     return result
@@ -199,9 +202,10 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="runs/bench-sampling/bench_sampling.json")
     ap.add_argument("--refine-passes", default="", help="comma-separated stage-2 pass counts to time, e.g. 1,2,4,8")
-    ap.add_argument("--refiner-depth", type=arg_type(Fraction), default=1.0, help="the refiner's share of the stage-1 depth")
-    ap.add_argument("--refiner-width", type=arg_type(Fraction), default=1.0, help="the refiner's share of the stage-1 width "
-                    "(heads of the same size, fewer)")
+    ap.add_argument("--refiner-depth", type=arg_type(Fraction), default=1.0,
+                    help="the refiner's share of the stage-1 depth")
+    ap.add_argument("--refiner-width", type=arg_type(Fraction), default=1.0,
+                    help="the refiner's share of the stage-1 width (heads of the same size, fewer)")
     ap.add_argument("--no-refiner-mask", dest="mask", action="store_false", help="sample stage 2 from all V codewords "
                     "(the pipeline's default keeps each code in its cluster)")
     ap.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32",
@@ -222,7 +226,7 @@ def main() -> None:
     device = pick_device(args.device)
     gpt_b = [int(b) for b in args.gpt_b_batches.split(",")] if args.gpt_b_batches else [1] if args.quick else [1, 8]
     batches = {"small": [1, 64], "tiny": [1, 64], "GPT-B": gpt_b}
-    repeats = {"small": 7, "tiny": 7, "GPT-B": 1 if args.quick else 3}  # rounds, best of each side: small shapes are cheap
+    repeats = {"small": 7, "tiny": 7, "GPT-B": 1 if args.quick else 3}  # rounds, best of each side (8x8: cheap)
     results = []
     for name in shapes:
         print(f"benchmarking the {name} shape ...", flush=True)

@@ -145,14 +145,15 @@ def side_label(cell: dict[str, Any]) -> str:
     c = {**CELL_DEFAULTS, **cell}
 
     def refiner(depth: float, steps: float, options: bool) -> str:
-        sized = [c["refiner_size"]] if c["refiner_size"] != c["size"] else []  # (a baseline's: the CTF it matches)
+        # (a baseline's refiner_size and refiner_mask describe the CTF whose compute it gets)
+        sized = [c["refiner_size"]] if c["refiner_size"] != c["size"] else []
         parts = sized + ([f"{depth:g}x depth"] if depth != 1 else []) + ([f"{steps:g}x steps"] if steps != 1 else [])
         if options:
             parts += (["reads decided codes"] if c["refiner_reveal"] else []) + (
                 [f"{c['refine_steps']} passes"] if c["refine_steps"] != 1 else []) + (
                 ["reads stage-1 features"] if c["refiner_features"] else []) + (
                 [f"trained on {100 * c['refiner_corrupt']:g}% corrupted labels"] if c["refiner_corrupt"] else [])
-        parts += ["trained within clusters"] if c["refiner_mask"] else []  # (likewise)
+        parts += ["trained within clusters"] if c["refiner_mask"] else []
         return f" (refiner {', '.join(parts)})" if parts else ""
 
     decoded = f", {c['decode_precision']} decoding" if c["decode_precision"] != "fp32" else ""

@@ -208,7 +208,7 @@ def verdict(setup: Setup) -> list[str]:
             lines.append(f"Cheapest refiner whose FID is not worse than the full one's (beyond the spread): "
                          f"{cheapest.label(False)}, {cheapest.of(flops).mean / full.of(flops).mean:.2f}x the training "
                          f"FLOPs of {full.label(False)}"
-                         + (" (against the baselines: above)." if base or matched(cheapest) else "."))
+                         + (" (against the baselines: above)." if base is not None or matched(cheapest) else "."))
     return lines
 
 
