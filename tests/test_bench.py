@@ -16,7 +16,8 @@ from ctfgen.errors import CtfgenError
 from ctfgen.experiments import Results, cell_key
 from ctfgen.experiments.grids import GRIDS, versus
 from ctfgen.experiments.protocol import Cell, Scoring, Workshop, best_point
-from ctfgen.experiments.report import group, points_table, setup_title, steps_to_fid, verdict, write_report
+from ctfgen.experiments.report import (group, points_table, setup_title, steps_to_fid, steps_to_fid_lines,
+                                       verdict, write_report)
 from ctfgen.hierarchy import load_hierarchy
 from test_demo import fake_fashion_mnist
 
@@ -325,6 +326,16 @@ def test_steps_to_fid_interpolates_in_log_steps() -> None:
     assert steps_to_fid(curve, 50.0) == pytest.approx(200.0)  # halfway in FID, halfway in log steps
     assert steps_to_fid(curve, 60.0) == 100 and steps_to_fid(curve, 35.0) == pytest.approx(800.0)
     assert steps_to_fid(curve, 29.0) is None and steps_to_fid([(100, 20.0)], 25.0) == 100
+
+
+def test_steps_to_fid_at_the_smallest_budget_is_a_bound() -> None:
+    records = [record("baseline", s, fid, 3.0, steps=steps) for steps, fid in ((200, 20.0), (400, 10.0)) for s in range(2)]
+    records += [record("ctf", s, 9.0, 3.0, steps=400) for s in range(2)]  # one budget only, already below 10
+    assert steps_to_fid_lines(group(records)) == [
+        "Steps to FID (mean FIDs, interpolated linearly in log steps between the budgets):", "",
+        "- CTF reaches the FID the baseline has at 400 steps (10.00) in 400 steps or fewer (its smallest budget "
+        "measured; at most 1.00x as many).",
+        "- The baseline reaches the FID CTF has at 400 steps (9.00) in none of the budgets.", ""]
 
 
 def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:

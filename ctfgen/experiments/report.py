@@ -416,7 +416,13 @@ def steps_to_fid_lines(family: list[Setup]) -> list[str]:
                                        (("the baseline", baseline), (label, ctf))):
             last_steps, target = theirs[-1]
             needed = steps_to_fid(ours, target)
-            reach = f"about {needed:.0f} steps ({needed / last_steps:.2f}x as many)" if needed else "none of the budgets"
+            if needed is None:
+                reach = "none of the budgets"
+            elif needed == ours[0][0]:  # no smaller budget measured to interpolate from
+                reach = (f"{needed:.0f} steps or fewer (its smallest budget measured; at most {needed / last_steps:.2f}x "
+                         "as many)")
+            else:
+                reach = f"about {needed:.0f} steps ({needed / last_steps:.2f}x as many)"
             lines.append(f"- {a[0].upper() + a[1:]} reaches the FID {b} has at {last_steps:.0f} steps ({target:.2f}) "
                          f"in {reach}.")
     if not lines:
