@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from ctfgen.arguments import Fraction, arg_type
+from ctfgen.arguments import Count, Fraction, arg_type
 from ctfgen.artifacts import write_json
 from ctfgen.hierarchy import Hierarchy
 from ctfgen.runtime import pick_device
@@ -214,6 +214,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="compile both AR stages' decode step (torch.compile; "
                     "minutes of compiling first); not with fp32-packed, which the compiled step packs by itself")
     ap.add_argument("--gpt-b-batches", default=None, help="GPT-B batch sizes (default: 1, and 8 without --quick)")
+    ap.add_argument("--rounds", type=arg_type(Count), default=None,
+                    help="rounds for every shape, each side keeping its best (default: 7 at 8x8, 3 at GPT-B; quick 1)")
     args = ap.parse_args()
     if args.compile and args.decode_precision == "fp32-packed":
         ap.error("--compile packs the fp32 weights itself on the CPU; give --decode-precision fp32")
@@ -227,6 +229,8 @@ def main() -> None:
     gpt_b = [int(b) for b in args.gpt_b_batches.split(",")] if args.gpt_b_batches else [1] if args.quick else [1, 8]
     batches = {"small": [1, 64], "tiny": [1, 64], "GPT-B": gpt_b}
     repeats = {"small": 7, "tiny": 7, "GPT-B": 1 if args.quick else 3}  # rounds, best of each side (8x8: cheap)
+    if args.rounds:
+        repeats = dict.fromkeys(repeats, args.rounds)
     results = []
     for name in shapes:
         print(f"benchmarking the {name} shape ...", flush=True)
