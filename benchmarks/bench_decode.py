@@ -122,6 +122,7 @@ LAYER_SHAPES = [(128, 128), (128, 512), (256, 768), (512, 512), (128, 4096), (51
 def layer_sweep(dtype: torch.dtype, n_rows: int = 2) -> list[dict[str, float]]:
     """Best microseconds of one layer at `n_rows` rows, plain and packed, interleaved (same background load)."""
     rows, rounds = [], max(5, 600 // n_rows)
+    print(f"one {dtype} linear layer at {n_rows} rows, best of {rounds} ({torch.get_num_threads()} threads):")
     for d_in, d_out in LAYER_SHAPES:
         plain = torch.nn.Linear(d_in, d_out, bias=False).to(dtype)
         runs = {"plain": plain, "packed": PackedLinear(plain)}
@@ -161,11 +162,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.layers:
         layers = []
+        dtypes = [torch.float32] + ([torch.bfloat16] if packed_kernels_available(torch.bfloat16) else [])
         for n_rows in args.rows:
-            bf16 = [torch.bfloat16] if packed_kernels_available(torch.bfloat16) else []
-            for dtype in [torch.float32, *bf16]:
-                print(f"one {dtype} linear layer at {n_rows} rows, best of {max(5, 600 // n_rows)} "
-                      f"({torch.get_num_threads()} threads):")
+            for dtype in dtypes:
                 layers += layer_sweep(dtype, n_rows)
         write_json(args.out, {"date": str(date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
                               "cpu": platform.processor() or platform.machine(), "layers": layers})

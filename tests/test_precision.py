@@ -96,7 +96,7 @@ def test_a_refiner_runs_at_the_precision_with_its_head_a_plain_layer(precision: 
     assert type(fast.head) is nn.Linear and fast.head.weight.dtype == dtype
     blocks = [m for m in fast.blocks.modules() if hasattr(m, "weight") and m.weight.dim() == 2]
     # packed at every size: a refiner's pass has a row per position, where packing gains even for tiny layers
-    packed = precision == "fp32-packed" or precision_module.packed_kernels_available(torch.bfloat16)
+    packed = precision == "fp32-packed" or packed_kernels_available(torch.bfloat16)
     assert len(blocks) == 2 * 5 and all(isinstance(m, PackedLinear if packed else nn.Linear) for m in blocks)
     assert all(m.weight.dtype == dtype for m in blocks)
     coarse, labels = torch.randint(0, 8, (2, 16)), torch.tensor([0, 2])
@@ -125,7 +125,7 @@ def test_fp32_packed_packs_only_layers_large_enough_to_gain() -> None:
 def test_bf16_packs_its_weights_where_onednn_has_bf16_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     model = causal_model()
     codes, labels = torch.randint(0, 64, (2, 16)), torch.tensor([0, 2])
-    this_cpu_has_them = precision_module.packed_kernels_available(torch.bfloat16)
+    this_cpu_has_them = packed_kernels_available(torch.bfloat16)
 
     def bf16_logits(packed: bool) -> torch.Tensor:
         monkeypatch.setattr(precision_module, "packed_kernels_available", lambda dtype=torch.float32: packed)

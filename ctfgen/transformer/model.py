@@ -384,7 +384,7 @@ class Transformer(nn.Module):
         weights (constants of the graph), which lets it reorder them for oneDNN's small-batch kernel
         (docs/sampling.md)."""
         compiled = torch.compile(self.step, dynamic=True, **options)
-        if options.get("backend", "inductor") != "inductor" or self.head.weight.device.type != "cpu":
+        if not compile_packs(self.head.weight.device, **options):
             self.step = compiled  # the instance attribute shadows the method
             return
         from torch._inductor import config as inductor_config
@@ -565,6 +565,12 @@ def mask_to_clusters(logits: torch.Tensor, coarse_codes: torch.Tensor, member_ma
     return logits.masked_fill(~allowed, float("-inf"))
 
 
+def compile_packs(device: torch.device, **compile_options: Any) -> bool:
+    """Whether `Transformer.compile_step` with these options freezes the weights into the graph, where inductor
+    packs them for oneDNN as `--decode-precision fp32-packed` does: inductor on the CPU."""
+    return compile_options.get("backend", "inductor") == "inductor" and torch.device(device).type == "cpu"
+
+
 def cluster_members(member_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """member_mask bool [K, V] -> (members long [K, M], is_member bool [K, M]): each cluster's codewords in
     ascending order, padded to the largest cluster's size M (padding repeats codeword 0, is_member False).
@@ -609,7 +615,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Transf
 
 
 __all__ = [
-    "ARTIFACT_KIND", "KVCache", "MODEL_SIZES", "ROLES", "Transformer", "TransformerConfig",
+    "ARTIFACT_KIND", "KVCache", "MODEL_SIZES", "ROLES", "Transformer", "TransformerConfig", "compile_packs",
     "apply_rope", "build_model", "cluster_members", "find_multiple", "load_model", "mask_to_clusters",
     "preset_config", "rope_2d_tables", "row_slots", "save_model",
 ]
