@@ -280,6 +280,35 @@ def test_a_refiner_of_a_smaller_preset_is_a_smaller_refiner_of_the_same_setup() 
     assert setup_title(setup).startswith("V=64, small models, 3 steps")
 
 
+def test_the_map_compares_every_k_and_the_k_auto_picked(tmp_path: Path) -> None:
+    """The full map's CTFs train their refiners within clusters; each K is a row of its own (not a smaller
+    refiner of another K), and the best K by FID is set against the one `auto` picked."""
+    def at(k: int | str, picked: int, fids: tuple, refiner: tuple = (1.0, 1.0), flops: float = 1.0) -> list[dict]:
+        records = [record("ctf", s, fid, 3.0, flops, refiner, k=picked, refiner_mask=True) for s, fid in enumerate(fids)]
+        for r in records:
+            r["cell"]["k"], r["key"] = k, f"{r['key']}{k}"
+        return records
+
+    records = (at(16, 16, (5.0, 5.1, 5.2)) + at(32, 32, (6.0, 6.1, 6.2)) + at(48, 48, (5.1, 5.2, 5.3))
+               + at("auto", 24, (5.5, 5.6, 5.7)) + at(32, 32, (5.9, 6.0, 6.1), (0.5, 1.0), 0.6)
+               + [record("baseline", s, 7.0 + 0.1 * s, 3.5) for s in range(3)])
+    (setup,) = group(records)
+    Image.new("L", (16, 16)).save(tmp_path / "x.png")
+    write_report(records, {"grid": "map", "data": "d", "command": "c", "machine": "m", "date": "t"}, tmp_path)
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| 64 | tiny | 3 | CTF (refiner trained within")]
+    assert [row.split(" | ")[4] for row in rows] == ["16", "32", "48", "24 (auto)"]
+    assert "| -2.00 +- 0.20 | CTF better |" in rows[0]
+    assert ("- V=64, tiny, 3 steps, CTF (refiner trained within clusters): best FID at K=16 (5.10 +- 0.10), tied by "
+            "K=48; `auto` picked K=24: FID 5.60 +- 0.10 -> the best K better.") in report
+    assert (tmp_path / "map_fid_gap.png").is_file()
+    lines = verdict(setup)  # the half-depth refiner is the cheaper one at its own K only
+    assert [line for line in lines if line.startswith("Cheapest")] == [
+        "Cheapest refiner whose FID is not worse than the full one's (beyond the spread): CTF (refiner 0.5x depth, "
+        "trained within clusters), K=32, 0.60x the training FLOPs of CTF (refiner trained within clusters), K=32 "
+        "(against the baselines: above)."]
+
+
 def test_only_keeps_the_grid_cells_with_those_values(fm: Path) -> None:
     def only(*conditions: str, **overrides: object) -> list[Cell]:
         return bench_cells("cpu", 3, False, "fashion-mnist", str(fm), **overrides,

@@ -231,7 +231,9 @@ class Workshop:
     def _built(self, folder: Path, kind: str, build: Any) -> str:
         if not is_finished(folder, kind):
             log.info("building %s", folder)
+            start = time.perf_counter()
             build(folder)
+            log.info("built %s in %.1f min", folder.name, (time.perf_counter() - start) / 60)
         return str(folder)
 
     def artifacts(self, cell: Cell) -> Artifacts:
@@ -332,6 +334,7 @@ class Workshop:
             torch.manual_seed(spec.seed)
             save_model(build_model(self._config(spec, art)), init)  # fresh weights at this depth
             log.info("training %s: %s", folder.name, spec)
+            start = time.perf_counter()
             train(TrainConfig(
                 role=spec.role, codes=art.codes_train, hierarchy=None if spec.role == "baseline" else art.hierarchy,
                 out=str(folder), init=str(init), steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
@@ -340,6 +343,7 @@ class Workshop:
                 coarse_model=str(self.model_folder(spec.stage1)) if spec.stage1 else None,
                 seed=spec.seed, device=str(self.device), save_every=max(1, spec.steps // 4),
                 log_every=max(1, min(25, spec.steps))), resume=True, progress=False)
+            log.info("trained %s in %.1f min", folder.name, (time.perf_counter() - start) / 60)
         info = read_json(folder / INFO_NAME)
         return folder, {"steps": info["steps"], "parameters": info["parameters"],
                         "flops": self.flops_per_step(spec, art) * info["steps"], "wall_s": info["wall_s"],
@@ -380,7 +384,10 @@ class Workshop:
         path = self.root / "measurements" / f"{what}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
         if path.is_file():
             return read_json(path)["result"]
+        start = time.perf_counter()
         result = measure()
+        log.info("measured %s%s in %.0f s", what, f" {inputs['point']}" if "point" in inputs else "",
+                 time.perf_counter() - start)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, {"what": what, "inputs": inputs, "result": result})
         return result

@@ -84,6 +84,11 @@ class Setup:
         rows = self.row("baseline")
         return rows[0] if rows else None
 
+    @property
+    def several_k(self) -> bool:
+        """CTF rows at more than one K (a map's setup): each row's label names its K."""
+        return len({r.cell["k"] for r in self.row("ctf", full=False)}) > 1
+
 
 def group(records: list[dict[str, Any]]) -> list[Setup]:
     setups: dict[str, Setup] = {}
@@ -151,8 +156,7 @@ def verdict(setup: Setup) -> list[str]:
     given its own compute, and the cheapest refiner that keeps the full one's FID) against each of its
     baselines in FID (at each side's best point; in other features too where both were scored so) and NLL,
     and which refiner is that cheapest one."""
-    lines, base = [], setup.baseline
-    with_k = len({r.cell["k"] for r in setup.row("ctf")}) > 1
+    lines, base, with_k = [], setup.baseline, setup.several_k
     fid = final("fid")
 
     def matched(ctf: Row) -> list[Row]:  # the baselines given this CTF's compute (counted with a V-wide head, or
@@ -162,7 +166,7 @@ def verdict(setup: Setup) -> list[str]:
                 and r.cell["refiner_size"] == ctf.cell["refiner_size"]]
 
     ctfs = setup.row("ctf", full=False)
-    cheap = [(full, cheapest_refiner(full, ctfs)) for full in ctfs if full.full_size] if not with_k else []
+    cheap = [(full, cheapest_refiner(full, ctfs)) for full in ctfs if full.full_size]
     for ctf in [r for r in ctfs if r.full_size or matched(r) or any(r is c for _, c in cheap)]:
         name = ctf.label(with_k)
         for other in [base] + matched(ctf):
@@ -203,20 +207,20 @@ def verdict(setup: Setup) -> list[str]:
                          f"{len(row.records)} seeds; its FID might be lower with stronger guidance.")
     for full, cheapest in cheap:
         if cheapest is full:
-            lines.append(f"No smaller refiner keeps the FID of {full.label(False)} (beyond the spread).")
+            lines.append(f"No smaller refiner keeps the FID of {full.label(with_k)} (beyond the spread).")
         elif cheapest is not None:
             lines.append(f"Cheapest refiner whose FID is not worse than the full one's (beyond the spread): "
-                         f"{cheapest.label(False)}, {cheapest.of(flops).mean / full.of(flops).mean:.2f}x the training "
-                         f"FLOPs of {full.label(False)}"
+                         f"{cheapest.label(with_k)}, {cheapest.of(flops).mean / full.of(flops).mean:.2f}x the training "
+                         f"FLOPs of {full.label(with_k)}"
                          + (" (against the baselines: above)." if base is not None or matched(cheapest) else "."))
     return lines
 
 
 def cheapest_refiner(full: Row, ctfs: list[Row]) -> Row | None:
-    """Of `full` (a full-size refiner's CTF) and the CTFs with smaller refiners and the same options (an option
-    is not a smaller refiner, whatever its FLOPs), the one trained on the fewest FLOPs whose FID is not worse
-    than full's beyond the spread; None when there is no smaller one."""
-    variants = [r for r in ctfs if all(r.cell[k] == full.cell[k] for k in REFINER_OPTIONS)]
+    """Of `full` (a full-size refiner's CTF) and the CTFs with smaller refiners, the same options (an option is
+    not a smaller refiner, whatever its FLOPs) and the same K, the one trained on the fewest FLOPs whose FID is
+    not worse than full's beyond the spread; None when there is no smaller one."""
+    variants = [r for r in ctfs if all(r.cell[k] == full.cell[k] for k in REFINER_OPTIONS + ("k",))]
     if len(variants) < 2:
         return None
     keep = [r for r in variants if compare(r.of(final("fid")), full.of(final("fid"))) != "b better"]
@@ -232,7 +236,7 @@ def setup_title(setup: Setup) -> str:
 
 
 def setup_table(setup: Setup) -> list[str]:
-    with_k = len({r.cell["k"] for r in setup.row("ctf")}) > 1
+    with_k = setup.several_k
     n = setup.rows[0].records[0]["result"]["final"]["n"]
     lines = [f"| side | seeds | training TFLOPs | FID at own best (n={n}) | best point (most seeds) | IS | precision | "
              "recall | class consistency | NLL coarse | NLL within | NLL | images/s |", "|" + "---|" * 13]
@@ -299,20 +303,62 @@ def gap(ctf: Row, base: Row, metric: Callable[[dict[str, Any]], float]) -> tuple
     return f"{a.mean - b.mean:+.2f} +- {a.sd + b.sd:.2f}", _words(compare(a, b), "CTF", "baseline")
 
 
-def map_table(setups: list[Setup]) -> list[str]:
-    lines = ["| V | size | steps | K | FID gap (CTF - baseline) | call | NLL gap | call |", "|" + "---|" * 8]
+def map_rows(setup: Setup) -> list[Row]:
+    """The CTF rows a map compares: full-size refiners, the paper's or trained within clusters, at every K."""
+    return [r for r in setup.row("ctf", full=False) if r.full_size
+            and all(r.cell[k] == CELL_DEFAULTS[k] for k in REFINER_OPTIONS if k != "refiner_mask")]
+
+
+def map_section(setups: list[Setup], out: Path) -> list[str]:
+    """The map: CTF minus the baseline at equal steps for every V, size, budget and K (a table and
+    `map_fid_gap.png`), and which K generates best against the one `auto` picks."""
+    lines = ["## The map: CTF minus the baseline at equal steps", "",
+             "Negative FID and NLL gaps favour CTF; +- is the sum of the two sides' sds.", "",
+             "| V | size | steps | CTF | K | FID gap (CTF - baseline) | call | NLL gap | call |", "|" + "---|" * 9]
+    choices, curves = [], {}
     for setup in setups:
-        base = setup.baseline
-        if base is None:
-            continue
-        for ctf in setup.row("ctf"):
-            f = setup.fields
+        f, base, rows = setup.fields, setup.baseline, map_rows(setup)
+        for ctf in rows if base is not None else ():
             fid_gap, fid_call = gap(ctf, base, final("fid"))
             nll_gap, nll_call = gap(ctf, base, nll("nll"))
             k = ctf.records[0]["result"]["K"]
             auto = " (auto)" if ctf.cell["k"] == "auto" else ""
-            lines.append(f"| {f['codebook']} | {f['size']} | {f['steps']} | {k}{auto} | {fid_gap} | {fid_call} | "
-                         f"{nll_gap} | {nll_call} |")
+            lines.append(f"| {f['codebook']} | {f['size']} | {f['steps']} | {ctf.label(False)} | {k}{auto} | {fid_gap} | "
+                         f"{fid_call} | {nll_gap} | {nll_call} |")
+            if not auto:
+                name = f"V={f['codebook']}, {f['size']}, {f['steps']} steps"
+                a, b = ctf.of(final("fid")), base.of(final("fid"))
+                xs, ys = curves.setdefault(name, ([], []))
+                xs.append(k), ys.append(a.mean - b.mean)
+        choices += k_choice(setup, rows)
+    if curves:
+        plot_lines(curves, "K (clusters)", "FID gap, CTF - baseline", out / "map_fid_gap.png")
+        lines += ["", "Plot: `map_fid_gap.png` (the FID gap against K, one line per V, size and budget)."]
+    return lines + ([""] + choices if choices else []) + [""]
+
+
+def k_choice(setup: Setup, rows: list[Row]) -> list[str]:
+    """K chosen by generation quality (the lowest mean FID of the fixed K, and those tied with it) against
+    the K that `auto` picked (the noise-floor criterion), per refiner kind."""
+    lines = []
+    for kind in dict.fromkeys(r.label(False) for r in rows):
+        fixed = [r for r in rows if r.label(False) == kind and r.cell["k"] != "auto"]
+        auto = next((r for r in rows if r.label(False) == kind and r.cell["k"] == "auto"), None)
+        if len(fixed) < 2 and auto is None:
+            continue
+        best = min(fixed, key=lambda r: r.of(final("fid")).mean)
+        fid = best.of(final("fid"))
+        ties = [str(r.records[0]["result"]["K"]) for r in fixed
+                if r is not best and compare(r.of(final("fid")), fid) == "tie"]
+        f = setup.fields
+        text = (f"- V={f['codebook']}, {f['size']}, {f['steps']} steps, {kind}: best FID at K={best.records[0]['result']['K']} "
+                f"({_s(fid)})" + (f", tied by K={', '.join(ties)}" if ties else ""))
+        if auto is not None:
+            a = auto.of(final("fid"))
+            picked = sorted({r["result"]["K"] for r in auto.records})
+            text += (f"; `auto` picked K={'/'.join(map(str, picked))}: FID {_s(a)} -> "
+                     f"{_words(compare(a, fid), 'auto', 'the best K')}")
+        lines.append(text + ".")
     return lines
 
 
@@ -352,11 +398,8 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], out: Path)
                       "`samples.png`.", ""]
         summary["setups"].append({"fields": setup.fields, "verdict": verdict(setup)})
     lines += steps_section(setups, out)
-    if any(len({json.dumps(s.fields[f]) for s in setups}) > 1 for f in MAP_FIELDS) or any(
-            len({r.cell["k"] for r in s.row("ctf")}) > 1 for s in setups):
-        lines += ["## The map: CTF minus the baseline at equal steps", "",
-                  "Negative FID and NLL gaps favour CTF; +- is the sum of the two sides' sds.", ""]
-        lines += map_table(setups) + [""]
+    if any(len({json.dumps(s.fields[f]) for s in setups}) > 1 for f in MAP_FIELDS) or any(s.several_k for s in setups):
+        lines += map_section(setups, out)
     lines += ["## Cells", "", "| side | V | K | size | steps | seed | wall s |", "|---|---|---|---|---|---|---|"]
     for r in records:
         c = r["cell"]
