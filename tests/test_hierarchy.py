@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ctfgen.artifacts import ArtifactError
+from ctfgen.errors import CtfgenError
 from ctfgen.hierarchy import (
     Hierarchy,
     analyze_redundancy,
@@ -86,6 +88,22 @@ def test_kmeans_recovers_planted_clusters():
     c = kmeans(x, 8, seed=0)
     assert same_partition(c.labels, truth)
     assert c.method == "kmeans" and c.K == 8 and c.iterations >= 1
+
+
+def test_kmeans_with_faiss_recovers_planted_clusters_too():
+    pytest.importorskip("faiss")  # the optional backend (ctfgen[faiss]; part of the test extras)
+    x, truth = planted()
+    c = kmeans(x, 8, seed=0, backend="faiss")
+    assert same_partition(c.labels, truth) and c.method == "kmeans" and c.K == 8
+    assert torch.equal(c.labels, kmeans(x, 8, seed=0, backend="faiss").labels)  # a seed fixes it
+    assert c.inertia == pytest.approx(kmeans(x, 8, seed=0).inertia, rel=1e-4)
+    assert len(c.inertia_history) == c.iterations
+
+
+def test_the_faiss_backend_without_faiss_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    with pytest.raises(CtfgenError, match="needs faiss \\(pip install faiss-cpu\\)"):
+        kmeans(unit(100), 4, backend="faiss")
 
 
 @pytest.mark.parametrize("method", ["balanced", "agglomerative"])

@@ -217,24 +217,27 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, max_iter: int = 100, tol: flo
     """
     x = _check_input(x, k)
     params = dict(max_iter=max_iter, tol=tol, normalize=normalize, init_sample=init_sample, backend=backend)
-    if backend == "faiss":
-        return _kmeans_faiss(_prepare(x, normalize), k, seed, params)
-    if backend != "torch":
+    if backend not in ("torch", "faiss"):
         raise CtfgenError(f"unknown k-means backend {backend!r} (use 'torch' or 'faiss')")
     x = _prepare(x, normalize)
     centres = _initial_centres(x, k, _generator(seed, x.device), init_sample)
+    if backend == "faiss":
+        return _kmeans_faiss(x, centres, seed, params)
     labels, history, iterations = _lloyd(x, centres, max_iter, tol)
     return Clustering(labels, k, partition_inertia(x, labels, k), iterations, "kmeans", params, history)
 
 
-def _kmeans_faiss(x: torch.Tensor, k: int, seed: int, params: dict) -> Clustering:
+def _kmeans_faiss(x: torch.Tensor, centres: torch.Tensor, seed: int, params: dict) -> Clustering:
+    """faiss's Lloyd iterations from the same k-means++ centres (its own random start finds far worse optima:
+    planted, well-separated groups merged)."""
     try:
         import faiss  # optional: pip install ctfgen[faiss]
     except ImportError:
         raise CtfgenError("backend='faiss' needs faiss (pip install faiss-cpu); the default backend is 'torch'") from None
     xs = x.detach().float().cpu().numpy()
-    km = faiss.Kmeans(xs.shape[1], k, niter=params["max_iter"], seed=int(seed), verbose=False)
-    km.train(xs)
+    k = len(centres)
+    km = faiss.Kmeans(xs.shape[1], k, niter=params["max_iter"], seed=int(seed), verbose=False)  # (its subsample)
+    km.train(xs, init_centroids=centres.detach().float().cpu().numpy())
     _, idx = km.index.search(xs, 1)
     labels = torch.from_numpy(idx[:, 0].astype(np.int64)).to(x.device)
     centres = torch.from_numpy(km.centroids).to(x)
