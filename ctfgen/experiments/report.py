@@ -315,7 +315,7 @@ def map_section(setups: list[Setup], out: Path) -> list[str]:
     lines = ["## The map: CTF minus the baseline at equal steps", "",
              "Negative FID and NLL gaps favour CTF; +- is the sum of the two sides' sds.", "",
              "| V | size | steps | CTF | K | FID gap (CTF - baseline) | call | NLL gap | call |", "|" + "---|" * 9]
-    choices, curves = [], {}
+    choices, curves = [], {}  # curves: the FID gap at each fixed K, per V, size and budget
     for setup in setups:
         f, base, rows = setup.fields, setup.baseline, map_rows(setup)
         for ctf in rows if base is not None else ():
@@ -326,13 +326,12 @@ def map_section(setups: list[Setup], out: Path) -> list[str]:
             lines.append(f"| {f['codebook']} | {f['size']} | {f['steps']} | {ctf.label(False)} | {k}{auto} | {fid_gap} | "
                          f"{fid_call} | {nll_gap} | {nll_call} |")
             if not auto:
-                name = f"V={f['codebook']}, {f['size']}, {f['steps']} steps"
-                a, b = ctf.of(final("fid")), base.of(final("fid"))
-                xs, ys = curves.setdefault(name, ([], []))
-                xs.append(k), ys.append(a.mean - b.mean)
+                gaps = curves.setdefault(f"V={f['codebook']}, {f['size']}, {f['steps']} steps", {})
+                gaps[k] = ctf.of(final("fid")).mean - base.of(final("fid")).mean
         choices += k_choice(setup, rows)
     if curves:
-        plot_lines(curves, "K (clusters)", "FID gap, CTF - baseline", out / "map_fid_gap.png")
+        plot_lines({name: (sorted(gaps), [gaps[k] for k in sorted(gaps)]) for name, gaps in curves.items()},
+                   "K (clusters)", "FID gap, CTF - baseline", out / "map_fid_gap.png")
         lines += ["", "Plot: `map_fid_gap.png` (the FID gap against K, one line per V, size and budget)."]
     return lines + ([""] + choices if choices else []) + [""]
 
@@ -344,7 +343,7 @@ def k_choice(setup: Setup, rows: list[Row]) -> list[str]:
     for kind in dict.fromkeys(r.label(False) for r in rows):
         fixed = [r for r in rows if r.label(False) == kind and r.cell["k"] != "auto"]
         auto = next((r for r in rows if r.label(False) == kind and r.cell["k"] == "auto"), None)
-        if len(fixed) < 2 and auto is None:
+        if not fixed or (len(fixed) < 2 and auto is None):
             continue
         best = min(fixed, key=lambda r: r.of(final("fid")).mean)
         fid = best.of(final("fid"))
