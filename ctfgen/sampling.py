@@ -351,7 +351,7 @@ def refine(refiner: Transformer, coarse: torch.Tensor, class_labels: torch.Tenso
                 codes, labels = coarse.repeat(2, 1), with_null_labels(refiner, class_labels)
             hidden = refiner.refiner_states(codes, labels, **reads)
             # masked: only each position's cluster members get logits (the head's rows for M, not V, codewords)
-            logits = refiner.head_logits(hidden) if members is None else refiner.member_logits(hidden, members[codes])
+            logits = refiner.head_logits(hidden) if members is None else refiner.member_logits(hidden, codes, members)
             if guided:
                 logits = apply_guidance(logits, settings.cfg)
             if members is not None:  # padding after guidance: uncond + s * (cond - uncond) of two -inf is NaN

@@ -100,14 +100,14 @@ def test_a_refiner_runs_at_the_precision_with_its_head_a_plain_layer(precision: 
     assert len(blocks) == 2 * 5 and all(isinstance(m, PackedLinear if packed else nn.Linear) for m in blocks)
     assert all(m.weight.dtype == dtype for m in blocks)
     coarse, labels = torch.randint(0, 8, (2, 16)), torch.tensor([0, 2])
-    members = torch.randint(0, 64, (2, 16, 5))
+    members = torch.randint(0, 64, (8, 5))  # a table of 5 codewords for each of the 8 clusters
     with torch.no_grad():
         exact, approx = refiner(coarse, labels), fast(coarse, labels)
         assert approx.dtype == torch.float32
         tolerance = 1e-5 if precision == "fp32-packed" else 0.05 * exact.abs().max().item()  # packed: another order
         torch.testing.assert_close(approx, exact, rtol=0, atol=tolerance)
-        within = fast.member_logits(fast.refiner_states(coarse, labels), members)
-        torch.testing.assert_close(within, exact.gather(2, members), rtol=0, atol=tolerance)
+        within = fast.member_logits(fast.refiner_states(coarse, labels), coarse, members)
+        torch.testing.assert_close(within, exact.gather(2, members[coarse]), rtol=0, atol=tolerance)
 
 
 def test_fp32_packed_packs_only_layers_large_enough_to_gain() -> None:

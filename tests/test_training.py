@@ -119,11 +119,16 @@ def test_refiner_mask_trains_with_the_masked_objective(data, tmp_path):
     assert info["final_train_loss"] < math.log(V // K) + 0.1
 
 
-def test_training_within_clusters_scores_only_the_members(data, tmp_path):
+@pytest.mark.parametrize("per_cluster", [False, True])
+def test_training_within_clusters_scores_only_the_members(data, tmp_path, monkeypatch, per_cluster):
     """The refiner trained within clusters computes logits for its cluster's members only (M head rows, not
-    V): the same loss and gradients as masking all V logits, in clusters of unequal size."""
+    V): the same loss and gradients as masking all V logits, in clusters of unequal size, whether the rows
+    are gathered for each position or multiplied once per cluster."""
     import torch.nn.functional as F
     from ctfgen.transformer import cluster_members, mask_to_clusters
+    from ctfgen.transformer import model as transformer_model
+
+    monkeypatch.setattr(transformer_model, "GROUPED_WORK", 0 if per_cluster else 2 ** 62)
 
     torch.manual_seed(0)
     sizes = torch.tensor([5, 2, 9, 12, 1, 1, 1, 1])

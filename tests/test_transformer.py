@@ -147,6 +147,21 @@ def test_member_product_gradients_in_chunks() -> None:
                                torch.einsum("nmd,nd->nm", weight[members], hidden))
 
 
+def test_member_product_per_cluster() -> None:
+    """The same product as one matrix product per cluster (where clusters hold many positions): the same values
+    and gradients, positions of a cluster scattered and clusters absent."""
+    from ctfgen.transformer.model import grouped_member_product
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(12, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    table = torch.randperm(12, generator=g).view(4, 3)  # 4 clusters of 3 codewords
+    clusters = torch.tensor([2, 0, 2, 3, 0, 0, 2, 3, 0])  # cluster 1 absent
+    assert torch.autograd.gradcheck(lambda h, w: grouped_member_product(h, w, clusters, table), (hidden, weight))
+    torch.testing.assert_close(grouped_member_product(hidden, weight, clusters, table),
+                               torch.einsum("nmd,nd->nm", weight[table[clusters]], hidden))
+
+
 def test_class_dropout_uses_null_row() -> None:
     model = tiny("baseline", class_dropout_prob=1.0)
     codes, labels = torch.randint(0, 32, (2, 16)), torch.tensor([1, 2])
