@@ -330,9 +330,15 @@ class MemberProduct(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-# products per cluster pay off from this much work a cluster (positions x members x width; each product costs
-# ~0.1 ms to start on a CPU, a gathered row ~1 ns a weight; bench: benchmarks/bench_member_product.py)
+# products per cluster pay off from this much work a cluster (positions x members x width): on a CPU a product
+# costs ~20 us to start (~0.2 ms with its backward pass), a gathered weight ~1 ns (~7 ns); measured by
+# benchmarks/bench_member_product.py
 GROUPED_WORK = 2 ** 14
+
+
+def products_per_cluster(positions: int, members: int, width: int, clusters: int, backward: bool) -> bool:
+    """Whether one product per cluster beats gathering every position's member rows."""
+    return positions * members * width >= GROUPED_WORK * clusters * (2 if backward else 1)
 
 
 def grouped_member_product(hidden: torch.Tensor, weight: torch.Tensor, clusters: torch.Tensor,
@@ -525,7 +531,8 @@ class Transformer(nn.Module):
         55x faster to train)."""
         flat_h, flat_c = hidden.reshape(-1, hidden.shape[-1]), clusters.reshape(-1)
         weight, width = self.head.weight, members.shape[1]
-        if len(flat_c) * width * flat_h.shape[1] >= GROUPED_WORK * len(torch.unique(flat_c)):
+        backward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        if products_per_cluster(len(flat_c), width, flat_h.shape[1], len(torch.unique(flat_c)), backward):
             logits = grouped_member_product(flat_h, weight, flat_c, members)
         else:
             logits = MemberProduct.apply(flat_h, weight, members[flat_c], max(1, chunk // (width * flat_h.shape[1])))
