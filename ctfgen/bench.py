@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import datetime
 import json
 import logging
@@ -91,17 +92,23 @@ def bench_cells(grid: str, seeds: int, quick: bool, data: str, data_dir: str | N
 
 def run_bench(out: str | Path, cells: list[Cell], meta: dict[str, Any], data_dir: str | None = None,
               cache_dir: str | None = None, run: str | Path | None = None, device: str = "cpu", force: bool = False,
-              resume: bool = False, classifier_epochs: int = 2, classifier_limit: int | None = 20000) -> dict[str, Any]:
+              resume: bool = False, classifier_epochs: int = 2, classifier_limit: int | None = 20000,
+              report_also: Sequence[Cell] = ()) -> dict[str, Any]:
     """Run `cells` into folder `out` and write the report; `meta` (grid, data, seeds, ...) heads it. A finished
     folder is replaced only with `force`; an interrupted one continues (cells done stay done) only with
-    `resume` (see ctfgen.outputs)."""
+    `resume` (see ctfgen.outputs). The report also covers those of `report_also` (the rest of a grid run in
+    parts) that the folder holds results of."""
     start = time.perf_counter()
     device = str(pick_device(device))  # every check before the folder is created
     for data in {c.data for c in cells}:
         check_data(data, data_dir)
     output = plan_output(out, BENCH_KIND, force=force, resume=resume, resumable=True).open()
     workshop = Workshop(output.path, data_dir, cache_dir, run, device, classifier_epochs, classifier_limit)
-    records = run_grid(cells, workshop.run, Results(output.path / RESULTS_NAME))
+    results = Results(output.path / RESULTS_NAME)
+    records = run_grid(cells, workshop.run, results)
+    if report_also:
+        done, ran = {r["key"]: r for r in results.load()}, {r["key"] for r in records}
+        records += [done[key] for key in map(cell_key, report_also) if key in done and key not in ran]
     meta = {"command": " ".join(sys.argv), **meta, "machine": machine(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "wall_s": round(time.perf_counter() - start, 1)}
@@ -148,13 +155,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     logging.getLogger("ctfgen.experiments").setLevel(logging.INFO)
     out = args.out or f"runs/bench-{args.grid}" + ("-quick" if args.quick else "")
     seeds = args.seeds or (2 if args.quick else 3)
-    cells = bench_cells(args.grid, seeds, args.quick, args.data, args.data_dir, args.steps, args.size,
-                        args.tokenizer_steps, args.beyond_cfg, args.only)
-    meta = {"grid": args.grid + (" (quick)" if args.quick else "") + (f", only {conditions_text(args.only)}"
-                                                                      if args.only else ""),
-            "seeds": seeds, "data": args.data}
+    grid = functools.partial(bench_cells, args.grid, seeds, args.quick, args.data, args.data_dir, args.steps,
+                             args.size, args.tokenizer_steps, args.beyond_cfg)
+    cells = grid(args.only)
+    name = args.grid + (" (quick)" if args.quick else "")
+    meta = {"grid": f"{name}, cells run: only {conditions_text(args.only)} (reported: every cell of the grid done "
+                    "in this folder)" if args.only else name, "seeds": seeds, "data": args.data}
     summary = run_bench(out, cells, meta, args.data_dir, args.cache_dir, args.run, args.device, args.force, args.resume,
-                        classifier_epochs=1 if args.quick else 2, classifier_limit=10000 if args.quick else 20000)
+                        classifier_epochs=1 if args.quick else 2, classifier_limit=10000 if args.quick else 20000,
+                        report_also=grid() if args.only else ())
     for i, setup in enumerate(summary["setups"], 1):
         print(f"setup {i}:", *setup["verdict"], sep="\n  ")
     print(f"report -> {Path(out) / 'BENCHMARKS.md'}")

@@ -100,6 +100,14 @@ def test_cells_run_resume_and_report(tmp_path: Path, fm: Path) -> None:
     run_grid(cells, lambda c: calls.append(c) or {}, Results(out / "cells.jsonl"))
     assert calls == [] and workshop.baseline_steps(cells[0], workshop.artifacts(cells[0])) == 3
 
+    # a grid run in parts (`--only`): the report covers the part run, or with report_also the whole grid done
+    part = [c for c in cells if c.steps == 4]
+    run_bench(out, part, meta, data_dir=str(fm), resume=True)
+    assert f"- cells: {len(part)}," in (out / "BENCHMARKS.md").read_text()
+    run_bench(out, part, meta, data_dir=str(fm), resume=True, report_also=cells)
+    report = (out / "BENCHMARKS.md").read_text()
+    assert f"- cells: {len(cells)}," in report and "| side | 3 steps | 4 steps |" in report
+
 
 def test_refiner_options_are_cells_too(tmp_path: Path, fm: Path) -> None:
     """A CTF whose refiner reads decided codes, stage-1 features and corrupted labels, sampled in 2 passes, and
