@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import datetime
+import functools
 import json
 import logging
 import os
