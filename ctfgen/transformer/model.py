@@ -532,7 +532,7 @@ class Transformer(nn.Module):
         flat_h, flat_c = hidden.reshape(-1, hidden.shape[-1]), clusters.reshape(-1)
         weight, m, dim = self.head.weight, members.shape[1], hidden.shape[-1]
         backward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-        if products_per_cluster(len(flat_c), m, dim, len(torch.unique(flat_c)), backward):
+        if products_per_cluster(len(flat_c), m, dim, int(torch.bincount(flat_c).count_nonzero()), backward):
             logits = grouped_member_product(flat_h, weight, flat_c, members)
         else:
             logits = MemberProduct.apply(flat_h, weight, members[flat_c], max(1, chunk // (m * dim)))
