@@ -187,6 +187,30 @@ def test_decode_precision_cells_share_the_models_and_are_compared_with_fp32(tmp_
     assert setup.baseline.cell["decode_precision"] == "fp32"  # the reference rows are the fp32 ones
 
 
+def test_an_auto_k_cell_shares_the_models_and_measurements_of_the_k_it_picks(tmp_path: Path, fm: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`k="auto"` picks a K whose hierarchy is the fixed-K one (same method and seed): the cell of that K
+    trains and measures nothing again, and both records give the same figures."""
+    from ctfgen.experiments import protocol
+
+    trained, train = [], protocol.train
+    monkeypatch.setattr(protocol, "train", lambda config, **kw: trained.append(config.out) or train(config, **kw))
+    auto = replace(TOY, k="auto", scoring=replace(TOY_SCORING, floor_per_class=0))
+    meta = {"grid": "toy", "data": "fashion-mnist", "seeds": 1}
+    out = tmp_path / "bench"
+    run_bench(out, [auto], meta, data_dir=str(fm), classifier_epochs=1, classifier_limit=128)
+    (first,) = Results(out / "cells.jsonl").load()
+    k = first["result"]["K"]
+    assert len(trained) == 2  # a coarse model and a refiner
+    assert Path(first["result"]["auto_hierarchy"]).name.endswith("Kauto")
+    measurements = sorted((out / "measurements").iterdir())
+    run_bench(out, [auto, replace(auto, k=k)], meta, data_dir=str(fm), resume=True)
+    _, fixed = Results(out / "cells.jsonl").load()
+    assert len(trained) == 2 and sorted((out / "measurements").iterdir()) == measurements
+    assert fixed["cell"]["k"] == k and fixed["result"]["final"] == first["result"]["final"]
+    assert fixed["result"]["nll"] == first["result"]["nll"] and "auto_hierarchy" not in fixed["result"]
+
+
 def test_a_field_added_with_a_default_keeps_the_keys() -> None:
     """Results recorded before a cell field existed are still found: a default value is not hashed."""
     from dataclasses import dataclass

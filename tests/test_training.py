@@ -211,6 +211,13 @@ def test_keep_every_keeps_model_snapshots(data, tmp_path):
     assert load_model(tmp_path / "snapshots" / "step2").config.role == "coarse"
 
 
+def test_without_a_progress_bar_each_checkpoint_logs_the_step(data, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="ctfgen.training.loop"):
+        train(make_cfg(data, tmp_path, "coarse", steps=4, save_every=2), progress=False)
+    steps = [r.getMessage().split(",")[0] for r in caplog.records if r.getMessage().startswith("train coarse: step")]
+    assert steps == ["train coarse: step 2/4", "train coarse: step 4/4"]
+
+
 # ------------------------------------------------------------------------------ resume and stop
 
 def test_resume_is_bit_identical(data, tmp_path):

@@ -284,7 +284,7 @@ class Workshop:
             if cell.k == "auto":  # K is chosen on training images, never on the test split that scores it
                 ds = build_dataset(cell.data, "train", tok.config.image_size, tok.config.in_channels,
                                    data_dir=self.data_dir)
-                images = take_images(Subset(ds, balanced_subset(dataset_labels(ds), 512, 0)))
+                images = take_images(Subset(ds, balanced_subset(dataset_labels(ds), min(512, len(ds)), 0)))
             h = build_hierarchy(tok, "kmeans", cell.k, images=images)
             open_output(folder, HIERARCHY_KIND).write(lambda path: save_hierarchy(h, path))
 
@@ -392,7 +392,18 @@ class Workshop:
         write_json(path, {"what": what, "inputs": inputs, "result": result})
         return result
 
+    def with_chosen_k(self, cell: Cell) -> Cell:
+        """A `k="auto"` cell as the cell of the K it picks, so that the two share their models and measurements
+        (the choice clusters with the same method and seed, so the hierarchies agree; checked, not assumed)."""
+        if cell.k != "auto":
+            return cell
+        auto = load_hierarchy(self.artifacts(cell).hierarchy)
+        fixed = replace(cell, k=auto.K)
+        return fixed if torch.equal(auto.coarse_of, load_hierarchy(self.artifacts(fixed).hierarchy).coarse_of) else cell
+
     def run(self, cell: Cell) -> dict[str, Any]:
+        auto_hierarchy = self.artifacts(cell).hierarchy if cell.k == "auto" else None
+        cell = self.with_chosen_k(cell)
         art = self.artifacts(cell)
         tokenizer = load_tokenizer(art.tokenizer).to(self.device)
         hierarchy = load_hierarchy(art.hierarchy, tokenizer=tokenizer)
@@ -461,6 +472,8 @@ class Workshop:
         result = {"label": cell.label, "artifacts": asdict(art), "K": hierarchy.K, "train": train,
                   "flops": sum(t["flops"] for t in train.values()), "nll": nll, "points": points, "final": final,
                   "samples": samples}
+        if auto_hierarchy:  # where the choice of K and its curve are recorded
+            result["auto_hierarchy"] = auto_hierarchy
         if cell.side == "ctf" and s.floor_per_class:
             result["floors"] = self.measured(
                 "floors", {**sampled, "per_class": s.floor_per_class, "also_features": s.also_features},

@@ -451,6 +451,9 @@ class Trainer:
                         writer.add_image("samples", self.preview.grid(), self.step, dataformats="HWC")
                     if self.step % cfg.save_every == 0 or stopped or self.step == cfg.steps:
                         self.save_checkpoint()
+                        if bar.disable and self.dist.is_main:  # no bar (a bench, a log file): say how far it is
+                            log.info("train %s: step %d/%d, loss %.4f", cfg.role, self.step, cfg.steps,
+                                     float(np.mean(self.recent_losses)))
                     if cfg.keep_every and self.step % cfg.keep_every == 0 and self.dist.is_main:
                         save_model(self.final_model(), self.out / "snapshots" / f"step{self.step}")
                         self.model.train()  # final_model() switched it to eval
