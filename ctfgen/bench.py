@@ -93,27 +93,35 @@ def bench_cells(grid: str, seeds: int, quick: bool, data: str, data_dir: str | N
 def run_bench(out: str | Path, cells: list[Cell], meta: dict[str, Any], data_dir: str | None = None,
               cache_dir: str | None = None, run: str | Path | None = None, device: str = "cpu", force: bool = False,
               resume: bool = False, classifier_epochs: int = 2, classifier_limit: int | None = 20000,
-              report_also: Sequence[Cell] = ()) -> dict[str, Any]:
+              report_also: Sequence[Cell] = (), report_only: bool = False) -> dict[str, Any]:
     """Run `cells` into folder `out` and write the report; `meta` (grid, data, seeds, ...) heads it. A finished
     folder is replaced only with `force`; an interrupted one continues (cells done stay done) only with
     `resume` (see ctfgen.outputs). The report also covers those of `report_also` (the rest of a grid run in
-    parts) that the folder holds results of."""
+    parts) that the folder holds results of. `report_only`: run nothing, report the cells the folder holds
+    results of (of an interrupted grid too) and leave the folder's state as it was."""
     start = time.perf_counter()
     device = str(pick_device(device))  # every check before the folder is created
     for data in {c.data for c in cells}:
         check_data(data, data_dir)
-    output = plan_output(out, BENCH_KIND, force=force, resume=resume, resumable=True).open()
-    workshop = Workshop(output.path, data_dir, cache_dir, run, device, classifier_epochs, classifier_limit)
+    output = plan_output(out, BENCH_KIND, force=force, resume=resume or report_only, resumable=True)
     results = Results(output.path / RESULTS_NAME)
-    records = run_grid(cells, workshop.run, results)
-    if report_also:
-        done, ran = {r["key"]: r for r in results.load()}, {r["key"] for r in records}
-        records += [done[key] for key in map(cell_key, report_also) if key in done and key not in ran]
+    if report_only:
+        records = []
+    else:
+        output.open()
+        workshop = Workshop(output.path, data_dir, cache_dir, run, device, classifier_epochs, classifier_limit)
+        records = run_grid(cells, workshop.run, results)
+    done, ran = {r["key"]: r for r in results.load()}, {r["key"] for r in records}
+    records += [done[key] for key in dict.fromkeys(map(cell_key, [*cells, *report_also])) if key in done
+                and key not in ran]
+    if not records:
+        raise CtfgenError(f"{out}: no results of these cells to report")
     meta = {"command": " ".join(sys.argv), **meta, "machine": machine(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "wall_s": round(time.perf_counter() - start, 1)}
     summary = write_report(records, meta, output.path)
-    output.finish()
+    if not report_only:
+        output.finish()
     return summary
 
 
@@ -146,12 +154,17 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", type=cell_condition, nargs="+", default=[], metavar="FIELD=VALUE",
                    help="run only the grid's cells with these values (before --steps and --size apply), e.g. "
                         "size=small refiner_mask=true; fields as in ctfgen.experiments.protocol.Cell")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the report of the grid's cells that OUT holds results of (say, while a "
+                        "long grid is interrupted)")
     add_output_flags(p, resumable=True)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.run and not Path(args.run).is_dir():  # a mistyped --run would silently mean "build everything"
         raise CtfgenError(f"--run {args.run} is not a folder")
+    if args.report_only and args.force:
+        raise CtfgenError("--report-only runs nothing and keeps the folder: it does not go with --force")
     logging.getLogger("ctfgen.experiments").setLevel(logging.INFO)
     out = args.out or f"runs/bench-{args.grid}" + ("-quick" if args.quick else "")
     seeds = args.seeds or (2 if args.quick else 3)
@@ -159,11 +172,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
                              args.size, args.tokenizer_steps, args.beyond_cfg)
     cells = grid(args.only)
     name = args.grid + (" (quick)" if args.quick else "")
-    meta = {"grid": f"{name}, cells run: only {conditions_text(args.only)} (reported: every cell of the grid done "
-                    "in this folder)" if args.only else name, "seeds": seeds, "data": args.data}
+    if args.report_only:
+        name += ", report only" + (f" (only {conditions_text(args.only)})" if args.only else "")
+    elif args.only:
+        name += f", cells run: only {conditions_text(args.only)} (reported: every cell of the grid done in this folder)"
+    meta = {"grid": name, "seeds": seeds, "data": args.data}
     summary = run_bench(out, cells, meta, args.data_dir, args.cache_dir, args.run, args.device, args.force, args.resume,
                         classifier_epochs=1 if args.quick else 2, classifier_limit=10000 if args.quick else 20000,
-                        report_also=grid() if args.only else ())
+                        report_also=grid() if args.only and not args.report_only else (),
+                        report_only=args.report_only)
     for i, setup in enumerate(summary["setups"], 1):
         print(f"setup {i}:", *setup["verdict"], sep="\n  ")
     print(f"report -> {Path(out) / 'BENCHMARKS.md'}")

@@ -108,6 +108,16 @@ def test_cells_run_resume_and_report(tmp_path: Path, fm: Path) -> None:
     report = (out / "BENCHMARKS.md").read_text()
     assert f"- cells: {len(cells)}," in report and "| side | 3 steps | 4 steps |" in report
 
+    # report only: nothing runs (not even cells missing from the folder), the folder's state stays as it was
+    from ctfgen.outputs import STATUS_NAME
+    (out / STATUS_NAME).write_text((out / STATUS_NAME).read_text().replace('"finished": true', '"finished": false'))
+    missing = replace(cells[0], seed=7)
+    run_bench(out, [*part, missing], meta, data_dir=str(fm), report_only=True)
+    assert f"- cells: {len(part)}," in (out / "BENCHMARKS.md").read_text()
+    assert '"finished": false' in (out / STATUS_NAME).read_text() and len(Results(out / "cells.jsonl").load()) == len(cells)
+    with pytest.raises(CtfgenError, match="no results of these cells to report"):
+        run_bench(tmp_path / "empty", [missing], meta, data_dir=str(fm), report_only=True)
+
 
 def test_refiner_options_are_cells_too(tmp_path: Path, fm: Path) -> None:
     """A CTF whose refiner reads decided codes, stage-1 features and corrupted labels, sampled in 2 passes, and
@@ -483,6 +493,8 @@ def test_bench_command(tmp_path: Path, fm: Path) -> None:
         bench_cells("stage2", 1, False, args.data, args.data_dir, beyond_cfg=[3.0])
     with pytest.raises(SystemExit):
         parser.parse_args(["--tokenizer-steps", "0"])
+    with pytest.raises(CtfgenError, match="does not go with --force"):
+        cmd_bench(parser.parse_args(["--report-only", "--force", "--out", str(tmp_path), "--data-dir", str(fm)]))
 
 
 def test_final_set_also_scored_in_other_features(tmp_path: Path, fm: Path) -> None:
