@@ -409,6 +409,28 @@ def test_steps_to_fid_at_the_smallest_budget_is_a_bound() -> None:
         "- The baseline reaches the FID CTF has at 400 steps (9.00) in none of the budgets.", ""]
 
 
+def test_budgets_are_reported_for_every_family_and_a_k_joins_its_budgets(tmp_path: Path) -> None:
+    """A map run at two budgets for two V: each V gets its budget table; K=16, one row among several K at the
+    first budget and the only K at the second, is one series (its steps to FID interpolated between the two)."""
+    def at(v: int, steps: int, side: str, k: int, fid: float) -> list[dict]:
+        records = [record(side, s, fid + 0.1 * s, 3.0, k=k, codebook=v, steps=steps) for s in range(2)]
+        for r in records:
+            r["cell"]["k"], r["key"] = k, f"{r['key']}{v}{steps}{k}"
+        return records
+
+    records = []
+    for v in (64, 128):
+        records += at(v, 3, "ctf", 16, 10.0) + at(v, 3, "ctf", 32, 12.0) + at(v, 3, "baseline", 16, 20.0)
+        records += at(v, 9, "ctf", 16, 5.0) + at(v, 9, "baseline", 16, 8.0)
+    Image.new("L", (16, 16)).save(tmp_path / "x.png")
+    write_report(records, {"grid": "map", "data": "d", "command": "c", "machine": "m", "date": "t"}, tmp_path)
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "### codebook=64" in report and "### codebook=128" in report
+    assert report.count("| CTF, K=16 | 10.05 +- 0.07 | 5.05 +- 0.07 |") == 2
+    assert report.count("- CTF, K=16 reaches the FID the baseline has at 9 steps (8.05) in about") == 2
+    assert (tmp_path / "fid_vs_steps.png").is_file()
+
+
 def test_report_calls_gaps_only_beyond_the_spread(tmp_path: Path) -> None:
     records = ([record("ctf", s, fid, 3.0 + 0.01 * s) for s, fid in enumerate((5.0, 5.2, 4.8))]
                + [record("baseline", s, fid, 3.5 + 0.01 * s) for s, fid in enumerate((7.0, 7.3, 6.9))]

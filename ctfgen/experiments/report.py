@@ -410,25 +410,30 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], out: Path)
 
 
 def steps_section(setups: list[Setup], out: Path) -> list[str]:
-    """FID at each budget (separate runs, each decayed to its end) for setups that differ only in steps."""
-    families: dict[str, list[Setup]] = {}
+    """FID at each budget (separate runs, each decayed to its end) for each family of setups that differ only
+    in steps; families told apart by the fields that differ between them (a map's V and size)."""
+    grouped: dict[str, list[Setup]] = {}
     for s in setups:
-        families.setdefault(json.dumps({k: v for k, v in s.fields.items() if k != "steps"}, sort_keys=True), []).append(s)
-    family = next((f for f in families.values() if len(f) > 1), None)
-    if family is None:
+        grouped.setdefault(json.dumps({k: v for k, v in s.fields.items() if k != "steps"}, sort_keys=True), []).append(s)
+    families = [sorted(f, key=lambda s: s.fields["steps"]) for f in grouped.values() if len(f) > 1]
+    if not families:
         return []
-    family.sort(key=lambda s: s.fields["steps"])
+    differ = [k for k in families[0][0].fields if k != "steps" and len({json.dumps(f[0].fields[k]) for f in families}) > 1]
     curves: dict[str, tuple[list[float], list[float]]] = {}
     lines = ["## FID against the training budget", "", "Each budget is its own run, its learning rate decayed to its "
-             "last step (`fid_vs_steps.png`).", "", "| side | " + " | ".join(f"{s.fields['steps']} steps" for s in family)
-             + " |", "|---|" + "---|" * len(family)]
-    for label in dict.fromkeys(r.label(True) for s in family for r in s.rows):
-        cells = [next((r for r in s.rows if r.label(True) == label), None) for s in family]
-        lines.append(f"| {label} | " + " | ".join(_s(r.of(final("fid"))) if r else "-" for r in cells) + " |")
-        pts = [(s.fields["steps"], r.of(final("fid")).mean) for s, r in zip(family, cells) if r]
-        curves[label] = ([p[0] for p in pts], [p[1] for p in pts])
+             "last step (`fid_vs_steps.png`)."]
+    for family in families:
+        name = ", ".join(f"{k}={family[0].fields[k]}" for k in differ)
+        lines += (["", f"### {name}"] if name else []) + [
+            "", "| side | " + " | ".join(f"{s.fields['steps']} steps" for s in family) + " |", "|---|" + "---|" * len(family)]
+        for label in dict.fromkeys(r.label(True) for s in family for r in s.rows):
+            cells = [next((r for r in s.rows if r.label(True) == label), None) for s in family]
+            lines.append(f"| {label} | " + " | ".join(_s(r.of(final("fid"))) if r else "-" for r in cells) + " |")
+            pts = [(s.fields["steps"], r.of(final("fid")).mean) for s, r in zip(family, cells) if r]
+            curves[f"{name}: {label}" if name else label] = ([p[0] for p in pts], [p[1] for p in pts])
+        lines += [""] + steps_to_fid_lines(family)
     plot_lines(curves, "training steps (each its own run)", "FID (domain features)", out / "fid_vs_steps.png")
-    return lines + [""] + steps_to_fid_lines(family)
+    return lines
 
 
 def steps_to_fid(points: list[tuple[float, float]], target: float) -> float | None:
@@ -447,11 +452,10 @@ def steps_to_fid_lines(family: list[Setup]) -> list[str]:
     baseline has at the largest budget, and the reverse."""
     baseline = [(s.fields["steps"], s.baseline.of(final("fid")).mean) for s in family if s.baseline is not None]
     ctfs: dict[str, list[tuple[float, float]]] = {}
-    for setup in family:
-        rows = [r for r in setup.row("ctf", full=False) if r.full_size]
-        one_k = len({r.records[0]["result"]["K"] for r in rows}) == 1
-        for r in rows:
-            ctfs.setdefault(r.label(not one_k), []).append((setup.fields["steps"], r.of(final("fid")).mean))
+    rows = [(setup, r) for setup in family for r in setup.row("ctf", full=False) if r.full_size]
+    with_k = len({r.records[0]["result"]["K"] for _, r in rows}) > 1  # the same label at every budget
+    for setup, r in rows:
+        ctfs.setdefault(r.label(with_k), []).append((setup.fields["steps"], r.of(final("fid")).mean))
     lines = []
     for label, ctf in ctfs.items() if baseline else ():
         for (a, ours), (b, theirs) in (((label, ctf), ("the baseline", baseline)),
