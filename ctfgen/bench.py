@@ -115,7 +115,8 @@ def run_bench(out: str | Path, cells: list[Cell], meta: dict[str, Any], data_dir
     records += [done[key] for key in dict.fromkeys(map(cell_key, [*cells, *report_also])) if key in done
                 and key not in ran]
     if not records:
-        raise CtfgenError(f"{out}: no results of these cells to report")
+        held = "holds no results of these cells" if output.path.is_dir() else "does not exist"
+        raise CtfgenError(f"{out}: {held}; nothing to report")
     meta = {"command": " ".join(sys.argv), **meta, "machine": machine(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "wall_s": round(time.perf_counter() - start, 1)}

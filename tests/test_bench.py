@@ -115,7 +115,9 @@ def test_cells_run_resume_and_report(tmp_path: Path, fm: Path) -> None:
     run_bench(out, [*part, missing], meta, data_dir=str(fm), report_only=True)
     assert f"- cells: {len(part)}," in (out / "BENCHMARKS.md").read_text()
     assert '"finished": false' in (out / STATUS_NAME).read_text() and len(Results(out / "cells.jsonl").load()) == len(cells)
-    with pytest.raises(CtfgenError, match="no results of these cells to report"):
+    with pytest.raises(CtfgenError, match="holds no results of these cells"):
+        run_bench(out, [missing], meta, data_dir=str(fm), report_only=True)
+    with pytest.raises(CtfgenError, match="empty: does not exist; nothing to report"):
         run_bench(tmp_path / "empty", [missing], meta, data_dir=str(fm), report_only=True)
 
 
@@ -425,7 +427,7 @@ def test_budgets_are_reported_for_every_family_and_a_k_joins_its_budgets(tmp_pat
     Image.new("L", (16, 16)).save(tmp_path / "x.png")
     write_report(records, {"grid": "map", "data": "d", "command": "c", "machine": "m", "date": "t"}, tmp_path)
     report = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "### codebook=64" in report and "### codebook=128" in report
+    assert "### V=64" in report and "### V=128" in report
     assert report.count("| CTF, K=16 | 10.05 +- 0.07 | 5.05 +- 0.07 |") == 2
     assert report.count("- CTF, K=16 reaches the FID the baseline has at 9 steps (8.05) in about") == 2
     assert (tmp_path / "fid_vs_steps.png").is_file()

@@ -229,9 +229,14 @@ def cheapest_refiner(full: Row, ctfs: list[Row]) -> Row | None:
 
 # --- the report -------------------------------------------------------------------------------------
 
+def field_label(field: str, value: object) -> str:
+    """A setup field as the titles write it."""
+    return {"codebook": f"V={value}", "size": f"{value} models"}.get(field, f"{field}={value}")
+
+
 def setup_title(setup: Setup) -> str:
     f = setup.fields
-    return (f"V={f['codebook']}, {f['size']} models, {f['steps']} steps at batch "
+    return (f"{field_label('codebook', f['codebook'])}, {field_label('size', f['size'])}, {f['steps']} steps at batch "
             f"{f['batch_size']}, lr {f['lr']:g} (cosine to the end), dropout {f['dropout']:g}")
 
 
@@ -419,11 +424,13 @@ def steps_section(setups: list[Setup], out: Path) -> list[str]:
     if not families:
         return []
     differ = [k for k in families[0][0].fields if k != "steps" and len({json.dumps(f[0].fields[k]) for f in families}) > 1]
+    if "size" in differ and all(f[0].fields["refiner_size"] == f[0].fields["size"] for f in families):
+        differ.remove("refiner_size")  # said by the size
     curves: dict[str, tuple[list[float], list[float]]] = {}
     lines = ["## FID against the training budget", "", "Each budget is its own run, its learning rate decayed to its "
              "last step (`fid_vs_steps.png`)."]
     for family in families:
-        name = ", ".join(f"{k}={family[0].fields[k]}" for k in differ)
+        name = ", ".join(field_label(k, family[0].fields[k]) for k in differ)
         lines += (["", f"### {name}"] if name else []) + [
             "", "| side | " + " | ".join(f"{s.fields['steps']} steps" for s in family) + " |", "|---|" + "---|" * len(family)]
         for label in dict.fromkeys(r.label(True) for s in family for r in s.rows):
