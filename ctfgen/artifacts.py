@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -69,6 +71,23 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path} is not valid JSON: {e}") from None
+
+
+@contextmanager
+def read_npz(path: str | Path, what: str = "", error: type[CtfgenError] = CtfgenError) -> Iterator[Any]:
+    """An .npz opened without pickles. A missing, foreign or damaged file, or an array that fails to read inside
+    the block, is one `error` naming the file (`what` names the flag); the block's own CtfgenErrors pass."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what}{path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            yield f
+    except CtfgenError:
+        raise
+    except Exception as e:  # zipfile, numpy and pickle-refusal errors of several types
+        why = f"{type(e).__name__}: {e}" if zipfile.is_zipfile(path) else "not a zip archive of arrays"
+        raise error(f"{what}{path} is not a readable .npz ({why})") from None
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

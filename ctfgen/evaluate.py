@@ -26,7 +26,7 @@ from PIL import Image
 
 from .arguments import Count, arg_type
 from .data.transforms import to_uint8, uint8_to_float
-from .artifacts import write_json
+from .artifacts import read_npz, write_json
 from .errors import CtfgenError
 from .metrics import FeatureExtractor, evaluate_features, extract_features, get_extractor, metric_label, reference_stats
 from .metrics.fid import load_stats_file, save_stats_file
@@ -89,22 +89,15 @@ def load_png_folder(folder: str | Path, on_error: str = "skip") -> ImageSet:
 
 
 def load_npz(path: str | Path) -> ImageSet:
-    if not Path(path).is_file():
-        raise CtfgenError(f"{path} not found")
-    try:
-        with np.load(path) as data:
-            key = next((k for k in ("images", "arr_0") if k in data), None)  # arr_0: ADM's sample batches
-            if key is None:
-                raise CtfgenError(f"{path} has no 'images' or 'arr_0' array (found {sorted(data.files)})")
-            images = data[key]
-            if images.dtype != np.uint8:
-                raise CtfgenError(f"{path}: '{key}' must be uint8 [N,H,W(,C)], got {images.dtype}")
-            key = next((k for k in ("labels", "class_labels") if k in data), None)
-            labels = torch.from_numpy(data[key].astype(np.int64)) if key else None
-    except CtfgenError:
-        raise
-    except Exception as e:  # a damaged archive: zipfile, numpy and pickle-refusal errors of several types
-        raise CtfgenError(f"{path} is not a readable .npz ({type(e).__name__}: {e})") from None
+    with read_npz(path) as data:
+        key = next((k for k in ("images", "arr_0") if k in data), None)  # arr_0: ADM's sample batches
+        if key is None:
+            raise CtfgenError(f"{path} has no 'images' or 'arr_0' array (found {sorted(data.files)})")
+        images = data[key]
+        if images.dtype != np.uint8:
+            raise CtfgenError(f"{path}: '{key}' must be uint8 [N,H,W(,C)], got {images.dtype}")
+        key = next((k for k in ("labels", "class_labels") if k in data), None)
+        labels = torch.from_numpy(data[key].astype(np.int64)) if key else None
     return ImageSet(uint8_to_float(images), labels, {"type": "npz", "path": str(path), "images": len(images)})
 
 

@@ -48,6 +48,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "a-file.txt").write_text("not a folder")
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     (root / "broken.npz").write_bytes(b"PK\x03\x04 not a zip archive")
+    (root / "garbage.npz").write_bytes(b"neither zip nor numpy")
+    (root / "one-image" / "cat").mkdir(parents=True)
+    Image.new("L", (16, 16)).save(root / "one-image" / "cat" / "x.png")
     torch.save({"model": {}, "where": Path("/tmp")}, root / "unsafe.pt")  # unpickling it would build a PosixPath
     np.savez(root / "stats7.npz", mu=np.zeros(7), sigma=np.eye(7))  # statistics of a 7-feature space
     return root
@@ -200,6 +203,9 @@ CASES = {
     "evaluate with missing Inception weights": EVALUATE[:1] + [RUN, "--extractor", "inception", "--inception-weights",
                                                                "{root}/missing.pt", "--out", "{root}/new.json"],
     "extract with a model for a tokenizer": EXTRACT[:2] + [f"{RUN}/coarse"] + EXTRACT[3:] + ["--out", "{root}/new"],
+    "train-tokenizer on a file that is no .npz": TOKENIZER + ["--data", "{root}/garbage.npz", "--out", "{root}/new"],
+    "train-tokenizer on one image": TOKENIZER + ["--data", "{root}/one-image", "--out", "{root}/new"],
+    "train-tokenizer on fewer images than a batch": TOKENIZER + ["--batch-size", "64", "--out", "{root}/new"],
     "train on a missing codes folder": TRAIN[:2] + ["{root}/missing"] + TRAIN[3:] + ["--out", "{root}/new"],
     "import-llamagen with nothing to import": ["import-llamagen", "--out", "{root}/new"],
     "import-llamagen of an unsafe pickle": ["import-llamagen", "--vq", "{root}/unsafe.pt", "--out", "{root}/new"],

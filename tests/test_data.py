@@ -192,6 +192,9 @@ def test_a_set_without_a_test_split_holds_out_a_recorded_balanced_tenth(tmp_path
     assert test.holdout == {"held_out": 20, "of": 200, "seed": 0, "class_balanced": True}
     np.savez(tmp_path / "d_test.npz", images=np.zeros((3, 8, 8), np.uint8), labels=np.zeros(3))
     assert len(build_dataset(str(tmp_path / "d.npz"), "test", resolution=8)) == 3  # a real test split wins
+    np.savez(tmp_path / "one.npz", images=np.zeros((1, 8, 8), np.uint8), labels=np.zeros(1))
+    with pytest.raises(DataError, match="one.npz: 1 item.* no test split: too few"):  # not an empty training set
+        build_dataset(str(tmp_path / "one.npz"), "train", resolution=8)
 
 
 def test_photos_are_centre_cropped_as_adm_does_and_never_padded():

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..artifacts import read_npz
 from ..errors import CtfgenError
 from .transforms import ImageTransform
 
@@ -104,19 +105,11 @@ def fashion_mnist(split: str, transform: ImageTransform, root: str | Path | None
 
 def npz_dataset(path: str | Path, transform: ImageTransform) -> ArrayDataset:
     """An .npz with `images` (uint8 [N,H,W] or [N,H,W,C], or floats in [0,1]) and `labels` [N]."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} not found")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = {"images", "labels"} - set(f.files)
-            if missing:
-                raise DataError(f"{path}: missing array(s) {sorted(missing)} (has {f.files})")
-            images, labels = f["images"], f["labels"]
-    except DataError:
-        raise
-    except Exception as e:  # zipfile / numpy errors on a damaged archive
-        raise DataError(f"{path}: not a readable .npz ({e})") from None
+    with read_npz(path, error=DataError) as f:
+        missing = {"images", "labels"} - set(f.files)
+        if missing:
+            raise DataError(f"{path}: missing array(s) {sorted(missing)} (has {f.files})")
+        images, labels = f["images"], f["labels"]
     if images.ndim not in (3, 4) or len(images) != len(labels) or labels.ndim != 1:
         raise DataError(f"{path}: expected images [N,H,W(,C)] and labels [N], got {images.shape} and {labels.shape}")
     if images.dtype != np.uint8:
@@ -234,9 +227,11 @@ class Subset(Dataset):
 HOLDOUT_FRACTION, HOLDOUT_CAP, HOLDOUT_SEED = 0.1, 10000, 0
 
 
-def holdout_split(dataset: Dataset, split: str) -> Subset:
+def holdout_split(dataset: Dataset, split: str, name: str = "the set") -> Subset:
     """A set without a test part: 'test' is a seeded class-balanced 10% (at most 10,000 items), 'train' the rest."""
     labels = dataset_labels(dataset)
+    if len(labels) < 2:
+        raise DataError(f"{name}: {len(labels)} item(s) and no test split: too few to hold test items out of")
     n = min(HOLDOUT_CAP, max(1, round(HOLDOUT_FRACTION * len(labels))))
     test = balanced_subset(labels, n, HOLDOUT_SEED)
     note = {"held_out": int(n), "of": int(len(labels)), "seed": HOLDOUT_SEED, "class_balanced": True}
@@ -266,11 +261,11 @@ def build_dataset(spec: str, split: str = "train", resolution: int = 32, channel
         split_path = path.with_name(f"{path.stem}_{split}.npz")
         if split_path.is_file():
             return npz_dataset(split_path, transform)
-        return holdout_split(npz_dataset(path, transform), split)
+        return holdout_split(npz_dataset(path, transform), split, spec)
     if path.is_dir():
         if (path / split).is_dir():
             return ImageFolder(path / split, transform, on_error)
-        return holdout_split(ImageFolder(path, transform, on_error), split)
+        return holdout_split(ImageFolder(path, transform, on_error), split, spec)
     raise DataError(f"unknown dataset {spec!r}: use 'fashion-mnist', an .npz file or an image folder")
 
 

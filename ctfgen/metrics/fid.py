@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import ArtifactError, atomic_path, load_tensors, read_json, save_tensors, write_json
+from ..artifacts import ArtifactError, atomic_path, load_tensors, read_json, read_npz, save_tensors, write_json
 from ..data.transforms import uint8_to_float
 from ..errors import CtfgenError
 from .features import FeatureExtractor, extract_features, metric_label
@@ -219,14 +219,8 @@ def load_stats_file(path: str | Path, extractor: FeatureExtractor, pr_cap: int =
     """Precomputed reference statistics in an .npz: `mu` and `sigma` (pytorch-fid's layout), plus ADM's
     `arr_0` reference images (features for precision/recall are extracted from them) or ctfgen's
     `features` and `extractor` (written by `save_stats_file`). The feature size must be the extractor's."""
-    path = Path(path)
-    if not path.is_file():
-        raise CtfgenError(f"--ref-stats {path} not found")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files if k in ("mu", "sigma", "arr_0", "features", "extractor")}
-    except Exception as e:  # a damaged archive: zipfile and numpy errors of several types
-        raise CtfgenError(f"--ref-stats {path} is not a readable .npz ({type(e).__name__}: {e})") from None
+    with read_npz(path, "--ref-stats ") as f:
+        arrays = {k: f[k] for k in f.files if k in ("mu", "sigma", "arr_0", "features", "extractor")}
     if "mu" not in arrays or "sigma" not in arrays:
         raise CtfgenError(f"--ref-stats {path} has no 'mu' and 'sigma' arrays")
     mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..arguments import AtLeast, Between, Count, NonNegative, OneOf, Positive, check_fields
 from ..artifacts import write_json
-from ..data.datasets import build_dataset
+from ..data.datasets import DataError, build_dataset
 from ..data.sampler import StepBatches
 from ..data.transforms import image_grid
 from ..errors import CtfgenError, Stopped
@@ -121,6 +121,9 @@ class TokenizerTrainer:
         ds_args = dict(resolution=self.model_cfg.image_size, channels=self.model_cfg.in_channels, data_dir=cfg.data_dir)
         self.train_set = build_dataset(cfg.data, "train", hflip=cfg.hflip, **ds_args)
         self.test_set = build_dataset(cfg.data, "test", **ds_args)
+        if len(self.train_set) < cfg.batch_size:  # before the first step, not at it
+            raise DataError(f"{cfg.data}: {len(self.train_set)} training images, fewer than one batch of "
+                            f"{cfg.batch_size} (--batch-size)")
         self.model = VQTokenizer(self.model_cfg).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
         self.disc = self.disc_opt = None
