@@ -511,7 +511,10 @@ def test_bench_command(tmp_path: Path, fm: Path) -> None:
                               "--beyond-cfg", "6", "8"])
     cells = bench_cells(args.grid, 1, False, args.data, args.data_dir, tokenizer_steps=args.tokenizer_steps,
                         beyond_cfg=args.beyond_cfg)
-    assert {c.tokenizer_steps for c in cells} == {2400} and len(cells) == 4
+    assert {c.tokenizer_steps for c in cells} == {2400} and len(cells) == 6
+    shallow = [c for c in cells if (c.refiner_depth, c.refiner_steps) == (0.5, 0.5) or c.compute_of == (0.5, 0.5)]
+    assert sorted(c.side for c in shallow) == ["baseline", "ctf"]  # the half-depth refiner and its matched baseline
+    assert len(bench_cells("stage2", 1, True, args.data, args.data_dir)) == 4  # not in the quick form
     assert {c.scoring.beyond_cfg for c in cells} == {(6.0, 8.0)}
     with pytest.raises(CtfgenError, match="--beyond-cfg: beyond_cfg must rise above the grid's largest CFG 4"):
         bench_cells("stage2", 1, False, args.data, args.data_dir, beyond_cfg=[3.0])
