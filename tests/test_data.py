@@ -126,8 +126,14 @@ def test_npz_dataset(tmp_path):
     with pytest.raises(DataError, match="expected images"):
         npz_dataset(tmp_path / "len.npz", ImageTransform(16))
     (tmp_path / "junk.npz").write_bytes(b"junk")
-    with pytest.raises(DataError, match="junk.npz"):
+    with pytest.raises(DataError, match="junk.npz is not a readable .npz \\(not a zip archive of arrays\\)"):
         npz_dataset(tmp_path / "junk.npz", ImageTransform(16))
+    np.savez(tmp_path / "damaged.npz", images=np.arange(4096, dtype=np.uint8).reshape(16, 16, 16), labels=np.zeros(16))
+    data = bytearray((tmp_path / "damaged.npz").read_bytes())
+    data[200:300] = bytes(100)  # inside the first array's bytes: the archive opens, reading the array fails
+    (tmp_path / "damaged.npz").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="damaged.npz is not a readable .npz \\(BadZipFile"):
+        npz_dataset(tmp_path / "damaged.npz", ImageTransform(16))
 
 
 def test_unknown_dataset_spec():
