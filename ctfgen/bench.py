@@ -66,12 +66,15 @@ def conditions_text(only: Sequence[tuple[str, Any]]) -> str:
 
 def bench_cells(grid: str, seeds: int, quick: bool, data: str, data_dir: str | None, steps: int | None = None,
                 size: str | None = None, tokenizer_steps: int | None = None,
-                beyond_cfg: Sequence[float] = (), only: Sequence[tuple[str, Any]] = ()) -> list[Cell]:
-    """The grid's cells that have every value `only` names (`cell_condition`), with `steps`, `size`,
-    `tokenizer_steps` and `beyond_cfg` (the scoring's) then overriding every cell's (duplicates dropped).
-    Reading the training set (budgets in epochs need its size) also checks `data`."""
+                beyond_cfg: Sequence[float] = (), only: Sequence[tuple[str, Any]] = (),
+                tokenizer_seeds: int = 1) -> list[Cell]:
+    """The grid's cells, each on `tokenizer_seeds` tokenizer instances, that have every value `only` names
+    (`cell_condition`), with `steps`, `size`, `tokenizer_steps` and `beyond_cfg` (the scoring's) then
+    overriding every cell's (duplicates dropped). Reading the training set (budgets in epochs need its size)
+    also checks `data`."""
     train_items = len(build_dataset(data, "train", data_dir=data_dir))
     cells = GRIDS[grid](Cell(side="ctf", steps=1, data=data), seeds, quick, train_items)
+    cells = [replace(c, tokenizer_seed=t) for t in range(tokenizer_seeds) for c in cells]
     cells = [c for c in cells if all(getattr(c, name) == value for name, value in only)]
     if not cells:
         quick_form = " (quick)" if quick else ""
@@ -136,6 +139,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         "against the baseline at its compute (docs/bench.md)")
     p.add_argument("--quick", action="store_true", help="the grid's quick form (tiny models, minutes on a CPU)")
     p.add_argument("--seeds", type=arg_type(Count), default=None, help="training seeds per cell (default 3; quick 2)")
+    p.add_argument("--tokenizer-seeds", type=arg_type(Count), default=1,
+                   help="tokenizer instances (seeds 0, 1, ...), each with every training seed: the report's spread then "
+                        "covers the tokenizer too (each instance is trained anew: expensive)")
     p.add_argument("--out", default=None, help="output folder (default: runs/bench-GRID[-quick])")
     p.add_argument("--run", default=None, help="reuse RUN/{tokenizer,codes-train,codes-test,hierarchy,classifier} "
                    "where their V and K fit a cell")
@@ -170,7 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     out = args.out or f"runs/bench-{args.grid}" + ("-quick" if args.quick else "")
     seeds = args.seeds or (2 if args.quick else 3)
     grid = functools.partial(bench_cells, args.grid, seeds, args.quick, args.data, args.data_dir, args.steps,
-                             args.size, args.tokenizer_steps, args.beyond_cfg)
+                             args.size, args.tokenizer_steps, args.beyond_cfg, tokenizer_seeds=args.tokenizer_seeds)
     cells = grid(args.only)
     name = args.grid + (" (quick)" if args.quick else "")
     if args.report_only:
@@ -178,6 +184,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     elif args.only:
         name += f", cells run: only {conditions_text(args.only)} (reported: every cell of the grid done in this folder)"
     meta = {"grid": name, "seeds": seeds, "data": args.data}
+    if args.tokenizer_seeds > 1:
+        meta["tokenizer_seeds"] = args.tokenizer_seeds
     summary = run_bench(out, cells, meta, args.data_dir, args.cache_dir, args.run, args.device, args.force, args.resume,
                         classifier_epochs=1 if args.quick else 2, classifier_limit=10000 if args.quick else 20000,
                         report_also=grid() if args.only and not args.report_only else (),

@@ -543,3 +543,43 @@ def test_final_set_also_scored_in_other_features(tmp_path: Path, fm: Path) -> No
     report = (tmp_path / "bench" / "BENCHMARKS.md").read_text()
     assert "FID in effnet-lite0 features (a class-balanced" in report
     assert "| floor | from | FID | IS | FID in effnet-lite0 |" in report
+
+
+def test_tokenizer_seeds_are_instances_whose_cells_pool_in_one_row(tmp_path: Path, fm: Path) -> None:
+    """`--tokenizer-seeds 2`: every cell on each of two tokenizer instances (seed 0's keys as before, so earlier
+    results still count); the report pools an instance's cells with the other's in one row (the spread covers
+    the tokenizer) and shows each instance apart."""
+    one = bench_cells("stage2", 2, True, "fashion-mnist", str(fm))
+    two = bench_cells("stage2", 2, True, "fashion-mnist", str(fm), tokenizer_seeds=2)
+    assert [cell_key(c) for c in two[:len(one)]] == [cell_key(c) for c in one] and len(two) == 2 * len(one)
+    assert {c.tokenizer_seed for c in two[len(one):]} == {1}
+    picked = bench_cells("stage2", 2, True, "fashion-mnist", str(fm), tokenizer_seeds=2,
+                         only=[cell_condition("tokenizer_seed=1"), cell_condition("seed=0")])
+    assert picked and all(c.tokenizer_seed == 1 and c.seed == 0 for c in picked)
+
+    records = [record("ctf", s, 5.0 + t, 3.0, tokenizer_seed=t, lite0=20.0 + 4 * t) for t in (0, 1) for s in range(2)]
+    records += [record("baseline", s, 8.0 + t, 3.5, tokenizer_seed=t, lite0=30.0) for t in (0, 1) for s in range(2)]
+    for r in records:
+        r["key"] += str(r["cell"]["tokenizer_seed"])
+    (setup,) = group(records)
+    assert [len(row.records) for row in setup.rows] == [4, 4]
+    assert verdict(setup)[0].startswith("CTF against the baseline, equal steps: FID 5.50 +- 0.58 vs 8.50 +- 0.58")
+    Image.new("L", (16, 16)).save(tmp_path / "x.png")
+    write_report(records, {"grid": "g", "data": "d", "command": "c", "machine": "m", "date": "d"}, tmp_path)
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| side | tokenizer seed | seeds | FID | FID in effnet-lite0 | NLL |" in text
+    assert "| CTF | 1 | 2 | 6.00 +- 0.00 | 24.00 +- 0.00 | 3.000 +- 0.000 |" in text
+    assert "| 1 (tokenizer 1) | 1 |" in text  # the cells table names the instance
+
+
+def test_a_tokenizer_seed_trains_its_own_tokenizer_and_models(tmp_path: Path, fm: Path) -> None:
+    workshop = Workshop(tmp_path, str(fm), classifier_limit=128)
+    a, b = workshop.artifacts(TOY), workshop.artifacts(replace(TOY, tokenizer_seed=1))
+    assert Path(b.tokenizer).name == Path(a.tokenizer).name + "-seed1" and b.classifier == a.classifier
+    assert b.codes_train != a.codes_train and b.hierarchy != a.hierarchy
+    assert json.loads((Path(b.tokenizer) / "train_config.json").read_text())["seed"] == 1
+    from ctfgen.tokenizer.model import load_tokenizer
+    assert load_tokenizer(a.tokenizer).fingerprint != load_tokenizer(b.tokenizer).fingerprint
+    spec = workshop._spec(TOY, "coarse", 3)
+    assert workshop.model_folder(spec) != workshop.model_folder(workshop._spec(replace(TOY, tokenizer_seed=1), "coarse", 3))
+    assert workshop.model_folder(spec) == workshop.model_folder(replace(spec, tokenizer_seed=0))

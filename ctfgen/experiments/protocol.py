@@ -118,6 +118,7 @@ class Cell:
     warmup_steps: NonNegative = 50  # capped at a quarter of a run
     dropout: Rate = 0.0
     tokenizer_steps: Count = 600
+    tokenizer_seed: int = 0  # the tokenizer's initialisation and data order: another instance of the same recipe
     train_items: Annotated[int | None, AtLeast(1)] = None  # models train on this many class-balanced images (None: all)
     scoring: Scoring = Scoring()
 
@@ -181,6 +182,7 @@ class ModelSpec:
     dropout: float
     tokenizer_steps: int
     train_items: int | None = None  # (the default keeps the folder names of models trained before it existed)
+    tokenizer_seed: int = 0  # (the same)
     # refiner options (defaults keep the folder names of models trained before they existed)
     reveal: bool = False
     corrupt: float = 0.0
@@ -237,7 +239,7 @@ class Workshop:
         return str(folder)
 
     def artifacts(self, cell: Cell) -> Artifacts:
-        key = (cell.data, cell.codebook, cell.k, cell.tokenizer_steps, cell.train_items)
+        key = (cell.data, cell.codebook, cell.k, cell.tokenizer_steps, cell.tokenizer_seed, cell.train_items)
         if key not in self._artifacts:
             self._artifacts[key] = self._find_or_build(cell)
         return self._artifacts[key]
@@ -248,14 +250,17 @@ class Workshop:
         from ..tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
         art, v = self.root / "artifacts", cell.codebook
-        reused_tok = self._reusable("tokenizer", TOKENIZER_KIND, lambda f: load_tokenizer(f).config.codebook_size == v)
+        # a reused tokenizer stands in for seed 0 only: another seed asks for another instance
+        reused_tok = self._reusable("tokenizer", TOKENIZER_KIND, lambda f: cell.tokenizer_seed == 0
+                                    and load_tokenizer(f).config.codebook_size == v)
         if reused_tok:
             tag, tok_dir = f"reused-V{v}", str(reused_tok)
         else:
-            tag = f"V{v}-{cell.tokenizer_steps}steps"
+            tag = f"V{v}-{cell.tokenizer_steps}steps" + (f"-seed{cell.tokenizer_seed}" if cell.tokenizer_seed else "")
             tok_dir = self._built(art / f"tokenizer-{tag}", TOKENIZER_KIND, lambda f: train_tokenizer(
                 TokenizerTrainConfig(out=str(f), data=cell.data, data_dir=self.data_dir, codebook_size=v,
-                                     steps=cell.tokenizer_steps, report_limit=1000, device=str(self.device)),
+                                     steps=cell.tokenizer_steps, report_limit=1000, seed=cell.tokenizer_seed,
+                                     device=str(self.device)),
                 resume=True, progress=False))
 
         def codes(split: str) -> str:
@@ -352,7 +357,8 @@ class Workshop:
     def _spec(self, cell: Cell, role: str, steps: int, depth: float = 1.0) -> ModelSpec:
         return ModelSpec(role, steps, cell.seed, cell.data, cell.codebook, None if role == "baseline" else cell.k,
                          cell.refiner_size if role == "refiner" else cell.size, depth, cell.batch_size, cell.lr,
-                         cell.warmup_steps, cell.dropout, cell.tokenizer_steps, cell.train_items)
+                         cell.warmup_steps, cell.dropout, cell.tokenizer_steps, cell.train_items,
+                         tokenizer_seed=cell.tokenizer_seed)
 
     def _ctf_specs(self, cell: Cell, depth: float, share: float, options: bool = True) -> tuple[ModelSpec, ModelSpec]:
         """The coarse and refiner specs of a CTF; `options`: with the cell's refiner options (reveal, ...)."""

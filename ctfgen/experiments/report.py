@@ -24,7 +24,8 @@ REFINER_OPTIONS = ("refiner_reveal", "refine_steps", "refiner_features", "refine
 # what tells rows of a setup apart
 ROW_FIELDS = ("side", "k", "refiner_size", "refiner_depth", "refiner_steps", "compute_of",
               "decode_precision") + REFINER_OPTIONS
-SETUP_FIELDS_OUT = ROW_FIELDS + ("seed",)  # a setup: every other field
+SETUP_FIELDS_OUT = ROW_FIELDS + ("seed", "tokenizer_seed")  # a setup: every other field (a row's replicates are its
+# training seeds, on each tokenizer instance where there are several: the spread then covers the tokenizer too)
 MAP_FIELDS = ("codebook", "size", "steps")
 
 
@@ -258,6 +259,30 @@ def setup_table(setup: Setup) -> list[str]:
         n = scored[0].records[0]["result"]["final"]["features"][name]["n"]
         lines += ["", f"FID in {name} features (a class-balanced {n} of each final set against as many test images): "
                   + "; ".join(f"{r.label(with_k)} {_s(r.of(also_fid(name)))}" for r in scored) + "."]
+    return lines + instances_table(setup)
+
+
+def tokenizer_seed(record: dict[str, Any]) -> int:
+    return record["cell"].get("tokenizer_seed", 0)
+
+
+def instances_table(setup: Setup) -> list[str]:
+    """Where a setup's cells span several tokenizer instances: each row's figures per instance (over its
+    training seeds), so a ratio that moves with the tokenizer shows."""
+    seeds = sorted({tokenizer_seed(r) for row in setup.rows for r in row.records})
+    if len(seeds) < 2:
+        return []
+    features = sorted({f for row in setup.rows for f in also_features(row)})
+    lines = ["", "By tokenizer instance (the rows above pool them):", "",
+             "| side | tokenizer seed | seeds | FID |" + "".join(f" FID in {f} |" for f in features) + " NLL |",
+             "|---|---|---|---|" + "---|" * len(features) + "---|"]
+    for row in setup.rows:
+        for seed in seeds:
+            part = Row(row.cell, [r for r in row.records if tokenizer_seed(r) == seed])
+            if part.records:
+                lines.append(f"| {row.label(setup.several_k)} | {seed} | {len(part.records)} | {_s(part.of(final('fid')))} |"
+                             + "".join(f" {_s(part.of(also_fid(f)))} |" for f in features)
+                             + f" {_s(part.of(nll('nll')), 3)} |")
     return lines
 
 
@@ -377,8 +402,10 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], out: Path)
              "(per cell below)" + (f"; this invocation {meta['wall_s'] / 60:.1f} min" if "wall_s" in meta else ""),
              "- artifacts: " + "; ".join(sorted({f"tokenizer {r['result']['artifacts']['tokenizer']}, classifier "
                                                  f"{r['result']['artifacts']['classifier']}" for r in records})),
-             "- every figure: mean +- sd over training seeds (one sampling seed per training seed); a gap counts only "
-             "when it exceeds the sum of the two sds with at least 2 seeds a side, else it is called a tie",
+             "- every figure: mean +- sd over training seeds (one sampling seed per training seed; where cells span "
+             "several tokenizer instances, over every training seed on each, so the spread covers the tokenizer too); "
+             "a gap counts only when it exceeds the sum of the two sds with at least 2 seeds a side, else it is called "
+             "a tie",
              "- FID, IS, precision, recall and class consistency use the domain classifier's features against the "
              "whole test split (where a setup says so, FID also in other features on a share of the final set); FID "
              "at each side's own best operating point, on a final set drawn with another seed",
@@ -408,7 +435,8 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], out: Path)
     for r in records:
         c = r["cell"]
         lines.append(f"| {r['result']['label']} | {c['codebook']} | {r['result']['K']} | {c['size']} | {c['steps']} | "
-                     f"{c['seed']} | {r['wall_s']:.0f} |")
+                     f"{c['seed']}" + (f" (tokenizer {tokenizer_seed(r)})" if tokenizer_seed(r) else "")
+                     + f" | {r['wall_s']:.0f} |")
     (out / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
