@@ -361,7 +361,7 @@ def map_section(setups: list[Setup], out: Path) -> list[str]:
         choices += k_choice(setup, rows)
     if curves:
         plot_lines({name: (sorted(gaps), [gaps[k] for k in sorted(gaps)]) for name, gaps in curves.items()},
-                   "K (clusters)", "FID gap, CTF - baseline", out / "map_fid_gap.png")
+                   "K (clusters)", "FID gap, CTF - baseline", out / "map_fid_gap.png", log_x=True)
         lines += ["", "Plot: `map_fid_gap.png` (the FID gap against K, one line per V, size and budget)."]
     return lines + ([""] + choices if choices else []) + [""]
 
@@ -467,7 +467,8 @@ def steps_section(setups: list[Setup], out: Path) -> list[str]:
             pts = [(s.fields["steps"], r.of(final("fid")).mean) for s, r in zip(family, cells) if r]
             curves[f"{name}: {label}" if name else label] = ([p[0] for p in pts], [p[1] for p in pts])
         lines += [""] + steps_to_fid_lines(family)
-    plot_lines(curves, "training steps (each its own run)", "FID (domain features)", out / "fid_vs_steps.png")
+    plot_lines(curves, "training steps (each its own run)", "FID (domain features)", out / "fid_vs_steps.png",
+               log_x=True)
     return lines
 
 
@@ -514,8 +515,10 @@ def steps_to_fid_lines(family: list[Setup]) -> list[str]:
 # --- plots -----------------------------------------------------------------------------------------
 
 def plot_lines(xs_ys: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, path: Path,
-               lines: bool = True) -> None:
-    """One series per name; `lines=False` draws the points alone (operating points have no order)."""
+               lines: bool = True, log_x: bool = False) -> None:
+    """One series per name, each with its own marker, the legend below the axes (it would hide the points);
+    `lines=False` draws the points alone (operating points have no order); `log_x` spaces budgets and K that
+    double evenly, ticked at the values drawn."""
     try:
         import matplotlib
 
@@ -524,15 +527,20 @@ def plot_lines(xs_ys: dict[str, tuple[list[float], list[float]]], xlabel: str, y
     except ImportError:
         _plot_with_pil(xs_ys, xlabel, ylabel, path, lines)
         return
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    for name, (xs, ys) in xs_ys.items():
-        ax.plot(xs, ys, marker="o", label=name, linestyle="-" if lines else "none", alpha=0.8)
+    fig, ax = plt.subplots(figsize=(6.0, 3.8), dpi=120)
+    markers = "os^Dv<>pP*Xh"
+    for i, (name, (xs, ys)) in enumerate(xs_ys.items()):
+        ax.plot(xs, ys, marker=markers[i % len(markers)], label=name, linestyle="-" if lines else "none", alpha=0.8)
+    if log_x:
+        ticks = sorted({x for xs, _ in xs_ys.values() for x in xs})
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+        ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16), frameon=False)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
