@@ -75,10 +75,15 @@ def bench_cells(grid: str, seeds: int, quick: bool, data: str, data_dir: str | N
     train_items = len(build_dataset(data, "train", data_dir=data_dir))
     cells = GRIDS[grid](Cell(side="ctf", steps=1, data=data), seeds, quick, train_items)
     cells = [replace(c, tokenizer_seed=t) for t in range(tokenizer_seeds) for c in cells]
-    cells = [c for c in cells if all(getattr(c, name) == value for name, value in only)]
-    if not cells:
+    kept = [c for c in cells if all(getattr(c, name) == value for name, value in only)]
+    if not kept:
         quick_form = " (quick)" if quick else ""
-        raise CtfgenError(f"--only {conditions_text(only)}: no cell of the {grid} grid{quick_form} has that")
+        taken = {name: sorted({json.dumps(getattr(c, name)) for c in cells}) for name, _ in only}
+        missing = [f"{name} takes {', '.join(taken[name])} there" for name, value in only
+                   if json.dumps(value) not in taken[name]]
+        raise CtfgenError(f"--only {conditions_text(only)}: no cell of the {grid} grid{quick_form} has that"
+                          + (f" ({'; '.join(missing)})" if missing else " (each value is there, not all together)"))
+    cells = kept
     if steps is not None:
         cells = [replace(c, steps=steps) for c in cells]
     if size is not None:

@@ -364,8 +364,11 @@ def test_only_keeps_the_grid_cells_with_those_values(fm: Path) -> None:
     matched = only("compute_of=[1.0, 0.25]", "seed=0")  # JSON lists are the cells' tuples
     assert [(c.side, c.seed, c.compute_of) for c in matched] == [("baseline", 0, (1.0, 0.25))]
     assert [c.steps for c in only("steps=3200", "side=baseline", steps=50)] == [50, 50, 50]  # chosen, then set
-    with pytest.raises(CtfgenError, match='--only size="GPT-XL": no cell of the cpu grid has that'):
+    with pytest.raises(CtfgenError, match='--only size="GPT-XL": no cell of the cpu grid has that '
+                       r'\(size takes "small", "tiny" there\)'):
         only("size=GPT-XL")
+    with pytest.raises(CtfgenError, match=r"has that \(each value is there, not all together\)"):
+        only("size=small", "steps=200")
     with pytest.raises(argparse.ArgumentTypeError, match="FIELD one of batch_size, codebook"):
         cell_condition("flavour=sweet")
 
