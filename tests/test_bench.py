@@ -4,6 +4,7 @@ recomputing, compute-matched baselines, and the report's calls on records whose 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -158,7 +159,8 @@ def test_a_rescored_cell_takes_only_the_measurements_its_new_option_changes(tmp_
     rescored = replace(at_edge, scoring=replace(at_edge.scoring, beyond_cfg=(3.0,)))
     meta = {"grid": "toy", "data": "fashion-mnist", "seeds": 1}
     out = tmp_path / "bench"
-    run_bench(out, [at_edge], meta, data_dir=str(fm), classifier_epochs=1, classifier_limit=128)
+    run_bench(tmp_path / "first", [at_edge], meta, data_dir=str(fm), classifier_epochs=1, classifier_limit=128)
+    (tmp_path / "first").rename(out)  # a moved (or merged) folder keeps its measurements
     drawn, floors = [], []
     sample_with, floor_sets = protocol.sample_with, protocol.floor_sets
     monkeypatch.setattr(protocol, "sample_with",
@@ -173,6 +175,19 @@ def test_a_rescored_cell_takes_only_the_measurements_its_new_option_changes(tmp_
     if not moved:  # the same final set: its figures and sample grid
         assert second["final"] == first["final"] and second["samples"] == first["samples"]
     assert len(list((out / "measurements").glob("point-*.json"))) == 2
+
+
+def test_measurements_kept_under_in_place_artifact_paths_are_still_found(tmp_path: Path) -> None:
+    """Measurements taken before artifact paths were portable were hashed with the folder's own path."""
+    from ctfgen.experiments.protocol import IN_FOLDER, Artifacts
+
+    workshop = Workshop(tmp_path)
+    art = Artifacts(*(str(tmp_path / "artifacts" / name) for name in ("tok", "train", "test", "h")), "/elsewhere/c")
+    portable = workshop.portable(art)
+    assert portable["tokenizer"] == f"{IN_FOLDER}/artifacts/tok" and portable["classifier"] == "/elsewhere/c"
+    assert workshop.measured("nll", {"artifacts": dataclasses.asdict(art), "seed": 0}, lambda: {"nll": 1.0}) == {"nll": 1.0}
+    assert workshop.measured("nll", {"artifacts": portable, "seed": 0}, lambda: pytest.fail("taken again")) == {"nll": 1.0}
+    assert workshop.measured("nll", {"artifacts": portable, "seed": 1}, lambda: {"nll": 2.0}) == {"nll": 2.0}
 
 
 def test_decode_precision_cells_share_the_models_and_are_compared_with_fp32(tmp_path: Path, fm: Path,

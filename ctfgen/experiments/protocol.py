@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -191,6 +192,7 @@ class ModelSpec:
     stage1: "ModelSpec | None" = None  # the coarse model a refiner reads (features or corrupted labels)
 
 
+IN_FOLDER = "<bench>"  # how a measurement's inputs name the bench folder, so that it can move
 CELL_DEFAULTS = {f.name: f.default for f in fields(Cell) if f.default is not MISSING}
 # as a record spells them (tuples are JSON lists): what a record written before a field existed means by it
 SCORING_DEFAULTS = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(Scoring)}
@@ -384,10 +386,15 @@ class Workshop:
         """`measure()`, taken once for these inputs: its JSON result is kept in measurements/ under a hash of
         `what` and `inputs` (everything the measurement depends on: the model folders, which are named by
         what made them, the artifacts, seeds, counts and settings), so a cell rescored with a new option (say
-        `beyond_cfg`) samples only what the option changes. A change to the measuring code itself does not
-        show in the hash: delete measurements/ (as models/ after a change to training) to take them anew."""
-        text = json.dumps({"what": what, **inputs}, sort_keys=True)
-        path = self.root / "measurements" / f"{what}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+        `beyond_cfg`) samples only what the option changes. Artifacts inside the folder count by their path in
+        it (`portable`), so a moved or merged folder keeps its measurements. A change to the measuring code
+        itself does not show in the hash: delete measurements/ (as models/ after a change to training) to take
+        them anew."""
+        path = self._measurement(what, inputs)
+        if "artifacts" in inputs and not path.is_file():  # kept before artifact paths were portable (2026-12-02)
+            in_place = {name: p.replace(IN_FOLDER, str(self.root), 1) for name, p in inputs["artifacts"].items()}
+            legacy = self._measurement(what, {**inputs, "artifacts": in_place})
+            path = legacy if legacy.is_file() else path
         if path.is_file():
             return read_json(path)["result"]
         start = time.perf_counter()
@@ -397,6 +404,16 @@ class Workshop:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, {"what": what, "inputs": inputs, "result": result})
         return result
+
+    def _measurement(self, what: str, inputs: dict[str, Any]) -> Path:
+        text = json.dumps({"what": what, **inputs}, sort_keys=True)
+        return self.root / "measurements" / f"{what}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+
+    def portable(self, art: Artifacts) -> dict[str, str]:
+        """The artifacts' paths, those inside the folder as IN_FOLDER/... (a reused `--run`'s stay as given)."""
+        inside = str(self.root) + os.sep
+        return {name: IN_FOLDER + os.sep + path[len(inside):] if path.startswith(inside) else path
+                for name, path in asdict(art).items()}
 
     def with_chosen_k(self, cell: Cell) -> Cell:
         """A `k="auto"` cell as the cell of the K it picks, so that the two share their models and measurements
@@ -427,7 +444,7 @@ class Workshop:
             train, model_dirs = {"baseline": baseline}, (model_dir,)
         # what every measurement of this cell depends on, besides its own counts and settings; the likelihood
         # scores the models as trained, everything after it samples at the cell's decode precision
-        setup = {"models": [d.name for d in model_dirs], "artifacts": asdict(art), "data": cell.data,
+        setup = {"models": [d.name for d in model_dirs], "artifacts": self.portable(art), "data": cell.data,
                  "seed": cell.seed, "refine_steps": cell.refine_steps, "device": self.device.type}
         sampled = {**setup, "decode_precision": cell.decode_precision}
         if cell.side == "ctf" and cell.decode_precision != "fp32":  # since 2026-12-01 the refiner follows it too
