@@ -12,10 +12,12 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import hashlib
 import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -29,12 +31,13 @@ from .data.datasets import build_dataset, check_data
 from .errors import CtfgenError
 from .experiments import Results, cell_key, run_grid
 from .experiments.grids import GRIDS
-from .experiments.protocol import Cell, Workshop
+from .experiments.protocol import FOLDERS, Cell, Workshop
 from .experiments.report import write_report
-from .outputs import add_output_flags, plan_output
+from .outputs import add_output_flags, check_not_busy, folder_state, plan_output
 from .runtime import pick_device
 from .transformer import MODEL_SIZES
 
+log = logging.getLogger(__name__)
 BENCH_KIND = "bench"  # the kind of the folder `ctfgen bench` writes (ctfgen.outputs)
 RESULTS_NAME = "cells.jsonl"
 
@@ -98,22 +101,89 @@ def bench_cells(grid: str, seeds: int, quick: bool, data: str, data_dir: str | N
     return list({cell_key(c): c for c in cells}.values())
 
 
+def check_parts(parts: Sequence[str | Path], out: str | Path) -> list[Path]:
+    """Bench folders to merge into `out`: each one, not `out` itself, and written by no running process."""
+    checked = []
+    for part in map(Path, parts):
+        if not part.is_dir() or folder_state(part)[0] != BENCH_KIND:
+            raise CtfgenError(f"--merge {part}: not a folder `ctfgen bench` wrote")
+        if part.resolve() == Path(out).resolve():
+            raise CtfgenError(f"--merge {part}: that is --out itself")
+        check_not_busy(part)
+        checked.append(part)
+    return checked
+
+
+def _content(folder: Path) -> str | None:
+    """A hash of an artifact's weights or codes: what two folders of one name must share to be the same."""
+    for name in ("model.safetensors", "codes.npy"):
+        if (folder / name).is_file():
+            digest = hashlib.sha256()
+            with open(folder / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+            return digest.hexdigest()
+    return None
+
+
+def merge_parts(parts: Sequence[Path], out: Path) -> int:
+    """Fold bench folders `parts` (one grid run in pieces, say `--only seed=S` on several machines) into `out`:
+    their cells' results and whatever of the Workshop's folders `out` lacks (finished artifacts and models,
+    measurements, sample grids, reference statistics). An artifact both hold must be the same one (same
+    weights or codes), else the parts' numbers rest on different tokenizers or classifiers: refused. Returns
+    how many cells were added."""
+    for part in parts:  # every check before anything is copied
+        for folder in sorted((part / "artifacts").glob("*")):
+            mine = out / "artifacts" / folder.name
+            if mine.is_dir() and folder_state(mine)[1] and folder_state(folder)[1] and _content(mine) != _content(folder):
+                raise CtfgenError(f"--merge {part}: its artifacts/{folder.name} differs from the one in {out}; parts "
+                                  "must share their artifacts (start each from a copy of one folder that holds them, "
+                                  "or give them all the same --run)")
+    results, added = Results(out / RESULTS_NAME), 0
+    for part in parts:
+        for name in FOLDERS:
+            for item in sorted((part / name).glob("*")):
+                target = out / name / item.name
+                if target.exists() or item.name.startswith("."):  # (dot names: a stage's temporary files)
+                    continue
+                if item.is_dir() and name in ("artifacts", "models") and not folder_state(item)[1]:
+                    continue  # unfinished: a run in `out` trains it again
+                target.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, target)
+        have = {r["key"] for r in results.load(quiet=True)}
+        for record in Results(part / RESULTS_NAME).load():
+            if record["key"] not in have:
+                moved = {k: str(out / Path(p).resolve().relative_to(part.resolve()))
+                         if Path(p).resolve().is_relative_to(part.resolve()) else p
+                         for k, p in record["result"]["artifacts"].items()}
+                results.append({**record, "result": {**record["result"], "artifacts": moved}})
+                have.add(record["key"])
+                added += 1
+    return added
+
+
 def run_bench(out: str | Path, cells: list[Cell], meta: dict[str, Any], data_dir: str | None = None,
               cache_dir: str | None = None, run: str | Path | None = None, device: str = "cpu", force: bool = False,
               resume: bool = False, classifier_epochs: int = 2, classifier_limit: int | None = 20000,
-              report_also: Sequence[Cell] = (), report_only: bool = False) -> dict[str, Any]:
+              report_also: Sequence[Cell] = (), report_only: bool = False,
+              merge: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Run `cells` into folder `out` and write the report; `meta` (grid, data, seeds, ...) heads it. A finished
     folder is replaced only with `force`; an interrupted one continues (cells done stay done) only with
     `resume` (see ctfgen.outputs). The report also covers those of `report_also` (the rest of a grid run in
     parts) that the folder holds results of. `report_only`: run nothing, report the cells the folder holds
-    results of (of an interrupted grid too) and leave the folder's state as it was."""
+    results of (of an interrupted grid too) and leave the folder's state as it was. `merge`: run nothing, fold
+    those bench folders into `out` (`merge_parts`; a new `out` is made), then report as `report_only` does."""
     start = time.perf_counter()
     device = str(pick_device(device))  # every check before the folder is created
     for data in {c.data for c in cells}:
         check_data(data, data_dir)
-    output = plan_output(out, BENCH_KIND, force=force, resume=resume or report_only, resumable=True)
+    parts = check_parts(merge, out)
+    output = plan_output(out, BENCH_KIND, force=force, resume=resume or report_only or bool(parts), resumable=True)
     results = Results(output.path / RESULTS_NAME)
-    if report_only:
+    if parts:
+        output.open()
+        log.info("%d cells merged into %s", merge_parts(parts, output.path), out)
+    if report_only or parts:
         records = []
     else:
         output.open()
@@ -166,6 +236,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", type=cell_condition, nargs="+", default=[], metavar="FIELD=VALUE",
                    help="run only the grid's cells with these values (before --steps and --size apply), e.g. "
                         "size=small refiner_mask=true; fields as in ctfgen.experiments.protocol.Cell")
+    p.add_argument("--merge", nargs="+", default=[], metavar="PART",
+                   help="run nothing: fold these bench folders (the grid run in parts, e.g. --only seed=S on several "
+                        "machines or GPUs, each from a copy of one folder that holds the artifacts) into OUT, then "
+                        "report it as --report-only does")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: write the report of the grid's cells that OUT holds results of (say, while a "
                         "long grid is interrupted)")
@@ -177,14 +251,21 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise CtfgenError(f"--run {args.run} is not a folder")
     if args.report_only and args.force:
         raise CtfgenError("--report-only runs nothing and keeps the folder: it does not go with --force")
-    logging.getLogger("ctfgen.experiments").setLevel(logging.INFO)
+    clash = [flag for flag, given in (("--report-only", args.report_only), ("--run", args.run), ("--force", args.force))
+             if given]
+    if args.merge and clash:  # (--force: merge into a new folder instead)
+        raise CtfgenError(f"--merge adds the parts to OUT and reports it, running nothing: it does not go with {clash[0]}")
+    for name in ("ctfgen.experiments", __name__):
+        logging.getLogger(name).setLevel(logging.INFO)
     out = args.out or f"runs/bench-{args.grid}" + ("-quick" if args.quick else "")
     seeds = args.seeds or (2 if args.quick else 3)
     grid = functools.partial(bench_cells, args.grid, seeds, args.quick, args.data, args.data_dir, args.steps,
                              args.size, args.tokenizer_steps, args.beyond_cfg, tokenizer_seeds=args.tokenizer_seeds)
     cells = grid(args.only)
     name = args.grid + (" (quick)" if args.quick else "")
-    if args.report_only:
+    if args.merge:
+        name += f", merged from {', '.join(args.merge)}"
+    elif args.report_only:
         name += ", report only" + (f" (only {conditions_text(args.only)})" if args.only else "")
     elif args.only:
         name += f", cells run: only {conditions_text(args.only)} (reported: every cell of the grid done in this folder)"
@@ -194,10 +275,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     summary = run_bench(out, cells, meta, args.data_dir, args.cache_dir, args.run, args.device, args.force, args.resume,
                         classifier_epochs=1 if args.quick else 2, classifier_limit=10000 if args.quick else 20000,
                         report_also=grid() if args.only and not args.report_only else (),
-                        report_only=args.report_only)
+                        report_only=args.report_only, merge=args.merge)
     for i, setup in enumerate(summary["setups"], 1):
         print(f"setup {i}:", *setup["verdict"], sep="\n  ")
     print(f"report -> {Path(out) / 'BENCHMARKS.md'}")
 
 
-__all__ = ["BENCH_KIND", "add_bench_args", "bench_cells", "cell_condition", "cmd_bench", "run_bench"]
+__all__ = ["BENCH_KIND", "add_bench_args", "bench_cells", "cell_condition", "cmd_bench", "merge_parts", "run_bench"]

@@ -211,7 +211,8 @@ def _running(pid: int, command: str) -> bool:
     return cmdline.endswith(command)
 
 
-def _check_not_busy(folder: Path) -> None:
+def check_not_busy(folder: Path) -> None:
+    """Refuses a folder another running ctfgen process writes (to write it, or to read it whole)."""
     busy = _writer(folder)
     if busy:
         raise CtfgenError(f"{folder} is being written by another running ctfgen process ({busy}); wait for it to end "
@@ -241,10 +242,10 @@ def plan_output(folder: str | Path, kind: str, *, force: bool = False, resume: b
     if found is None:
         check_writable(final)
         return Output(final, final, kind, resumed=False, clear=False)
-    _check_not_busy(final)
+    check_not_busy(final)
     if finished and force:
         staging = _staging(final)
-        _check_not_busy(staging)  # a replacement another process is writing
+        check_not_busy(staging)  # a replacement another process is writing
         check_writable(final.parent, final)
         keep = resume and resumable and staging.is_dir() and not _is_empty(staging)
         return Output(final, staging, kind, resumed=keep, clear=not keep)

@@ -601,3 +601,44 @@ def test_a_tokenizer_seed_trains_its_own_tokenizer_and_models(tmp_path: Path, fm
     spec = workshop._spec(TOY, "coarse", 3)
     assert workshop.model_folder(spec) != workshop.model_folder(workshop._spec(replace(TOY, tokenizer_seed=1), "coarse", 3))
     assert workshop.model_folder(spec) == workshop.model_folder(replace(spec, tokenizer_seed=0))
+
+
+def test_parts_of_a_grid_merge_into_one_folder_that_needs_nothing_run_again(tmp_path: Path, fm: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two parts (the second started from a copy of the first, so they share its artifacts) fold into a new
+    folder: both cells' results, models and measurements, so the whole grid resumed there trains and measures
+    nothing; a part whose artifacts differ is refused before anything is copied."""
+    import shutil
+
+    from ctfgen.experiments import protocol
+
+    sample_with = protocol.sample_with
+    meta, kw = {"grid": "toy", "data": "fashion-mnist", "seeds": 2}, dict(data_dir=str(fm), classifier_epochs=1,
+                                                                          classifier_limit=128)
+    cells = [TOY, replace(TOY, seed=1)]
+    run_bench(tmp_path / "a", cells[:1], meta, **kw)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    run_bench(tmp_path / "b", cells[1:], meta, resume=True, **kw)
+    summary = run_bench(tmp_path / "all", cells, meta, merge=[tmp_path / "a", tmp_path / "b"], **kw)
+    records = Results(tmp_path / "all" / "cells.jsonl").load()
+    assert sorted(r["cell"]["seed"] for r in records) == [0, 1] and summary["setups"]
+    assert all(p.startswith(str(tmp_path / "all")) for r in records for p in r["result"]["artifacts"].values())
+    monkeypatch.setattr(protocol, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(protocol, "sample_with", lambda *a, **k: pytest.fail("sampled again"))
+    run_bench(tmp_path / "all", cells, meta, resume=True, **kw)  # every cell done: nothing runs
+    rescored = [replace(c, scoring=replace(c.scoring, final_per_class=2)) for c in cells]  # new keys, same models
+    monkeypatch.setattr(protocol, "sample_with", sample_with)
+    run_bench(tmp_path / "all", rescored, meta, resume=True, **kw)  # measures anew, trains nothing
+
+    other = tmp_path / "c"
+    shutil.copytree(tmp_path / "b", other)
+    (other / "artifacts" / "classifier" / "model.safetensors").write_bytes(b"another classifier")
+    before = (tmp_path / "all" / "cells.jsonl").read_text()
+    with pytest.raises(CtfgenError, match="artifacts/classifier differs from the one in"):
+        run_bench(tmp_path / "all", cells, meta, merge=[other], **kw)
+    assert (tmp_path / "all" / "cells.jsonl").read_text() == before
+    with pytest.raises(CtfgenError, match="that is --out itself"):
+        run_bench(tmp_path / "all", cells, meta, merge=[tmp_path / "all"], **kw)
+    with pytest.raises(CtfgenError, match="not a folder `ctfgen bench` wrote"):
+        run_bench(tmp_path / "new", cells, meta, merge=[fm], **kw)
+    assert not (tmp_path / "new").exists()

@@ -181,6 +181,9 @@ CASES = {
     "bench --only a field cells lack": BENCH + ["--only", "flavour=sweet", "--out", "{root}/new"],
     "bench --only without a value": BENCH + ["--only", "size", "--out", "{root}/new"],
     "bench --only a value no cell has": BENCH + ["--only", "size=GPT-XL", "--out", "{root}/new"],
+    "bench --merge of a tokenizer": BENCH + ["--merge", f"{RUN}/tokenizer", "--out", "{root}/new"],
+    "bench --merge with --force": BENCH + ["--merge", f"{RUN}/tokenizer", "--out", "{root}/new", "--force"],
+    "bench --tokenizer-seeds 0": BENCH + ["--tokenizer-seeds", "0", "--out", "{root}/new"],
     # empty selections
     "cluster --images 0": CLUSTER + ["--k", "auto", "--images", "0", "--out", "{root}/new"],
     "analyze-redundancy --images 0": REDUNDANCY + ["--images", "0", "--out", "{root}/new"],
