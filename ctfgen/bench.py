@@ -150,13 +150,15 @@ def merge_parts(parts: Sequence[Path], out: Path) -> int:
                     continue  # unfinished: a run in `out` trains it again
                 target.parent.mkdir(parents=True, exist_ok=True)
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, target)
+        def moved(path: str) -> str:  # an artifact of the part is now the one in `out`
+            inside = Path(path).resolve().is_relative_to(part.resolve())
+            return str(out / Path(path).resolve().relative_to(part.resolve())) if inside else path
+
         have = {r["key"] for r in results.load(quiet=True)}
         for record in Results(part / RESULTS_NAME).load():
             if record["key"] not in have:
-                moved = {k: str(out / Path(p).resolve().relative_to(part.resolve()))
-                         if Path(p).resolve().is_relative_to(part.resolve()) else p
-                         for k, p in record["result"]["artifacts"].items()}
-                results.append({**record, "result": {**record["result"], "artifacts": moved}})
+                artifacts = {name: moved(path) for name, path in record["result"]["artifacts"].items()}
+                results.append({**record, "result": {**record["result"], "artifacts": artifacts}})
                 have.add(record["key"])
                 added += 1
     return added
@@ -177,6 +179,8 @@ def run_bench(out: str | Path, cells: list[Cell], meta: dict[str, Any], data_dir
     device = str(pick_device(device))  # every check before the folder is created
     for data in {c.data for c in cells}:
         check_data(data, data_dir)
+    if merge and force:  # a replacement is written beside `out` and swapped in: the parts' paths would not be it
+        raise CtfgenError("--merge adds the parts to OUT: it does not go with --force (merge into a new folder instead)")
     parts = check_parts(merge, out)
     output = plan_output(out, BENCH_KIND, force=force, resume=resume or report_only or bool(parts), resumable=True)
     results = Results(output.path / RESULTS_NAME)
@@ -251,10 +255,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise CtfgenError(f"--run {args.run} is not a folder")
     if args.report_only and args.force:
         raise CtfgenError("--report-only runs nothing and keeps the folder: it does not go with --force")
-    clash = [flag for flag, given in (("--report-only", args.report_only), ("--run", args.run), ("--force", args.force))
-             if given]
-    if args.merge and clash:  # (--force: merge into a new folder instead)
-        raise CtfgenError(f"--merge adds the parts to OUT and reports it, running nothing: it does not go with {clash[0]}")
+    if args.merge and (args.report_only or args.run):
+        clash = "--report-only" if args.report_only else "--run"
+        raise CtfgenError(f"--merge adds the parts to OUT and reports it, running nothing: it does not go with {clash}")
     for name in ("ctfgen.experiments", __name__):
         logging.getLogger(name).setLevel(logging.INFO)
     out = args.out or f"runs/bench-{args.grid}" + ("-quick" if args.quick else "")

@@ -218,8 +218,9 @@ FOLDERS = ("artifacts", "models", "measurements", "samples", "cache")  # what a 
 
 class Workshop:
     """Builds and caches what cells need under `root` (`FOLDERS`): artifacts/ (tokenizers, codes, hierarchies,
-    the domain classifier), models/, measurements/, samples/ and cache/ (reference statistics). `reuse` is a run folder whose tokenizer/, codes-*/,
-    hierarchy/ and classifier/ stand in for the ones a cell would build when their V and K match."""
+    the domain classifier), models/, measurements/, samples/ and cache/ (reference statistics). `reuse` is a
+    run folder whose tokenizer/, codes-*/, hierarchy/ and classifier/ stand in for the ones a cell would build
+    when their V and K match."""
 
     def __init__(self, root: str | Path, data_dir: str | None = None, cache_dir: str | None = None,
                  reuse: str | Path | None = None, device: str = "cpu", classifier_epochs: int = 2,
