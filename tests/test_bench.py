@@ -588,6 +588,9 @@ def test_tokenizer_seeds_are_instances_whose_cells_pool_in_one_row(tmp_path: Pat
     assert "| side | tokenizer seed | seeds | FID | FID in effnet-lite0 | NLL |" in text
     assert "| CTF | 1 | 2 | 6.00 +- 0.00 | 24.00 +- 0.00 | 3.000 +- 0.000 |" in text
     assert "| 1 (tokenizer 1) | 1 |" in text  # the cells table names the instance
+    # and the verdict on each instance alone: tokenizer 1's CTF is 6.00 against 9.00 (0.67x), 24 against 30 in Lite0
+    assert "- tokenizer 1: CTF against the baseline, equal steps: FID 6.00 +- 0.00 vs 9.00 +- 0.00 (0.67x)" in text
+    assert "(n=100) 24.00 +- 0.00 vs 30.00 +- 0.00 (0.80x)" in text
 
 
 def test_a_tokenizer_seed_trains_its_own_tokenizer_and_models(tmp_path: Path, fm: Path) -> None:

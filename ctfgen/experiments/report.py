@@ -266,9 +266,15 @@ def tokenizer_seed(record: dict[str, Any]) -> int:
     return record["cell"].get("tokenizer_seed", 0)
 
 
+def on_instance(setup: Setup, seed: int) -> Setup:
+    """The setup's cells on one tokenizer instance."""
+    rows = [Row(row.cell, [r for r in row.records if tokenizer_seed(r) == seed]) for row in setup.rows]
+    return Setup(setup.fields, [row for row in rows if row.records])
+
+
 def instances_table(setup: Setup) -> list[str]:
     """Where a setup's cells span several tokenizer instances: each row's figures per instance (over its
-    training seeds), so a ratio that moves with the tokenizer shows."""
+    training seeds), and the verdict on each, so a ratio that moves with the tokenizer shows."""
     seeds = sorted({tokenizer_seed(r) for row in setup.rows for r in row.records})
     if len(seeds) < 2:
         return []
@@ -278,11 +284,13 @@ def instances_table(setup: Setup) -> list[str]:
              "|---|---|---|---|" + "---|" * len(features) + "---|"]
     for row in setup.rows:
         for seed in seeds:
-            part = Row(row.cell, [r for r in row.records if tokenizer_seed(r) == seed])
-            if part.records:
+            for part in on_instance(Setup(setup.fields, [row]), seed).rows:  # (none where it has no cells there)
                 lines.append(f"| {row.label(setup.several_k)} | {seed} | {len(part.records)} | {_s(part.of(final('fid')))} |"
                              + "".join(f" {_s(part.of(also_fid(f)))} |" for f in features)
                              + f" {_s(part.of(nll('nll')), 3)} |")
+    lines += ["", "The verdict on each instance (over its training seeds):", ""]
+    for seed in seeds:
+        lines += [f"- tokenizer {seed}: {line}" for line in verdict(on_instance(setup, seed))]
     return lines
 
 
