@@ -282,15 +282,16 @@ def instances_table(setup: Setup) -> list[str]:
     lines = ["", "By tokenizer instance (the rows above pool them):", "",
              "| side | tokenizer seed | seeds | FID |" + "".join(f" FID in {f} |" for f in features) + " NLL |",
              "|---|---|---|---|" + "---|" * len(features) + "---|"]
+    instances = {seed: on_instance(setup, seed) for seed in seeds}
     for row in setup.rows:
         for seed in seeds:
-            for part in on_instance(Setup(setup.fields, [row]), seed).rows:  # (none where it has no cells there)
+            for part in [p for p in instances[seed].rows if p.cell is row.cell]:  # (none where it has no cells there)
                 lines.append(f"| {row.label(setup.several_k)} | {seed} | {len(part.records)} | {_s(part.of(final('fid')))} |"
                              + "".join(f" {_s(part.of(also_fid(f)))} |" for f in features)
                              + f" {_s(part.of(nll('nll')), 3)} |")
     lines += ["", "The verdict on each instance (over its training seeds):", ""]
     for seed in seeds:
-        lines += [f"- tokenizer {seed}: {line}" for line in verdict(on_instance(setup, seed))]
+        lines += [f"- tokenizer {seed}: {line}" for line in verdict(instances[seed])]
     return lines
 
 
