@@ -13,12 +13,9 @@ from PIL import Image
 
 from ctfgen.errors import CtfgenError
 from ctfgen.evaluate import Reference, add_evaluate_args, cmd_evaluate, evaluate_source, load_png_folder
-from ctfgen.hierarchy import Hierarchy, save_hierarchy
 from ctfgen.metrics.classifier import train_classifier
-from ctfgen.tokenizer.model import save_tokenizer
-from ctfgen.transformer import save_model
 from test_demo import fake_fashion_mnist
-from test_sampling import CLASSES, K, V, random_model, tiny_tokenizer
+from test_sampling import CLASSES
 
 
 @pytest.fixture(scope="module")
@@ -87,20 +84,9 @@ def test_npz_layouts(tmp_path: Path) -> None:
     assert adm.images.shape == (3, 3, 8, 8) and adm.labels is None and adm.images.min() >= -1
 
 
-@pytest.fixture()
-def toy_run(tmp_path: Path) -> Path:
-    tok = tiny_tokenizer()
-    save_tokenizer(tok, tmp_path / "run" / "tokenizer")
-    coarse_of = torch.randperm(V, generator=torch.Generator().manual_seed(0)) % K
-    save_hierarchy(Hierarchy(coarse_of, K, tokenizer_fingerprint=tok.fingerprint), tmp_path / "run" / "hierarchy")
-    for i, role in enumerate(("coarse", "refiner", "baseline")):
-        save_model(random_model(role, seed=i), tmp_path / "run" / role)
-    return tmp_path / "run"
-
-
 @pytest.mark.parametrize("kind", ["ctf", "baseline"])
-def test_toy_run_is_sampled_per_class(toy_run: Path, classifier: str, ref: Reference, kind: str) -> None:
-    result = evaluate_source(toy_run, [("domain", {"path": classifier})], ref, kind=kind, per_class=2, seed=3)
+def test_a_run_is_sampled_per_class(run_dir: Path, classifier: str, ref: Reference, kind: str) -> None:
+    result = evaluate_source(run_dir, [("domain", {"path": classifier})], ref, kind=kind, per_class=2, seed=3)
     m = check_labelled(result, 2 * CLASSES)
     assert result["source"]["kind"] == kind and result["source"]["seed"] == 3
     assert 0 <= m["class_consistency"] <= 1

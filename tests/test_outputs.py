@@ -17,7 +17,9 @@ from ctfgen.errors import CtfgenError
 from ctfgen.outputs import STATUS_NAME, folder_state, is_finished, open_output, plan_output
 from ctfgen.training import Trainer, train
 from test_cli_errors import tree_digest
-from test_training import data, make_cfg, one_thread  # noqa: F401  (fixtures)
+from test_training import make_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def finished(folder: Path, kind: str = "thing", content: str = "old") -> Path:

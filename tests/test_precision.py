@@ -19,7 +19,7 @@ from ctfgen.transformer import build_model, preset_config
 from ctfgen.transformer import precision as precision_module
 from ctfgen.transformer.precision import (DECODE_PRECISIONS, PACK_MIN_WEIGHTS, Int8Linear, PackedLinear, for_decoding,
                                           packed_kernels_available, weight_bytes_per_token)
-from test_sampling import gen, hierarchy, models, run_dir  # noqa: F401  (fixtures)
+from test_sampling import gen
 
 
 def causal_model() -> nn.Module:
@@ -176,7 +176,7 @@ def test_weight_bytes_shrink_with_precision() -> None:
     assert full / 4 < weight_bytes_per_token(for_decoding(model, "int8")) < full / 3.5  # int8 plus a scale per row
 
 
-def test_compile_packs_the_refiner_where_it_packs_stage_1(run_dir: Path) -> None:  # noqa: F811
+def test_compile_packs_the_refiner_where_it_packs_stage_1(run_dir: Path) -> None:
     """On the CPU the compiled step packs stage 1's fp32 weights (inductor's freezing); the refiner's one pass,
     never compiled, is packed instead. Compiling is lazy: nothing is compiled here."""
     def refiner_packed(**compile_options: object) -> bool:
@@ -188,7 +188,7 @@ def test_compile_packs_the_refiner_where_it_packs_stage_1(run_dir: Path) -> None
     assert not refiner_packed(backend="eager")  # which packs nothing
 
 
-def test_pipelines_and_the_cli_sample_at_each_precision(run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_pipelines_and_the_cli_sample_at_each_precision(run_dir: Path, tmp_path: Path) -> None:
     for kind in ("ctf", "baseline"):
         exact = load_pipeline(run_dir, kind)([0, 1, 2, 3], generator=gen(1), progress=False).tokens
         for precision in DECODE_PRECISIONS[1:]:

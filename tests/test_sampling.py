@@ -16,8 +16,8 @@ from ctfgen.hierarchy import Hierarchy, save_hierarchy
 from ctfgen.pipeline import BaselinePipeline, CTFPipeline, add_sample_args, cmd_sample, load_pipeline
 from ctfgen.sampling import (StageSettings, apply_guidance, draw, filter_top_p, refine, sample_baseline, sample_causal,
                              sample_ctf)
-from ctfgen.tokenizer.model import VQConfig, VQTokenizer, save_tokenizer
-from ctfgen.transformer import Transformer, build_model, cluster_members, preset_config, save_model
+from ctfgen.tokenizer.model import VQConfig, VQTokenizer
+from ctfgen.transformer import Transformer, build_model, cluster_members, preset_config
 
 V, K, CLASSES, GRID = 32, 8, 5, 4
 
@@ -43,26 +43,6 @@ def gen(seed: int) -> torch.Generator:
 
 
 LABELS = torch.tensor([0, 1, 4])
-
-
-@pytest.fixture(scope="module")
-def models() -> dict[str, Transformer]:
-    return {role: random_model(role, seed=i) for i, role in enumerate(("coarse", "refiner", "baseline"))}
-
-
-@pytest.fixture(scope="module")
-def hierarchy() -> Hierarchy:
-    return Hierarchy(torch.randperm(V, generator=gen(0)) % K, K)
-
-
-@pytest.fixture()
-def run_dir(tmp_path: Path, models: dict[str, Transformer], hierarchy: Hierarchy) -> Path:
-    tok = tiny_tokenizer()
-    save_tokenizer(tok, tmp_path / "tokenizer")
-    save_hierarchy(Hierarchy(hierarchy.coarse_of, K, tokenizer_fingerprint=tok.fingerprint), tmp_path / "hierarchy")
-    for role, model in models.items():
-        save_model(model, tmp_path / role)
-    return tmp_path
 
 
 # --- the sampler ------------------------------------------------------------------------------------

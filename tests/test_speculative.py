@@ -19,7 +19,7 @@ from ctfgen.sampling import StageSettings, sample_causal, token_probs, apply_gui
 from ctfgen.transformer import Transformer, build_model, preset_config, save_model
 from ctfgen.transformer import precision as precision_module
 from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding
-from test_sampling import gen, hierarchy, models, run_dir, random_model  # noqa: F401  (fixtures)
+from test_sampling import gen, random_model
 
 K, CLASSES = 4, 2
 
@@ -119,7 +119,7 @@ def test_bad_drafts_are_refused() -> None:
         sample_causal(target, torch.tensor([0]), StageSettings(cfg=2.0), draft=undroppable)
 
 
-def test_pipelines_and_the_cli_sample_with_a_draft(run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_pipelines_and_the_cli_sample_with_a_draft(run_dir: Path, tmp_path: Path) -> None:
     for kind, role in (("ctf", "coarse"), ("baseline", "baseline")):
         draft = random_model(role, seed=9)
         pipe = load_pipeline(run_dir, kind)

@@ -17,7 +17,6 @@ from ctfgen.cli import main
 from ctfgen.tokenizer.model import save_tokenizer
 from ctfgen.distributed import single_process
 from ctfgen.npz_samples import chunk_seed, write_sample_npz
-from test_evaluate import toy_run  # noqa: F401  (a fixture)
 from test_sampling import CLASSES, tiny_tokenizer
 from test_training import _free_port
 
@@ -37,9 +36,9 @@ def sample(run: Path, out: Path, processes: int, batch_size: int = 4, extra: tup
         return {k: f[k] for k in f.files}
 
 
-def test_npz_is_the_same_from_one_or_two_processes(toy_run: Path, tmp_path: Path) -> None:  # noqa: F811
-    one = sample(toy_run, tmp_path / "one.npz", 1)
-    two = sample(toy_run, tmp_path / "two.npz", 2)
+def test_npz_is_the_same_from_one_or_two_processes(run_dir: Path, tmp_path: Path) -> None:
+    one = sample(run_dir, tmp_path / "one.npz", 1)
+    two = sample(run_dir, tmp_path / "two.npz", 2)
     assert one["arr_0"].dtype == np.uint8 and one["arr_0"].shape == (3 * CLASSES, 16, 16, 1)
     assert one["labels"].tolist() == [c for c in range(CLASSES) for _ in range(3)]
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
@@ -47,10 +46,10 @@ def test_npz_is_the_same_from_one_or_two_processes(toy_run: Path, tmp_path: Path
     assert not list(tmp_path.glob(".*"))  # the memmapped rows were packed and removed
 
 
-def test_npz_refuses_to_overwrite_and_rejects_mixed_outputs(toy_run: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_npz_refuses_to_overwrite_and_rejects_mixed_outputs(run_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "s.npz"
     out.write_bytes(b"finished work")
-    args = ["sample", "--run", str(toy_run), "--npz", str(out), "--device", "cpu", "--quiet"]
+    args = ["sample", "--run", str(run_dir), "--npz", str(out), "--device", "cpu", "--quiet"]
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2 and "--force replaces it" in capsys.readouterr().err

@@ -53,20 +53,7 @@ def write_hierarchy(folder: Path, k: int = K, fingerprint: str = "tok-a") -> Pat
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine two threads spin-wait (40x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("data")
-    return {"codes": write_codes(root / "codes"), "val": write_codes(root / "val", n=32, seed=1),
-            "hierarchy": write_hierarchy(root / "hierarchy")}
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_cfg(data: dict[str, Path], out: Path, role: str = "coarse", **kw) -> TrainConfig:
