@@ -5,6 +5,7 @@ LlamaGen's own `generate` (same weights, same process) and against the memory-ba
     python benchmarks/bench_decode.py --llamagen /path/to/LlamaGen    # also LlamaGen's sampler; batch 1 and 8
     python benchmarks/bench_decode.py --profile                       # where one decode step's time goes
     python benchmarks/bench_decode.py --layers [--rows 2 64 4096]     # plain against packed weights, per layer shape
+    python benchmarks/bench_decode.py --device cuda --llamagen DIR    # on a GPU: fp32 weights under bf16 autocast, bf16
 
 Each row samples whole 16x16 grids (256 tokens, CFG 2.0, so the model runs on twice the batch) and
 reports wall time / 256. Rows run in turn, `--repeats` rounds, and each keeps its best round (the
@@ -24,6 +25,10 @@ fp32-packed and int8); the last lines put their ratio beside the ratio of the we
 pass), torch's product against oneDNN's packed one, in fp32 and (where the CPU has oneDNN's bf16 kernels) in
 bf16, over weight sizes from the small preset's to GPT-B's head: where packing pays (`PACK_MIN_WEIGHTS` in
 ctfgen.transformer.precision).
+On CUDA every sampler runs as ctfgen samples there, under bf16 autocast with a bf16 KV cache (LlamaGen's
+`generate` in the same autocast, so both compute alike); the rows are fp32 weights and bf16 weights
+(`--decode-precision bf16`), the bound is over the GPU memory's read bandwidth, and `--profile` and `--layers`
+are not offered (they time CPU kernels).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import torch
 
 from ctfgen.arguments import Count, arg_type
 from ctfgen.artifacts import write_json
+from ctfgen.runtime import pick_device
 from ctfgen.sampling import StageSettings, decode_cache, sample_causal
 from ctfgen.transformer import build_model, import_llamagen_gpt, preset_config
 from ctfgen.transformer.precision import DECODE_PRECISIONS, PACK_MIN_WEIGHTS, PackedLinear, for_decoding, \
@@ -51,18 +57,24 @@ TOKENS = GRID * GRID
 STAGE1 = StageSettings(cfg=2.0, temperature=1.0)
 
 
-def read_bandwidth(repeats: int = 5) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of fn(), the device's queued work included."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def read_bandwidth(device: torch.device, repeats: int = 5) -> float:
     """Bytes per second of reading a buffer far larger than the caches (best of `repeats`)."""
-    buffer = torch.ones(64 * 2 ** 20)  # 256 MB of fp32
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        buffer.sum()
-        best = min(best, time.perf_counter() - start)
+    buffer = torch.ones(64 * 2 ** 20, device=device)  # 256 MB of fp32
+    best = min(timed(buffer.sum, device) for _ in range(repeats))
     return buffer.numel() * buffer.element_size() / best
 
 
-def llamagen_gpt_b(folder: str) -> tuple[torch.nn.Module, Callable]:
+def llamagen_gpt_b(folder: str, device: torch.device) -> tuple[torch.nn.Module, Callable]:
     """LlamaGen's GPT_B (random weights, the head re-drawn so sampling is not uniform) and its `generate`."""
     if not (Path(folder) / "autoregressive" / "models" / "gpt.py").is_file():
         sys.exit(f"--llamagen {folder}: not a LlamaGen checkout (autoregressive/models/gpt.py is missing)")
@@ -73,10 +85,10 @@ def llamagen_gpt_b(folder: str) -> tuple[torch.nn.Module, Callable]:
     torch.manual_seed(0)
     model = GPT_B(vocab_size=V, block_size=TOKENS, num_classes=CLASSES, cls_token_num=1, model_type="c2i").eval()
     torch.nn.init.normal_(model.output.weight, std=0.02)
-    return model, generate
+    return model.to(device), generate
 
 
-def ctfgen_models(llamagen: torch.nn.Module | None) -> dict[str, torch.nn.Module]:
+def ctfgen_models(llamagen: torch.nn.Module | None, device: torch.device) -> dict[str, torch.nn.Module]:
     """The baseline (LlamaGen's weights when given) and a GPT-B coarse model over K labels."""
     torch.manual_seed(0)
     if llamagen is not None:
@@ -87,7 +99,7 @@ def ctfgen_models(llamagen: torch.nn.Module | None) -> dict[str, torch.nn.Module
     coarse = build_model(preset_config("GPT-B", role="coarse", vocab_size=K, num_classes=CLASSES, grid_h=GRID, grid_w=GRID))
     for model in (baseline, coarse):
         torch.nn.init.normal_(model.head.weight, std=0.02)
-    return {"baseline": baseline.eval(), "CTF stage 1": coarse.eval()}
+    return {"baseline": baseline.to(device).eval(), "CTF stage 1": coarse.to(device).eval()}
 
 
 def profile_step(model: torch.nn.Module) -> dict[str, float]:
@@ -148,7 +160,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="batch 1, one round (otherwise batch 1 and 8, 3 rounds)")
     ap.add_argument("--llamagen", default=None, help="a LlamaGen checkout: also time its generate() on the same weights")
-    ap.add_argument("--precisions", default=",".join(DECODE_PRECISIONS), help="ctfgen decode precisions to time")
+    ap.add_argument("--precisions", default=None, help="ctfgen decode precisions to time (default: all on the CPU, "
+                    "fp32,bf16 on CUDA)")
     ap.add_argument("--repeats", type=int, default=None, help="rounds (default 3; quick 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--profile", action="store_true", help="also break one decode step down by operation")
@@ -156,8 +169,13 @@ def main() -> None:
                     help="only time plain against packed weights per layer shape (fp32, bf16)")
     ap.add_argument("--rows", type=arg_type(Count), nargs="+", default=[2],
                     help="--layers: rows of the products (2: one image with CFG; 64 and up: a refiner's pass)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU rows (see above)")
     ap.add_argument("--out", default="runs/bench-decode/bench_decode.json")
     args = ap.parse_args()
+    device = pick_device(args.device)
+    on_gpu = device.type == "cuda"
+    if on_gpu and (args.profile or args.layers):
+        ap.error("--profile and --layers time CPU kernels; leave out --device cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.layers:
@@ -172,36 +190,39 @@ def main() -> None:
         return
     warnings.filterwarnings("ignore", category=FutureWarning)  # LlamaGen's torch.backends.cuda.sdp_kernel
     batches, repeats = ([1], args.repeats or 1) if args.quick else ([1, 8], args.repeats or 3)
-    precisions = args.precisions.split(",")
-    llamagen, generate = llamagen_gpt_b(args.llamagen) if args.llamagen else (None, None)
-    models = ctfgen_models(llamagen)
+    precisions = args.precisions.split(",") if args.precisions else ["fp32", "bf16"] if on_gpu else DECODE_PRECISIONS
+    llamagen, generate = llamagen_gpt_b(args.llamagen, device) if args.llamagen else (None, None)
+    models = ctfgen_models(llamagen, device)
     variants = {(role, p): for_decoding(model, p) for role, model in models.items() for p in precisions
                 if role == "baseline" or p in ("fp32", "fp32-packed", "int8")}
-    bandwidth = read_bandwidth()  # measured again every round, the best kept: the same rule as the samplers' times
+    bandwidth = read_bandwidth(device)  # measured again every round, the best kept: the same rule as the samplers' times
+    llamagen_name = "LlamaGen generate (bf16 autocast)" if on_gpu else "LlamaGen generate (fp32)"
 
     rows = []
     for batch in batches:
-        labels = torch.arange(batch) % CLASSES
+        labels = torch.arange(batch, device=device) % CLASSES
         runs: dict[str, Callable[[], object]] = {}
         if llamagen is not None:
-            runs["LlamaGen generate (fp32)"] = lambda: generate(llamagen, labels, TOKENS, cfg_scale=STAGE1.cfg,
-                                                                temperature=STAGE1.temperature, top_k=0, top_p=1.0)
+            def llamagen_run() -> object:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):  # as ctfgen samples there
+                    return generate(llamagen, labels, TOKENS, cfg_scale=STAGE1.cfg, temperature=STAGE1.temperature,
+                                    top_k=0, top_p=1.0)
+            runs[llamagen_name] = llamagen_run
         for (role, p), model in variants.items():
-            runs[f"ctfgen {role} ({p})"] = (lambda m: lambda: sample_causal(m, labels, STAGE1, torch.Generator()))(model)
+            runs[f"ctfgen {role} ({p})"] = (lambda m: lambda: sample_causal(m, labels, STAGE1,
+                                                                            torch.Generator(device=device)))(model)
         best = {name: float("inf") for name in runs}
         for _ in range(repeats):
-            bandwidth = max(bandwidth, read_bandwidth())
+            bandwidth = max(bandwidth, read_bandwidth(device))
             print(f"  read bandwidth: {bandwidth / 1e9:.1f} GB/s, best so far ({torch.get_num_threads()} threads)",
                   flush=True)
             for name, run in runs.items():
-                start = time.perf_counter()
                 with torch.no_grad():
-                    run()
-                best[name] = min(best[name], (time.perf_counter() - start) / TOKENS)
+                    best[name] = min(best[name], timed(run, device) / TOKENS)
                 print(f"  batch {batch} {name}: {1e3 * best[name]:.1f} ms/token", flush=True)
-        reference = best.get("LlamaGen generate (fp32)")
+        reference = best.get(llamagen_name)
         bound = {f"ctfgen {role} ({p})": weight_bytes_per_token(m) / bandwidth for (role, p), m in variants.items()}
-        bound["LlamaGen generate (fp32)"] = bound["ctfgen baseline (fp32)"] if "fp32" in precisions else float("nan")
+        bound[llamagen_name] = bound["ctfgen baseline (fp32)"] if "fp32" in precisions else float("nan")
         rows += [{"batch": batch, "sampler": name, "ms_per_token": 1e3 * s, "bound_ms": 1e3 * bound[name],
                   "over_bound": s / bound[name], "speedup_over_llamagen": reference / s if reference else None}
                  for name, s in best.items()]
@@ -226,6 +247,7 @@ def main() -> None:
                   ", ".join(f"{kind} {ms:.1f}" for kind, ms in profiles[p].items()))
     write_json(args.out, {"date": str(date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "cpu": platform.processor() or platform.machine(), "quick": args.quick, "repeats": repeats,
+                          "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
                           "bandwidth_gb_s": bandwidth / 1e9, "rows": rows, "profile_ms": profiles})
     print(f"\nwritten to {args.out}")
 
