@@ -149,6 +149,31 @@ def test_refiner_options_are_cells_too(tmp_path: Path, fm: Path) -> None:
         replace(TOY, refiner_mask=True, refiner_corrupt=0.2)
 
 
+def test_stage_2_over_all_v_is_a_cell_of_the_same_models(tmp_path: Path, fm: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CTF whose stage 2 draws over all V codewords (no cluster mask): the masked CTF's models and likelihood
+    split, its own samples, drawn with the mask off; only a refiner trained with the full head may be sampled so."""
+    from ctfgen.experiments import protocol
+
+    over_all_v = replace(TOY, stage2_mask=False)
+    meta = {"grid": "toy", "data": "fashion-mnist", "seeds": 1}
+    out = tmp_path / "bench"
+    run_bench(out, [TOY], meta, data_dir=str(fm), classifier_epochs=1, classifier_limit=128)
+    drawn = []
+    sample_with = protocol.sample_with
+    monkeypatch.setattr(protocol, "sample_with",
+                        lambda pipe, n, seed, **settings: drawn.append(settings) or sample_with(pipe, n, seed, **settings))
+    run_bench(out, [TOY, over_all_v], meta, data_dir=str(fm), resume=True, classifier_epochs=1, classifier_limit=128)
+    masked, unmasked = (r["result"] for r in Results(out / "cells.jsonl").load())
+    assert (masked["label"], unmasked["label"]) == ("CTF", "CTF (refiner sampled over all V)")
+    assert drawn and all(settings["refiner_mask"] is False for settings in drawn)  # only the new cell sampled
+    assert unmasked["nll"] == masked["nll"] and unmasked["train"] == masked["train"]
+    assert len(list((out / "models").glob("refiner-*"))) == 1
+    for needs_full_head in (dict(refiner_mask=True), dict(side="baseline")):
+        with pytest.raises(ValueError, match="full head"):
+            replace(TOY, stage2_mask=False, **needs_full_head)
+
+
 def test_a_rescored_cell_takes_only_the_measurements_its_new_option_changes(tmp_path: Path, fm: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Guidance past the grid gives the cell a new key; its likelihood split, grid points and floors come from
@@ -171,7 +196,7 @@ def test_a_rescored_cell_takes_only_the_measurements_its_new_option_changes(tmp_
     assert second["nll"] == first["nll"] and second["floors"] == first["floors"] and floors == []
     assert second["points"][0] == first["points"][0] and second["points"][1]["settings"]["cfg1"] == 3.0
     moved = second["final"]["settings"] != first["final"]["settings"]
-    assert drawn[0] == {"cfg1": 3.0, "t1": 1.0, "t2": 1.1, "refine_steps": 1} and len(drawn) == 1 + moved
+    assert drawn[0] == {"cfg1": 3.0, "t1": 1.0, "t2": 1.1, "refine_steps": 1, "refiner_mask": True} and len(drawn) == 1 + moved
     if not moved:  # the same final set: its figures and sample grid
         assert second["final"] == first["final"] and second["samples"] == first["samples"]
     assert len(list((out / "measurements").glob("point-*.json"))) == 2

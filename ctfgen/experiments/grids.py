@@ -125,18 +125,20 @@ def stage2_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[C
 REFINER_OPTIONS = ({"refiner_reveal": True}, {"refiner_reveal": True, "refine_steps": 4}, {"refiner_features": True},
                    {"refiner_corrupt": 0.2}, {"refiner_mask": True})
 MORE_PASSES = ({"refiner_reveal": True, "refine_steps": 2}, {"refiner_reveal": True, "refine_steps": 8})
+# stage 2 over all V codewords: may a refiner trained on stage 1's errors overrule them? (against the plain full head)
+OVER_ALL_V = ({"stage2_mask": False}, {"refiner_corrupt": 0.2, "stage2_mask": False})
 
 
 def refiner_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell]:
     """The `cpu` grid's tiny setup (CTF, the baseline at equal steps and at CTF's compute) and CTF with each
-    refiner option; the extra pass counts come last, so the main options finish first."""
+    refiner option; the extra pass counts and stage 2 over all V come last, so the main options finish first."""
     if quick:
-        base, steps, options, more = replace(base, **QUICK_BASE), 200, REFINER_OPTIONS[1:3], ()
+        base, steps, groups = replace(base, **QUICK_BASE), 200, (REFINER_OPTIONS[1:3],)
     else:
-        base, steps, options, more = replace(base, size="tiny", refiner_size="tiny", scoring=CPU_SCORING), 400, \
-            REFINER_OPTIONS, MORE_PASSES
+        base, steps = replace(base, size="tiny", refiner_size="tiny", scoring=CPU_SCORING), 400
+        groups = (REFINER_OPTIONS, MORE_PASSES, OVER_ALL_V)
     cells = versus(base, (steps,), seeds, (FULL_REFINER,), (FULL_REFINER,))
-    for group in (options, more):
+    for group in groups:
         cells += [replace(base, side="ctf", steps=steps, seed=seed, **o) for seed in range(seeds) for o in group]
     return cells
 

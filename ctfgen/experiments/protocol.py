@@ -113,6 +113,7 @@ class Cell:
     refiner_features: bool = False  # the refiner reads the coarse model's hidden states (--stage1-features)
     refiner_corrupt: Rate = 0.0  # share of coarse labels redrawn by the coarse model in refiner training (--corrupt)
     refiner_mask: bool = False  # the refiner trains on its cluster's members only (--refiner-mask), as stage 2 samples
+    stage2_mask: bool = True  # stage 2 draws within each position's cluster; False: among all V (--no-refiner-mask)
     decode_precision: Annotated[str, OneOf(*DECODE_PRECISIONS)] = "fp32"  # the weights' precision while sampling
     batch_size: Count = 64
     lr: Positive = 1e-3
@@ -133,6 +134,9 @@ class Cell:
             raise ValueError("refiner_mask needs true coarse labels (a corrupted one's cluster may not hold the code)")
         if self.side == "baseline" and self.compute_of is None and self.refiner_mask:
             raise ValueError("a baseline reads refiner_mask only with compute_of (the CTF whose compute it gets)")
+        if not self.stage2_mask and (self.side != "ctf" or self.refiner_mask):
+            raise ValueError("stage2_mask=False samples a CTF refiner over all V codewords, which needs one trained "
+                             "with the full head (refiner_mask=False)")
 
     @property
     def label(self) -> str:
@@ -154,7 +158,8 @@ def side_label(cell: dict[str, Any]) -> str:
             parts += (["reads decided codes"] if c["refiner_reveal"] else []) + (
                 [f"{c['refine_steps']} passes"] if c["refine_steps"] != 1 else []) + (
                 ["reads stage-1 features"] if c["refiner_features"] else []) + (
-                [f"trained on {100 * c['refiner_corrupt']:g}% corrupted labels"] if c["refiner_corrupt"] else [])
+                [f"trained on {100 * c['refiner_corrupt']:g}% corrupted labels"] if c["refiner_corrupt"] else []) + (
+                ["sampled over all V"] if not c["stage2_mask"] else [])
         parts += ["trained within clusters"] if c["refiner_mask"] else []
         return f" (refiner {', '.join(parts)})" if parts else ""
 
@@ -453,6 +458,8 @@ class Workshop:
         sampled = {**setup, "decode_precision": cell.decode_precision}
         if cell.side == "ctf" and cell.decode_precision != "fp32":  # since 2026-12-01 the refiner follows it too
             sampled["refiner_precision"] = cell.decode_precision
+        if not cell.stage2_mask:  # (only then: the measurements of every earlier cell keep their names)
+            sampled["stage2_mask"] = False
 
         def likelihood() -> dict[str, Any]:
             if cell.side == "baseline":
@@ -466,7 +473,7 @@ class Workshop:
 
         nll = self.measured("nll", {**setup, "nll_items": s.nll_items}, likelihood)
         pipe.prepare_decode(cell.decode_precision)  # after the likelihood split, which scores the model as trained
-        stage2 = {"refine_steps": cell.refine_steps} if cell.side == "ctf" else {}
+        stage2 = {"refine_steps": cell.refine_steps, "refiner_mask": cell.stage2_mask} if cell.side == "ctf" else {}
         extractor = get_extractor("domain", path=art.classifier)
         ref = Reference(cell.data, "test", None, self.data_dir, self.cache_dir)
 

@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 from .protocol import CELL_DEFAULTS, SCORING_DEFAULTS, Scoring, side_label
 from .stats import Spread, compare, spread
 
-REFINER_OPTIONS = ("refiner_reveal", "refine_steps", "refiner_features", "refiner_corrupt", "refiner_mask")
+REFINER_OPTIONS = ("refiner_reveal", "refine_steps", "refiner_features", "refiner_corrupt", "refiner_mask",
+                   "stage2_mask")
 # what tells rows of a setup apart
 ROW_FIELDS = ("side", "k", "refiner_size", "refiner_depth", "refiner_steps", "compute_of",
               "decode_precision") + REFINER_OPTIONS
