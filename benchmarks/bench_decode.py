@@ -46,7 +46,7 @@ import torch
 
 from ctfgen.arguments import Count, arg_type
 from ctfgen.artifacts import write_json
-from ctfgen.runtime import pick_device
+from ctfgen.runtime import device_arg
 from ctfgen.sampling import StageSettings, decode_cache, sample_causal
 from ctfgen.transformer import build_model, import_llamagen_gpt, preset_config
 from ctfgen.transformer.precision import DECODE_PRECISIONS, PACK_MIN_WEIGHTS, PackedLinear, for_decoding, \
@@ -169,10 +169,10 @@ def main() -> None:
                     help="only time plain against packed weights per layer shape (fp32, bf16)")
     ap.add_argument("--rows", type=arg_type(Count), nargs="+", default=[2],
                     help="--layers: rows of the products (2: one image with CFG; 64 and up: a refiner's pass)")
-    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU rows (see above)")
+    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu, or cuda for the GPU rows (see above)")
     ap.add_argument("--out", default="runs/bench-decode/bench_decode.json")
     args = ap.parse_args()
-    device = pick_device(args.device)
+    device = args.device
     on_gpu = device.type == "cuda"
     if on_gpu and (args.profile or args.layers):
         ap.error("--profile and --layers time CPU kernels; leave out --device cuda")
@@ -191,6 +191,9 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # LlamaGen's torch.backends.cuda.sdp_kernel
     batches, repeats = ([1], args.repeats or 1) if args.quick else ([1, 8], args.repeats or 3)
     precisions = args.precisions.split(",") if args.precisions else ["fp32", "bf16"] if on_gpu else DECODE_PRECISIONS
+    offered = [p for p in DECODE_PRECISIONS if not (on_gpu and p == "fp32-packed")]  # (packing: oneDNN, the CPU)
+    if set(precisions) - set(offered):
+        ap.error(f"--precisions: each of {', '.join(offered)} on this device; got {args.precisions}")
     llamagen, generate = llamagen_gpt_b(args.llamagen, device) if args.llamagen else (None, None)
     models = ctfgen_models(llamagen, device)
     variants = {(role, p): for_decoding(model, p) for role, model in models.items() for p in precisions

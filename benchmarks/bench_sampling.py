@@ -43,7 +43,7 @@ import torch
 from ctfgen.arguments import Count, Fraction, arg_type
 from ctfgen.artifacts import write_json
 from ctfgen.hierarchy import Hierarchy
-from ctfgen.runtime import pick_device
+from ctfgen.runtime import device_arg
 from ctfgen.sampling import StageSettings, decode_cache, refine, sample_baseline, sample_ctf
 from ctfgen.transformer import MODEL_SIZES, Transformer, build_model, preset_config
 from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding
@@ -199,7 +199,7 @@ def main() -> None:
                     help="GPT-B at batch 1 only, one round (otherwise batch 1 and 8, best of 3 rounds)")
     ap.add_argument("--shapes", default="small,GPT-B", help="comma-separated: small, tiny, GPT-B")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", type=device_arg, default="auto")
     ap.add_argument("--out", default="runs/bench-sampling/bench_sampling.json")
     ap.add_argument("--refine-passes", default="", help="comma-separated stage-2 pass counts to time, e.g. 1,2,4,8")
     ap.add_argument("--refiner-depth", type=arg_type(Fraction), default=1.0,
@@ -225,7 +225,7 @@ def main() -> None:
     passes = [int(p) for p in args.refine_passes.split(",") if p]
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = args.device
     gpt_b = [int(b) for b in args.gpt_b_batches.split(",")] if args.gpt_b_batches else [1] if args.quick else [1, 8]
     batches = {"small": [1, 64], "tiny": [1, 64], "GPT-B": gpt_b}
     repeats = {"small": 7, "tiny": 7, "GPT-B": 1 if args.quick else 3}  # rounds, best of each side (8x8: cheap)

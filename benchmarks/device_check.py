@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -67,8 +68,14 @@ print(json.dumps({"torch": torch.__version__, "cuda": cuda, "cuda_version": torc
                   "nccl": torch.distributed.is_nccl_available()}))"""
 
 
-def checks(args: argparse.Namespace, work: Path) -> dict[str, tuple[list[str], int]]:
-    """Each check's command and its own time limit in seconds; what they write goes to `work`."""
+class Check(NamedTuple):
+    command: list[str]
+    limit_s: int  # its own time limit
+    figures: str | None = None  # the JSON report its benchmark writes, in the work folder
+
+
+def checks(args: argparse.Namespace, work: Path) -> dict[str, Check]:
+    """Every check by name; what they write goes to `work`."""
     run, device, quick = work / "demo-run", ["--device", args.device], args.quick
     demo_budget = (["--data", str(work / SLICE), "--tokenizer-steps", "20",
                     "--transformer-steps", "10", "--transformer-size", "tiny", "--samples-per-class", "2",
@@ -80,24 +87,24 @@ def checks(args: argparse.Namespace, work: Path) -> dict[str, tuple[list[str], i
     gpt_b_batches = "1" if quick else "1,8,64"
     bench = [sys.executable, str(ROOT / "benchmarks" / "bench_sampling.py"), *device]
     return {
-        "env": ([sys.executable, "-c", ENV_REPORT], 60),
-        "demo": (CLI + ["demo", "--run", str(run), "--quiet", *device, *demo_budget], 300),
-        "compile": (["bash", "-c", " && ".join(shlex.join(c) for c in (
+        "env": Check([sys.executable, "-c", ENV_REPORT], 60),
+        "demo": Check(CLI + ["demo", "--run", str(run), "--quiet", *device, *demo_budget], 300),
+        "compile": Check(["bash", "-c", " && ".join(shlex.join(c) for c in (
             sample + ["--out", str(work / "eager.png"), "--tokens", str(work / "eager.npz")],
             sample + ["--out", str(work / "compiled.png"), "--tokens", str(work / "compiled.npz"), "--compile"]))], 240),
-        "sampling": (bench + ["--shapes", "tiny" if quick else "small,GPT-B", "--gpt-b-batches", gpt_b_batches]
-                     + (["--quick", "--rounds", "1"] if quick else []) + ["--out", str(work / "sampling.json")],
-                     300),
-        "decode": ([sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), *device]
-                   + (["--llamagen", args.llamagen] if args.llamagen else [])
-                   + (["--quick", "--precisions", "fp32"] if quick else ["--repeats", "2"])
-                   + ["--out", str(work / "decode.json")], 240),
-        "train": ([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), *device]
-                  + (["--sizes", "tiny", "--steps", "5"] if quick else ["--sizes", "small,GPT-B", "--steps", "30"])
-                  + ["--out", str(work / "train")], 180),
-        "sampling-compiled": (bench + ["--shapes", "tiny" if quick else "GPT-B", "--gpt-b-batches", gpt_b_batches,
-                                       "--compile", "--rounds", "1"]
-                              + ["--out", str(work / "sampling-compiled.json")], 300),
+        "sampling": Check(bench + ["--shapes", "tiny" if quick else "small,GPT-B", "--gpt-b-batches", gpt_b_batches]
+                          + (["--quick", "--rounds", "1"] if quick else []) + ["--out", str(work / "sampling.json")],
+                          300, "sampling.json"),
+        "decode": Check([sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), *device]
+                        + (["--llamagen", args.llamagen] if args.llamagen else [])
+                        + (["--quick", "--precisions", "fp32"] if quick else ["--repeats", "2"])
+                        + ["--out", str(work / "decode.json")], 240, "decode.json"),
+        "train": Check([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), *device]
+                       + (["--sizes", "tiny", "--steps", "5"] if quick else ["--sizes", "small,GPT-B", "--steps", "30"])
+                       + ["--out", str(work / "train")], 180, "train/bench_train.json"),
+        "sampling-compiled": Check(bench + ["--shapes", "tiny" if quick else "GPT-B", "--gpt-b-batches", gpt_b_batches,
+                                            "--compile", "--rounds", "1"]
+                                   + ["--out", str(work / "sampling-compiled.json")], 300, "sampling-compiled.json"),
     }
 
 
@@ -141,7 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        todo = {name: command for name, command in checks(args, work).items() if name in only}
+        todo = {name: check for name, check in checks(args, work).items() if name in only}
         failed = run_checks(todo, args, out, work)
     sys.exit(1 if failed else 0)
 
@@ -158,36 +165,38 @@ def run(command: list[str], limit: float) -> tuple[int | str, str]:
             return "timeout", proc.communicate()[0]
 
 
-def run_checks(todo: dict[str, tuple[list[str], int]], args: argparse.Namespace, out: Path, work: Path) -> list[str]:
+def run_checks(todo: dict[str, Check], args: argparse.Namespace, out: Path, work: Path) -> list[str]:
     """Run the checks, writing OUT/device_check.json after each; the names of those that failed."""
     deadline, report = time.monotonic() + args.budget_s, {"device": args.device, "quick": args.quick, "checks": {}}
     if args.only and (out / "device_check.json").exists():  # a rerun of some checks keeps the others' results
         report["checks"] = json.loads((out / "device_check.json").read_text())["checks"]
-    for name, (command, limit) in todo.items():
-        left = deadline - time.monotonic()
-        if left < 10:
-            report["checks"][name] = {"skipped": "out of --budget-s"}
-            continue
-        print(f"--- {name} (at most {min(limit, left):.0f} s)", flush=True)
-        log, start = out / f"{name}.log", time.monotonic()
-        if name == "demo" and args.quick:
-            write_fashion_mnist_slice(work / SLICE, args.data_dir)
-        rc, text = run(command, min(limit, left))
-        log.write_text(text)
-        result = {"command": command, "rc": rc, "seconds": round(time.monotonic() - start, 1), "tail": text[-2000:]}
-        if name == "compile":
-            result["equal_tokens"] = equal_tokens(work)
-        for figures in (work / f"{name}.json", work / name / "bench_train.json"):  # the benchmarks' own reports
-            if figures.exists():
-                result["figures"] = json.loads(figures.read_text())
-        report["checks"][name] = result
-        print(f"    rc {rc}, {result['seconds']} s" + "".join(f"\n    {line}" for line in text.strip().splitlines()[-8:]))
+    for name, check in todo.items():
+        report["checks"][name] = run_check(name, check, deadline - time.monotonic(), args, out, work)
         (out / "device_check.json").write_text(json.dumps(report, indent=2))  # after every check: a kill keeps it
-    (out / "device_check.json").write_text(json.dumps(report, indent=2))  # with the skipped ones
     failed = [name for name in todo if report["checks"][name].get("rc") != 0]
     print(f"\n{len(todo) - len(failed)} of {len(todo)} checks ran to the end"
           + (f"; failed, cut off or skipped: {', '.join(failed)}" if failed else "") + f"; {out / 'device_check.json'}")
     return failed
+
+
+def run_check(name: str, check: Check, left: float, args: argparse.Namespace, out: Path, work: Path) -> dict:
+    """One check's result (OUT/NAME.log gets its whole output); skipped when under 10 s of the budget are left."""
+    if left < 10:
+        return {"skipped": "out of --budget-s"}
+    limit = min(check.limit_s, left)
+    print(f"--- {name} (at most {limit:.0f} s)", flush=True)
+    start = time.monotonic()
+    if name == "demo" and args.quick:
+        write_fashion_mnist_slice(work / SLICE, args.data_dir)
+    rc, text = run(check.command, limit)
+    (out / f"{name}.log").write_text(text)
+    result = {"command": check.command, "rc": rc, "seconds": round(time.monotonic() - start, 1), "tail": text[-2000:]}
+    if name == "compile":
+        result["equal_tokens"] = equal_tokens(work)
+    if check.figures and (work / check.figures).exists():
+        result["figures"] = json.loads((work / check.figures).read_text())
+    print(f"    rc {rc}, {result['seconds']} s" + "".join(f"\n    {line}" for line in text.strip().splitlines()[-8:]))
+    return result
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
@@ -32,6 +33,14 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CtfgenError("--device cuda was asked for but CUDA is not available")
     return device
+
+
+def device_arg(name: str) -> torch.device:
+    """`pick_device` as an argparse `type=` (the scripts' --device): a bad name is the parser's one error line."""
+    try:
+        return pick_device(name)
+    except CtfgenError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def seed_everything(seed: int) -> None:
