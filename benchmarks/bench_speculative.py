@@ -3,10 +3,13 @@
     python benchmarks/bench_speculative.py --pair "CTF K=512=runs/x/coarse:runs/x/draft-coarse" \
         --pair "baseline V=4096=runs/x/baseline:runs/x/draft-baseline" --quick
 
-Each --pair is NAME=MODEL:DRAFT, two trained model folders of one role (a coarse model and a smaller
-coarse draft over the same K; a baseline and a smaller baseline draft over the same V). For each
-lookahead it samples the same labels plainly and speculatively (CFG 2.0, t 1.0, the bench's sampler
-settings) and reports
+    python benchmarks/bench_speculative.py --run runs/x --ctf-draft runs/x/counts-coarse \
+        --baseline-draft runs/x/counts-baseline --lookaheads 4 --batches 1
+
+Each --pair is NAME=MODEL:DRAFT: a trained model folder and its draft, of one role: a smaller model (a
+coarse draft over the same K; a baseline draft over the same V) or a `ctfgen count-draft` folder (counts
+by class, position and neighbours, no network). For each lookahead it samples the same labels plainly and
+speculatively (CFG 2.0, t 1.0, the bench's sampler settings) and reports
 - the acceptance rate: the share of proposed tokens a row keeps,
 - tokens per pass: tokens each row has once the batch is done, per pass of the large model (plain: 1),
 - the speed-up: wall time plain / speculative, measured side by side (rows alternate, best of the rounds).
@@ -16,7 +19,13 @@ also times, at LlamaGen's GPT-B shape with random weights and at each batch size
 verification pass over lookahead + 1 tokens and a step of a draft of size `--draft-size`, and combines
 them with the measured tokens per pass: the speed-up a GPT-B model with this acceptance would see (a
 projection from measured parts, labelled as such). `--decode-precision` samples both models of a pair, and
-times both in the projection, at that precision (`ctfgen sample --decode-precision`).
+times both in the projection, at that precision (`ctfgen sample --decode-precision`). A count draft's step
+in the projection is its own measured time per proposed token (it does not depend on the model's size).
+
+`--run DIR` (a run folder as `ctfgen demo` leaves one: tokenizer, hierarchy, coarse, refiner, baseline) times
+whole samples instead, side by side: CTF (stage 1 and the refiner pass) and the baseline, each plain and with
+its draft (`--ctf-draft`, `--baseline-draft`) at the first of `--lookaheads`, and prints CTF/baseline: issue
+13's ratio, measured end to end on trained models.
 """
 
 from __future__ import annotations
@@ -29,11 +38,14 @@ from pathlib import Path
 import torch
 
 from ctfgen.artifacts import write_json
-from ctfgen.sampling import StageSettings, decode_cache, sample_causal
-from ctfgen.transformer import build_model, load_model, preset_config
+from ctfgen.count_draft import CountDraft, load_draft
+from ctfgen.pipeline import load_pipeline
+from ctfgen.sampling import StageSettings, decode_cache, sample_baseline, sample_causal, sample_ctf
+from ctfgen.transformer import Transformer, build_model, load_model, preset_config
 from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding
 
 SETTINGS = StageSettings(cfg=2.0, temperature=1.0)
+STAGE2 = StageSettings(cfg=1.0, temperature=1.0)  # the pipeline's default stage 2
 
 
 def parse_pair(text: str) -> tuple[str, Path, Path]:
@@ -70,10 +82,23 @@ def measure(model: torch.nn.Module, draft: torch.nn.Module, batch: int, lookahea
     return out
 
 
+def count_draft_step(draft: CountDraft, batch: int, repeats: int = 20) -> float:
+    """Seconds a count draft takes to propose one token for each of `batch` rows (best of 4-token proposals)."""
+    T = draft.config.seq_len
+    codes = torch.randint(draft.config.vocab_size, (batch, T + 8), generator=torch.Generator().manual_seed(0))
+    proposer = draft.proposer(torch.arange(batch) % draft.config.num_classes, SETTINGS)
+    best = float("inf")
+    for r in range(repeats):
+        start = time.perf_counter()
+        proposer.propose(codes, torch.full((batch,), r % max(T - 4, 1)), 4, None)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return best
+
+
 def gpt_b_costs(role: str, vocab: int, batch: int, lookaheads: list[int], draft_size: str, precision: str,
                 repeats: int = 5) -> dict:
-    """Seconds of a GPT-B decode step, a verification pass over k + 1 tokens, and a draft step (CFG: 2 x batch rows),
-    both models at the decode precision."""
+    """Seconds of a GPT-B decode step, a verification pass over k + 1 tokens, and a draft step of a `draft_size`
+    model (CFG: 2 x batch rows), all at the decode precision."""
     def model(size: str):
         torch.manual_seed(0)
         built = build_model(preset_config(size, role=role, vocab_size=vocab, num_classes=1000, grid_h=16, grid_w=16))
@@ -97,9 +122,56 @@ def gpt_b_costs(role: str, vocab: int, batch: int, lookaheads: list[int], draft_
             "verify_s": {k: step_time(big, k + 1) for k in lookaheads}}
 
 
+def decoding_draft(folder: str, args: argparse.Namespace) -> Transformer | CountDraft:
+    draft = load_draft(folder)
+    return for_decoding(draft, args.decode_precision) if isinstance(draft, Transformer) else draft
+
+
+def measure_run(args: argparse.Namespace, batches: list[int], lookahead: int, images: int, rounds: int) -> list[dict]:
+    """Seconds per image of CTF and the baseline of one run, plain and with their drafts, side by side (the
+    methods alternate within each round; each keeps its best round); the tokenizer's decoder is not timed."""
+    ctf, base = load_pipeline(args.run, "ctf"), load_pipeline(args.run, "baseline")
+    ctf.prepare_decode(args.decode_precision)
+    base.prepare_decode(args.decode_precision)
+    mask = ctf.hierarchy.member_mask
+    methods = {"CTF": lambda y, g, d: sample_ctf(ctf.coarse, ctf.refiner, y, SETTINGS, STAGE2, g, mask, draft=d,
+                                                 lookahead=lookahead),
+               "baseline": lambda y, g, d: sample_baseline(base.model, y, SETTINGS, g, d, lookahead)}
+    drafts = {"CTF": args.ctf_draft, "baseline": args.baseline_draft}
+    runs = [(name, None) for name in methods] + [(name, decoding_draft(drafts[name], args))
+                                                 for name in methods if drafts[name]]
+    labels = torch.arange(images) % ctf.num_classes
+    rows = []
+    for batch in batches:
+        best = [float("inf")] * len(runs)
+        for r in range(rounds):
+            for i, (name, draft) in enumerate(runs):
+                g = torch.Generator().manual_seed(r)
+                start = time.perf_counter()
+                for chunk in labels.split(batch):
+                    methods[name](chunk, g, draft)
+                best[i] = min(best[i], (time.perf_counter() - start) / images)
+        row = {"batch": batch, "lookahead": lookahead,
+               "s_per_image": {f"{name}{' + draft' if d is not None else ''}": s for (name, d), s in zip(runs, best)}}
+        t = row["s_per_image"]
+        row["ctf_over_baseline"] = {"plain": t["baseline"] / t["CTF"]}
+        if "CTF + draft" in t:
+            row["ctf_over_baseline"]["CTF drafted, baseline plain"] = t["baseline"] / t["CTF + draft"]
+        if "CTF + draft" in t and "baseline + draft" in t:
+            row["ctf_over_baseline"]["both drafted"] = t["baseline + draft"] / t["CTF + draft"]
+        rows.append(row)
+        print(f"\nrun {args.run}, batch {batch}, lookahead {lookahead}: ms per image "
+              + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in t.items())
+              + "; CTF/baseline " + ", ".join(f"{k} {v:.2f}" for k, v in row["ctf_over_baseline"].items()), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pair", action="append", required=True, help="NAME=MODEL_FOLDER:DRAFT_FOLDER (repeatable)")
+    ap.add_argument("--pair", action="append", default=[], help="NAME=MODEL_FOLDER:DRAFT_FOLDER (repeatable)")
+    ap.add_argument("--run", default=None, help="a run folder: time whole CTF and baseline samples, plain and drafted")
+    ap.add_argument("--ctf-draft", default=None, help="with --run: the coarse model's draft folder")
+    ap.add_argument("--baseline-draft", default=None, help="with --run: the baseline's draft folder")
     ap.add_argument("--lookaheads", default="1,2,4,8")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--images", type=int, default=64, help="images per measurement (quick: 16)")
@@ -111,21 +183,25 @@ def main() -> None:
                     help="both models' weights while sampling and in the projection (ctfgen sample's flag)")
     ap.add_argument("--out", default="runs/bench-speculative/bench_speculative.json")
     args = ap.parse_args()
+    if not args.pair and not args.run:
+        ap.error("give --pair NAME=MODEL:DRAFT and/or --run DIR")
     lookaheads = [int(k) for k in args.lookaheads.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     images, rounds = (16, 1) if args.quick else (args.images, args.rounds)
     results = []
     for name, model_dir, draft_dir in map(parse_pair, args.pair):
-        model, draft = load_model(model_dir), load_model(draft_dir)
+        model, draft = for_decoding(load_model(model_dir), args.decode_precision), decoding_draft(draft_dir, args)
         vocab = model.config.vocab_size
-        print(f"{name}: model {model.num_params() / 1e6:.2f} M parameters, draft {draft.num_params() / 1e6:.2f} M, "
-              f"vocabulary {vocab}", flush=True)
-        model, draft = for_decoding(model, args.decode_precision), for_decoding(draft, args.decode_precision)
+        size = f"{draft.num_params() / 1e6:.2f} M parameters" if isinstance(draft, Transformer) else "counts"
+        print(f"{name}: model {model.num_params() / 1e6:.2f} M parameters, draft {size}, vocabulary {vocab}", flush=True)
         rows = [row for b in batches for row in measure(model, draft, b, lookaheads, images, rounds)]
         if args.project:
             role = model.config.role  # the coarse model keeps its K; a baseline gets LlamaGen's V
             costs = {b: gpt_b_costs(role, vocab if role == "coarse" else 16384, b, lookaheads, args.draft_size,
                                     args.decode_precision) for b in batches}
+            if isinstance(draft, CountDraft):
+                for b in batches:
+                    costs[b]["draft_step_s"] = count_draft_step(draft, b)
             for row in rows:
                 k, c = row["lookahead"], costs[row["batch"]]
                 round_s = k * c["draft_step_s"] + c["verify_s"][k]
@@ -133,16 +209,18 @@ def main() -> None:
             results.append({"name": name, "vocab": vocab, "rows": rows, "gpt_b_costs": costs})
         else:
             results.append({"name": name, "vocab": vocab, "rows": rows})
-    print(f"\n{'pair':24} {'batch':>5} {'lookahead':>9} {'accepted':>8} {'tok/pass':>8} {'speed-up':>8}"
-          + (f" {'GPT-B proj.':>11}" if args.project else ""))
+    if results:
+        print(f"\n{'pair':24} {'batch':>5} {'lookahead':>9} {'accepted':>8} {'tok/pass':>8} {'speed-up':>8}"
+              + (f" {'GPT-B proj.':>11}" if args.project else ""))
     for r in results:
         for row in r["rows"]:
             extra = f" {row['gpt_b_projected_speedup']:11.2f}" if args.project else ""
             print(f"{r['name']:24} {row['batch']:5d} {row['lookahead']:9d} {row['acceptance']:8.2f} "
                   f"{row['tokens_per_pass']:8.2f} {row['speedup']:8.2f}{extra}")
+    end_to_end = measure_run(args, batches, lookaheads[0], images, rounds) if args.run else []
     write_json(args.out, {"date": str(date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "decode_precision": args.decode_precision, "settings": vars(SETTINGS), "images": images,
-                          "rounds": rounds, "results": results})
+                          "rounds": rounds, "results": results, "end_to_end": end_to_end})
     print(f"\nwritten to {args.out}")
 
 

@@ -160,6 +160,21 @@ def cmd_train(args: argparse.Namespace) -> None:
         print_json(info)
 
 
+def cmd_count_draft(args: argparse.Namespace) -> None:
+    from .count_draft import DRAFT_KIND, count_draft_from_codes
+    from .hierarchy import load_hierarchy
+    from .outputs import plan_output
+
+    output = plan_output(args.out, DRAFT_KIND, force=args.force)
+    hierarchy = load_hierarchy(args.hierarchy) if args.hierarchy else None
+    draft = count_draft_from_codes(args.codes, hierarchy)
+    output.write(draft.save)
+    pairs = sum(len(order.tokens) for order in draft.orders)
+    print(f"counts of {draft.info['items']} grids over {draft.config.vocab_size} "
+          f"{'coarse labels' if hierarchy else 'codewords'} ({pairs} context-token pairs) written to {args.out}; "
+          f"sample with --draft {args.out}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DemoBudget, run_demo
 
@@ -241,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_flags(p, resumable=True)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("count-draft", help="count a codes folder's tokens by class, position and neighbours: a draft "
+                       "for speculative sampling (`sample --draft`) that needs no network pass")
+    p.add_argument("--codes", required=True, help="training codes folder")
+    p.add_argument("--hierarchy", default=None, help="count coarse labels of this hierarchy (a draft for CTF's stage "
+                   "1); without it, codewords (a draft for the baseline)")
+    p.add_argument("--out", required=True, help="draft folder to write")
+    add_output_flags(p)
+    p.set_defaults(func=cmd_count_draft)
 
     from .bench import add_bench_args, cmd_bench
     from .evaluate import add_evaluate_args, cmd_evaluate

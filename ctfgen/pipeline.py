@@ -22,6 +22,7 @@ from PIL import Image
 
 from .arguments import AtLeast, Between, Count, NonNegative, Positive, arg_type
 from .artifacts import CONFIG_NAME, ArtifactError, fingerprint_tensors, read_json
+from .count_draft import CountDraft, load_draft
 from .data.transforms import image_grid, to_uint8, uint8_to_float
 from .errors import CtfgenError
 from .hierarchy import Hierarchy, check_compatible, load_hierarchy, save_hierarchy
@@ -116,11 +117,12 @@ class _Pipeline:
         return labels
 
     ar_name: str  # the attribute holding the autoregressive model: "coarse" or "model"
-    draft: Transformer | None = None  # a smaller model of the same role: stage 1 sampled speculatively
+    draft: Transformer | CountDraft | None = None  # a smaller model of the same role, or counts: stage 1 speculative
     lookahead: int = 4
 
-    def prepare_decode(self, precision: str = "fp32", compile: bool = False, draft: Transformer | None = None,
-                       lookahead: int = 4, **compile_options: Any) -> None:
+    def prepare_decode(self, precision: str = "fp32", compile: bool = False,
+                       draft: Transformer | CountDraft | None = None, lookahead: int = 4,
+                       **compile_options: Any) -> None:
         """Sample the autoregressive stage (and CTF's refiner) at `precision` (fp32, exact; fp32-packed; bf16;
         int8 weight-only: see ctfgen.transformer.precision), with its decode step compiled
         (`Transformer.compile_step`), and/or speculatively with `draft` proposing `lookahead` tokens a pass
@@ -131,7 +133,9 @@ class _Pipeline:
         model = for_decoding(getattr(self, self.ar_name), precision)
         if draft is not None:
             check_draft(model, draft, StageSettings(), lookahead)
-            self.draft, self.lookahead = for_decoding(draft.to(self.device), precision), lookahead
+            if isinstance(draft, Transformer):
+                draft = for_decoding(draft.to(self.device), precision)
+            self.draft, self.lookahead = draft, lookahead
         if compile:
             model.compile_step(**compile_options)
         setattr(self, self.ar_name, model)
@@ -324,8 +328,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
                    "in oneDNN's layout, about 2x faster), bf16, or int8 (weight-only; CTF's refiner runs in bf16); "
                    "docs/sampling.md gives their speed and effect on FID")
     p.add_argument("--draft", default=None, help="a smaller model folder of the autoregressive stage's role (a coarse "
-                   "model for CTF, a baseline for --kind baseline): sample that stage speculatively, the same "
-                   "distribution in fewer passes of the large model")
+                   "model for CTF, a baseline for --kind baseline) or a `ctfgen count-draft` folder: sample that stage "
+                   "speculatively, the same distribution in fewer passes of the large model")
     p.add_argument("--lookahead", type=arg_type(Count), default=4, help="tokens the draft proposes a pass (default: 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_output_flags(p)  # --force: replace a finished --out-dir
@@ -365,7 +369,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def apply_decode_flags(pipe: CTFPipeline | BaselinePipeline, args: argparse.Namespace) -> None:
     """The decode flags: --decode-precision, --compile, --draft and --lookahead."""
-    draft = load_model(args.draft, pipe.device) if args.draft else None
+    draft = load_draft(args.draft, pipe.device) if args.draft else None
     pipe.prepare_decode(args.decode_precision, args.compile, draft=draft, lookahead=args.lookahead)
 
 

@@ -13,7 +13,7 @@ import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -149,7 +149,7 @@ def with_null_labels(model: Transformer, class_labels: torch.Tensor) -> torch.Te
 def sample_causal(model: Transformer, class_labels: torch.Tensor, settings: StageSettings,
                   generator: torch.Generator | None = None, *, guidance: bool | None = None,
                   logits_out: list[torch.Tensor] | None = None, hidden_out: list[torch.Tensor] | None = None,
-                  draft: Transformer | None = None, lookahead: int = 4,
+                  draft: Transformer | CountDraftLike | None = None, lookahead: int = 4,
                   stats_out: dict[str, int] | None = None) -> torch.Tensor:
     """Raster-order AR sampling of one full grid per label with the KV cache: long [B, seq_len].
 
@@ -158,8 +158,9 @@ def sample_causal(model: Transformer, class_labels: torch.Tensor, settings: Stag
     logits_out: if given, receives the guided logits [B, V] each token was drawn from (for tests).
     hidden_out: if given, receives the conditional hidden state [B, dim] each token's logits came from
     (what a refiner with `feature_dim` reads; `Transformer.hidden_states` computes the same teacher-forced).
-    draft: a smaller model of the same vocabulary: sample speculatively (`sample_speculative`; the same
-    distribution, fewer passes of `model`), `lookahead` tokens proposed a pass; stats_out gets its counts.
+    draft: a smaller model of the same vocabulary, or counts (`count_draft.CountDraft`): sample speculatively
+    (`sample_speculative`; the same distribution, fewer passes of `model`), `lookahead` tokens proposed a pass;
+    stats_out gets its counts.
     """
     if not model.config.causal:
         raise CtfgenError(f"sample_causal needs a causal model, got role {model.config.role!r}")
@@ -193,34 +194,83 @@ def sample_causal(model: Transformer, class_labels: torch.Tensor, settings: Stag
     return codes
 
 
-def check_draft(model: Transformer, draft: Transformer, settings: StageSettings, lookahead: int) -> None:
+def check_draft(model: Transformer, draft: Transformer | CountDraftLike, settings: StageSettings,
+                lookahead: int) -> None:
     """The draft must propose what the model reads: the same role, vocabulary, grid and classes."""
     c, d = model.config, draft.config
     for name in ("role", "vocab_size", "grid_h", "grid_w", "num_classes"):
         if getattr(c, name) != getattr(d, name):
             raise CtfgenError(f"--draft: the draft has {name}={getattr(d, name)!r} but the model it drafts for has "
                               f"{getattr(c, name)!r}")
-    if settings.guided and d.class_dropout_prob <= 0:
+    if settings.guided and isinstance(draft, Transformer) and d.class_dropout_prob <= 0:
         raise CtfgenError("--draft: the draft was trained without class-label dropout, so it cannot be guided")
     if lookahead < 1:
         raise CtfgenError(f"--lookahead must be >= 1, got {lookahead}")
 
 
-def sample_speculative(model: Transformer, draft: Transformer, class_labels: torch.Tensor, settings: StageSettings,
-                       generator: torch.Generator | None = None, *, guided: bool, lookahead: int = 4,
-                       hidden_out: list[torch.Tensor] | None = None,
+class CountDraftLike(Protocol):
+    """What a draft other than a transformer offers (`count_draft.CountDraft`): a config with the fields
+    `check_draft` compares, and a proposer for a batch of class labels."""
+
+    config: Any
+
+    def proposer(self, class_labels: torch.Tensor, settings: StageSettings) -> Any: ...
+
+
+class ModelProposer:
+    """A smaller transformer as draft: it proposes tokens one pass at a time from its own KV cache.
+    Its cache holds at least tokens 0..t-3 of a row at the start of a round; it reads tokens t-2 and t-1
+    again (after the first token, only that one)."""
+
+    def __init__(self, draft: Transformer, inputs: torch.Tensor, settings: StageSettings, guided: bool, spare: int):
+        self.draft, self.settings, self.guided = draft, settings, guided
+        self.cache = decode_cache(draft, inputs.shape[0], spare)
+        draft.prefill(inputs, self.cache)
+        self.first = True
+
+    def propose(self, codes: torch.Tensor, t: torch.Tensor, n: int,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """n tokens a row for positions t .. t + n - 1 and the distributions they came from: long [B, n], [B, n, V]."""
+        fed = functools.partial(doubled, self.guided)
+        back = 1 if self.first else 2
+        self.first = False
+        self.cache.pos = fed(t - back + 1)
+        logits = self.draft.step(fed(codes.gather(1, row_slots(t - back, back))), self.cache)[:, -1:]
+        proposals, q = [], []
+        for i in range(n):
+            q.append(guided_probs(logits, self.settings, self.guided)[:, 0])
+            proposals.append(draw(q[-1], generator))
+            if i < n - 1:
+                logits = self.draft.step(fed(proposals[-1][:, None]), self.cache)
+        return torch.stack(proposals, 1), torch.stack(q, 1)
+
+
+def doubled(guided: bool, rows: torch.Tensor) -> torch.Tensor:
+    """Tokens or positions of the B rows -> the model's rows ([rows; rows] under guidance)."""
+    return torch.cat([rows, rows]) if guided else rows
+
+
+def guided_probs(logits: torch.Tensor, settings: StageSettings, guided: bool) -> torch.Tensor:
+    """Logits of the model's rows [rows, n, V] -> the guided, filtered distributions [B, n, V]."""
+    logits = apply_guidance(logits, settings.cfg) if guided else logits
+    return token_probs(logits, settings).view(logits.shape[0], -1, logits.shape[-1])
+
+
+def sample_speculative(model: Transformer, draft: Transformer | CountDraftLike, class_labels: torch.Tensor,
+                       settings: StageSettings, generator: torch.Generator | None = None, *, guided: bool,
+                       lookahead: int = 4, hidden_out: list[torch.Tensor] | None = None,
                        stats_out: dict[str, int] | None = None) -> torch.Tensor:
     """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): long [B, seq_len], distributed exactly
     as `sample_causal` draws from `model`, guidance, temperature, top-k and top-p included.
 
-    Each round the draft proposes `lookahead` tokens one by one (with the same settings), `model` reads them
-    all in one pass, and each row keeps its proposals while u < p(x) / q(x); at its first refusal it draws
-    from max(p - q, 0), renormalised; a row that keeps every proposal draws one more from p. Each row moves on
-    by its own count (the KV caches hold a position per row), so a refusal in one row costs the others nothing;
-    rows that are done ride along in spare slots past the grid until the last one is.
+    Each round the draft (a smaller transformer, or counts: `count_draft.CountDraft`) proposes `lookahead`
+    tokens one by one, `model` reads them all in one pass, and each row keeps its proposals while
+    u < p(x) / q(x); at its first refusal it draws from max(p - q, 0), renormalised; a row that keeps every
+    proposal draws one more from p. Each row moves on by its own count (the KV cache holds a position per row),
+    so a refusal in one row costs the others nothing; rows that are done ride along in spare slots past the
+    grid until the last one is.
     Invariant at the start of a round, for a row with t tokens decided: `model`'s cache holds the class token
-    and tokens 0..t-2 (token t-1 is fed with the proposals); the draft's holds tokens 0..t-3 at least (it
-    reads tokens t-2 and t-1 again).
+    and tokens 0..t-2 (token t-1 is fed with the proposals).
     stats_out: gets "proposed" and "accepted" (summed over the rows not yet done), "rounds" (passes of `model`
     after the first: the batch's, so tokens / (rounds + 1) is the batch's tokens per pass) and "tokens" (per row).
     """
@@ -231,40 +281,26 @@ def sample_speculative(model: Transformer, draft: Transformer, class_labels: tor
     inputs = with_null_labels(model, class_labels) if guided else class_labels
     codes = torch.zeros(batch, seq_len + n + 1, dtype=torch.long, device=device)  # a round writes n + 1 past t
     stats = {"proposed": 0, "accepted": 0, "rounds": 0, "tokens": seq_len}
+    fed = functools.partial(doubled, guided)
+    drafts = (draft,) if isinstance(draft, Transformer) else ()
 
-    def probs_of(logits: torch.Tensor) -> torch.Tensor:  # [rows, n, V] -> the guided, filtered p [B, n, V]
-        logits = apply_guidance(logits, settings.cfg) if guided else logits
-        return token_probs(logits, settings).view(batch, -1, logits.shape[-1])
-
-    def fed(rows: torch.Tensor) -> torch.Tensor:  # tokens or positions of the B rows -> the model's rows
-        return torch.cat([rows, rows]) if guided else rows
-
-    with inference_mode(model, draft):
-        cache, draft_cache = decode_cache(model, inputs.shape[0], n + 1), decode_cache(draft, inputs.shape[0], n + 1)
+    with inference_mode(model, *drafts):
+        cache = decode_cache(model, inputs.shape[0], n + 1)
         logits, hidden = model.prefill(inputs, cache, with_hidden=True)
-        draft.prefill(inputs, draft_cache)
-        codes[:, 0] = draw(probs_of(logits)[:, 0], generator)
+        proposer = (ModelProposer(draft, inputs, settings, guided, n + 1) if drafts
+                    else draft.proposer(class_labels, settings))
+        codes[:, 0] = draw(guided_probs(logits, settings, guided)[:, 0], generator)
         states = None
         if hidden_out is not None:
             states = hidden.new_zeros(batch, codes.shape[1], hidden.shape[-1])
             states[:, 0] = hidden[:batch, 0]
         t = torch.ones(batch, dtype=torch.long, device=device)
         while int(t.min()) < seq_len:
-            # the draft reads the last two decided tokens again (after the first token, the only one)
-            back = 1 if stats["rounds"] == 0 else 2
-            draft_cache.pos = fed(t - back + 1)
-            draft_logits = draft.step(fed(codes.gather(1, row_slots(t - back, back))), draft_cache)[:, -1:]
-            proposals, q = [], []
-            for i in range(n):
-                q.append(probs_of(draft_logits)[:, 0])
-                proposals.append(draw(q[-1], generator))
-                if i < n - 1:
-                    draft_logits = draft.step(fed(proposals[-1][:, None]), draft_cache)
-            proposed, q = torch.stack(proposals, 1), torch.stack(q, 1)  # [B, n], [B, n, V]
+            proposed, q = proposer.propose(codes, t, n, generator)  # [B, n], [B, n, V]
             cache.pos = fed(t)
             logits, hidden = model.step(fed(torch.cat([codes.gather(1, t[:, None] - 1), proposed], 1)), cache,
                                         with_hidden=True)
-            p = probs_of(logits)  # [B, n + 1, V]: positions t .. t + n of each row
+            p = guided_probs(logits, settings, guided)  # [B, n + 1, V]: positions t .. t + n of each row
             p_of = p[:, :n].gather(2, proposed[..., None])[..., 0]
             q_of = q.gather(2, proposed[..., None])[..., 0]
             u = torch.rand(batch, n, generator=generator, device=device, dtype=p.dtype)
@@ -386,10 +422,10 @@ def check_stages_fit(coarse_model: Transformer, refiner: Transformer) -> None:
 
 def sample_ctf(coarse_model: Transformer, refiner: Transformer, class_labels: torch.Tensor,
                stage1: StageSettings, stage2: StageSettings, generator: torch.Generator | None = None,
-               member_mask: torch.Tensor | None = None, refine_steps: int = 1, draft: Transformer | None = None,
-               lookahead: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+               member_mask: torch.Tensor | None = None, refine_steps: int = 1,
+               draft: Transformer | CountDraftLike | None = None, lookahead: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Two-stage sampling: (coarse codes [B, T], fine codes [B, T]); stage 2 in `refine_steps` passes; stage 1
-    speculative with a `draft` coarse model."""
+    speculative with a `draft` (a coarse model or counts of coarse labels)."""
     check_stages_fit(coarse_model, refiner)
     check_class_labels(class_labels, coarse_model.config.num_classes)
     stage1.validate(coarse_model, 1)
@@ -403,7 +439,7 @@ def sample_ctf(coarse_model: Transformer, refiner: Transformer, class_labels: to
 
 
 def sample_baseline(model: Transformer, class_labels: torch.Tensor, stage1: StageSettings,
-                    generator: torch.Generator | None = None, draft: Transformer | None = None,
+                    generator: torch.Generator | None = None, draft: Transformer | CountDraftLike | None = None,
                     lookahead: int = 4) -> torch.Tensor:
     """The baseline: the same AR sampler over fine codes (speculative with a `draft`), no stage 2. long [B, T]."""
     if model.config.role != "baseline":

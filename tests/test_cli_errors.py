@@ -39,6 +39,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, role in enumerate(("coarse", "refiner", "baseline")):
         save_model(random_model(role, seed=i), run / role)
     write_codes(root / "codes", fingerprint=tok.fingerprint)
+    save_hierarchy(Hierarchy(torch.arange(16) % K, K, tokenizer_fingerprint=tok.fingerprint), root / "hierarchy-v16")
     clf = DomainClassifier(ClassifierConfig(channels=1, resolution=16, num_classes=5, width=4))
     save_artifact(root / "classifier", {"kind": CLASSIFIER_KIND, "model": vars(clf.config), "classes": []},
                   clf.state_dict())
@@ -102,6 +103,11 @@ CASES = {
     "extract under a file": EXTRACT + ["--out", "{root}/a-file.txt/codes"],
     "cluster over a finished hierarchy": CLUSTER + ["--out", f"{RUN}/hierarchy"],
     "cluster --force over codes": CLUSTER + ["--out", "{root}/codes", "--force"],
+    "count-draft over a finished model": ["count-draft", "--codes", "{root}/codes", "--out", f"{RUN}/coarse"],
+    "count-draft of a model folder": ["count-draft", "--codes", f"{RUN}/coarse", "--out", "{root}/new"],
+    "count-draft with another codebook's hierarchy": ["count-draft", "--codes", "{root}/codes", "--hierarchy",
+                                                      "{root}/hierarchy-v16", "--out", "{root}/new"],
+    "sample --draft of a codes folder": SAMPLE + ["--draft", "{root}/codes"],
     "analyze-redundancy over a finished report": REDUNDANCY + ["--out", "{root}/redundancy"],
     "train-classifier over a finished classifier": CLASSIFIER + ["--out", "{root}/classifier"],
     "train-classifier --force over a model": CLASSIFIER + ["--out", f"{RUN}/baseline", "--force"],

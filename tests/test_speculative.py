@@ -13,13 +13,16 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from ctfgen.cli import main
+from ctfgen.count_draft import CONTEXTS, CountDraft, CountDraftConfig, load_draft
 from ctfgen.errors import CtfgenError
 from ctfgen.pipeline import add_sample_args, cmd_sample, load_pipeline
 from ctfgen.sampling import StageSettings, sample_causal, token_probs, apply_guidance, with_null_labels
 from ctfgen.transformer import Transformer, build_model, preset_config, save_model
 from ctfgen.transformer import precision as precision_module
 from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding
-from test_sampling import gen, random_model
+from test_sampling import CLASSES as RUN_CLASSES, K as RUN_K, V as RUN_V, gen, random_model
+from test_training import write_codes, write_hierarchy
 
 K, CLASSES = 4, 2
 
@@ -135,3 +138,86 @@ def test_pipelines_and_the_cli_sample_with_a_draft(run_dir: Path, tmp_path: Path
     with pytest.raises(CtfgenError, match="role"):  # a baseline cannot draft for the coarse model
         cmd_sample(parser.parse_args(["--run", str(run_dir), "--out", str(tmp_path / "h.png"), "--draft",
                                       str(tmp_path / "draft-baseline"), "--device", "cpu", "--quiet"]))
+
+
+# --- counts as the draft (ctfgen.count_draft) ------------------------------------------------------
+
+def witten_bell(grids: list[list[int]], labels: list[int], grid: list[int], label: int, pos: int, V: int, W: int) -> np.ndarray:
+    """The count draft's q at `pos` of `grid`, computed the slow way from Python dicts of the training grids."""
+    def context(g: list[int], y: int, t: int, names: tuple[str, ...]) -> tuple:
+        values = {"class": y, "pos": t, "left": g[t - 1] if t >= 1 else None, "up": g[t - W] if t >= W else None}
+        return tuple(values[n] for n in names)
+
+    q = np.full(V, 1.0 / V)
+    for names in CONTEXTS:
+        seen = np.zeros(V)
+        for g, y in zip(grids, labels):
+            for t in range(len(g)):
+                if context(g, y, t, names) == context(grid, label, pos, names):
+                    seen[g[t]] += 1
+        if seen.sum():
+            distinct = (seen > 0).sum()
+            q = (seen + distinct * q) / (seen.sum() + distinct)
+    return q
+
+
+def test_counts_give_the_witten_bell_estimate_of_each_context_order() -> None:
+    rng = np.random.default_rng(0)
+    V, h, w, n = 5, 2, 3, 40
+    labels = rng.integers(0, 2, n)
+    grids = np.where(rng.random((n, h * w)) < 0.6, (labels[:, None] + np.arange(h * w)) % V, rng.integers(0, V, (n, h * w)))
+    draft = CountDraft.count(torch.tensor(grids), torch.tensor(labels), CountDraftConfig("coarse", V, h, w, 2))
+    for grid, label in [(grids[0], labels[0]), (rng.integers(0, V, h * w), 1)]:  # seen contexts, and unseen ones
+        for pos in range(h * w):
+            q = draft.probs(np.asarray(grid), pos, int(label))
+            expected = witten_bell(grids.tolist(), labels.tolist(), list(grid), int(label), pos, V, w)
+            np.testing.assert_allclose(q, expected, rtol=1e-12)
+            assert abs(q.sum() - 1) < 1e-12 and q.min() > 0
+    with pytest.raises(CtfgenError, match="tokens must lie"):
+        CountDraft.count(torch.tensor(grids) + V, torch.tensor(labels), CountDraftConfig("coarse", V, h, w, 2))
+
+
+@pytest.mark.parametrize("settings", [StageSettings(cfg=2.0), StageSettings(cfg=1.5, temperature=0.8, top_k=3)])
+def test_speculative_samples_with_a_count_draft_follow_the_model(settings: StageSettings) -> None:
+    """Counts of another model's samples propose; the samples still follow the target's exact distribution."""
+    target = model(0)
+    other = torch.cat([sample_causal(model(1), torch.full((500,), y), settings, gen(y)) for y in range(CLASSES)])
+    draft = CountDraft.count(other, torch.arange(CLASSES).repeat_interleave(500), CountDraftConfig("coarse", K, 1, 3, CLASSES))
+    expected = exact_distribution(target, 1, settings)
+    labels = torch.ones(500, dtype=torch.long)
+    g, stats = gen(7), {}
+    fast = torch.cat([sample_causal(target, labels, settings, g, draft=draft, lookahead=2, stats_out=stats)
+                      for _ in range(40)])  # 20,000 sequences
+    found, possible = counts(fast), expected > 0
+    assert found[~possible].sum() == 0
+    assert chisquare(found[possible], expected[possible] / expected[possible].sum() * len(fast)).pvalue > 1e-3
+    assert 0 < stats["accepted"] < stats["proposed"]
+
+
+def test_count_drafts_through_the_cli_and_the_pipelines(run_dir: Path, tmp_path: Path) -> None:
+    """`ctfgen count-draft` over coarse labels (with --hierarchy) and over codewords; `sample --draft` takes
+    either; a draft of the other role is refused."""
+    data = {"codes": write_codes(tmp_path / "codes", num_classes=RUN_CLASSES, max_label=RUN_CLASSES - 1),
+            "hierarchy": write_hierarchy(tmp_path / "hierarchy")}  # the run's classes
+    main(["count-draft", "--codes", str(data["codes"]), "--hierarchy", str(data["hierarchy"]), "--out",
+          str(tmp_path / "counts-ctf")])
+    main(["count-draft", "--codes", str(data["codes"]), "--out", str(tmp_path / "counts-baseline")])
+    coarse, fine = load_draft(tmp_path / "counts-ctf"), load_draft(tmp_path / "counts-baseline")
+    assert (coarse.config.role, coarse.config.vocab_size) == ("coarse", RUN_K)
+    assert (fine.config.role, fine.config.vocab_size) == ("baseline", RUN_V)
+    assert coarse.info["items"] == 64
+    again = CountDraft.count(torch.tensor(np.load(data["codes"] / "codes.npy").reshape(64, -1) % RUN_K),
+                             torch.tensor(np.load(data["codes"] / "labels.npy")), coarse.config)
+    grid = np.arange(16) % RUN_K  # the test hierarchy maps codeword v to v % K
+    np.testing.assert_array_equal(coarse.probs(grid, 9, 2), again.probs(grid, 9, 2))  # saved and loaded unchanged
+    for kind in ("ctf", "baseline"):
+        pipe = load_pipeline(run_dir, kind)
+        pipe.prepare_decode(draft=load_draft(tmp_path / f"counts-{kind}"), lookahead=3)
+        assert pipe([0, 1, 2], generator=gen(1), progress=False).tokens.shape == (3, 4, 4)
+    main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "g.png"), "--tokens", str(tmp_path / "t.npz"),
+          "--draft", str(tmp_path / "counts-ctf"), "--lookahead", "2", "--device", "cpu", "--quiet"])
+    assert np.load(tmp_path / "t.npz")["coarse"].shape == (8, 4, 4)
+    with pytest.raises(SystemExit) as stopped:  # counts of codewords cannot draft coarse labels
+        main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "h.png"), "--draft",
+              str(tmp_path / "counts-baseline"), "--device", "cpu", "--quiet"])
+    assert stopped.value.code == 2
