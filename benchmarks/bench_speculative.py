@@ -20,7 +20,8 @@ verification pass over lookahead + 1 tokens and a step of a draft of size `--dra
 them with the measured tokens per pass: the speed-up a GPT-B model with this acceptance would see (a
 projection from measured parts, labelled as such). `--decode-precision` samples both models of a pair, and
 times both in the projection, at that precision (`ctfgen sample --decode-precision`). A count draft's step
-in the projection is its own measured time per proposed token (it does not depend on the model's size).
+in the projection is its own time per proposed token, measured while it sampled (it does not depend on the
+model's size).
 
 `--run DIR` (a run folder as `ctfgen demo` leaves one: tokenizer, hierarchy, coarse, refiner, baseline) times
 whole samples instead, side by side: CTF (stage 1 and the refiner pass) and the baseline, each plain and with
@@ -59,6 +60,7 @@ def parse_pair(text: str) -> tuple[str, Path, Path]:
 def measure(model: torch.nn.Module, draft: torch.nn.Module, batch: int, lookaheads: list[int], images: int,
             rounds: int) -> list[dict]:
     labels = torch.arange(images) % model.config.num_classes
+    timed = {k: TimedCounts(draft) for k in lookaheads} if isinstance(draft, CountDraft) else {}
     runs = [0, *lookaheads]  # 0: plain sampling
     best = {k: float("inf") for k in runs}
     stats: dict[int, dict[str, int]] = {k: {} for k in lookaheads}
@@ -68,7 +70,8 @@ def measure(model: torch.nn.Module, draft: torch.nn.Module, batch: int, lookahea
             start = time.perf_counter()
             for chunk in labels.split(batch):
                 if k:
-                    sample_causal(model, chunk, SETTINGS, g, draft=draft, lookahead=k,
+                    d = timed[k] if timed and r == 0 else draft  # the first round times the count draft
+                    sample_causal(model, chunk, SETTINGS, g, draft=d, lookahead=k,
                                   stats_out=stats[k] if r == 0 else None)
                 else:
                     sample_causal(model, chunk, SETTINGS, g)
@@ -79,26 +82,37 @@ def measure(model: torch.nn.Module, draft: torch.nn.Module, batch: int, lookahea
         passes = s["rounds"] + len(labels.split(batch))  # each batch's first token takes a pass too
         out.append({"batch": batch, "lookahead": k, "acceptance": s["accepted"] / s["proposed"],
                     "tokens_per_pass": s["tokens"] / passes, "speedup": best[0] / best[k]})
+        if timed:
+            out[-1]["count_draft_step_s"] = timed[k].step_s
     return out
 
 
-def count_draft_step(draft: CountDraft, batch: int, repeats: int = 20) -> float:
-    """Seconds a count draft takes to propose one token for each of `batch` rows (best of 4-token proposals)."""
-    T = draft.config.seq_len
-    codes = torch.randint(draft.config.vocab_size, (batch, T + 8), generator=torch.Generator().manual_seed(0))
-    proposer = draft.proposer(torch.arange(batch) % draft.config.num_classes, SETTINGS)
-    best = float("inf")
-    for r in range(repeats):
-        start = time.perf_counter()
-        proposer.propose(codes, torch.full((batch,), r % max(T - 4, 1)), 4, None)
-        best = min(best, (time.perf_counter() - start) / 4)
-    return best
+class TimedCounts:
+    """A count draft whose proposals are timed: `step_s` is the seconds it took per proposed token of a batch."""
+
+    def __init__(self, draft: CountDraft):
+        self.draft, self.config, self.seconds, self.steps = draft, draft.config, 0.0, 0
+
+    @property
+    def step_s(self) -> float:
+        return self.seconds / max(self.steps, 1)
+
+    def proposer(self, class_labels: torch.Tensor, settings: StageSettings):
+        inner, timer = self.draft.proposer(class_labels, settings), self
+
+        class Timed:
+            def propose(self, codes: torch.Tensor, t: torch.Tensor, n: int, generator: torch.Generator | None):
+                start = time.perf_counter()
+                out = inner.propose(codes, t, n, generator)
+                timer.seconds, timer.steps = timer.seconds + time.perf_counter() - start, timer.steps + n
+                return out
+        return Timed()
 
 
-def gpt_b_costs(role: str, vocab: int, batch: int, lookaheads: list[int], draft_size: str, precision: str,
+def gpt_b_costs(role: str, vocab: int, batch: int, lookaheads: list[int], draft_size: str | None, precision: str,
                 repeats: int = 5) -> dict:
     """Seconds of a GPT-B decode step, a verification pass over k + 1 tokens, and a draft step of a `draft_size`
-    model (CFG: 2 x batch rows), all at the decode precision."""
+    model (None: no draft model, a count draft times itself) (CFG: 2 x batch rows), all at the decode precision."""
     def model(size: str):
         torch.manual_seed(0)
         built = build_model(preset_config(size, role=role, vocab_size=vocab, num_classes=1000, grid_h=16, grid_w=16))
@@ -117,9 +131,11 @@ def gpt_b_costs(role: str, vocab: int, batch: int, lookaheads: list[int], draft_
                 best = min(best, time.perf_counter() - start)
         return best
 
-    big, small = model("GPT-B"), model(draft_size)
-    return {"step_s": step_time(big, 1), "draft_step_s": step_time(small, 1),
-            "verify_s": {k: step_time(big, k + 1) for k in lookaheads}}
+    big = model("GPT-B")
+    costs = {"step_s": step_time(big, 1), "verify_s": {k: step_time(big, k + 1) for k in lookaheads}}
+    if draft_size is not None:
+        costs["draft_step_s"] = step_time(model(draft_size), 1)
+    return costs
 
 
 def decoding_draft(folder: str, args: argparse.Namespace) -> Transformer | CountDraft:
@@ -197,14 +213,13 @@ def main() -> None:
         rows = [row for b in batches for row in measure(model, draft, b, lookaheads, images, rounds)]
         if args.project:
             role = model.config.role  # the coarse model keeps its K; a baseline gets LlamaGen's V
-            costs = {b: gpt_b_costs(role, vocab if role == "coarse" else 16384, b, lookaheads, args.draft_size,
+            draft_size = None if isinstance(draft, CountDraft) else args.draft_size
+            costs = {b: gpt_b_costs(role, vocab if role == "coarse" else 16384, b, lookaheads, draft_size,
                                     args.decode_precision) for b in batches}
-            if isinstance(draft, CountDraft):
-                for b in batches:
-                    costs[b]["draft_step_s"] = count_draft_step(draft, b)
             for row in rows:
                 k, c = row["lookahead"], costs[row["batch"]]
-                round_s = k * c["draft_step_s"] + c["verify_s"][k]
+                draft_s = row["count_draft_step_s"] if "count_draft_step_s" in row else c["draft_step_s"]
+                round_s = k * draft_s + c["verify_s"][k]
                 row["gpt_b_projected_speedup"] = row["tokens_per_pass"] * c["step_s"] / round_s
             results.append({"name": name, "vocab": vocab, "rows": rows, "gpt_b_costs": costs})
         else:
