@@ -25,7 +25,7 @@ model's size).
 
 `--run DIR` (a run folder as `ctfgen demo` leaves one: tokenizer, hierarchy, coarse, refiner, baseline) times
 whole samples instead, side by side: CTF (stage 1 and the refiner pass) and the baseline, each plain and with
-its draft (`--ctf-draft`, `--baseline-draft`) at the first of `--lookaheads`, and prints CTF/baseline: issue
+its draft (`--ctf-draft`, `--baseline-draft`) at each of `--lookaheads`, and prints CTF/baseline: issue
 13's ratio, measured end to end on trained models.
 """
 
@@ -143,42 +143,46 @@ def decoding_draft(folder: str, args: argparse.Namespace) -> Transformer | Count
     return for_decoding(draft, args.decode_precision) if isinstance(draft, Transformer) else draft
 
 
-def measure_run(args: argparse.Namespace, batches: list[int], lookahead: int, images: int, rounds: int) -> list[dict]:
-    """Seconds per image of CTF and the baseline of one run, plain and with their drafts, side by side (the
-    methods alternate within each round; each keeps its best round); the tokenizer's decoder is not timed."""
+def measure_run(args: argparse.Namespace, batches: list[int], lookaheads: list[int], images: int,
+                rounds: int) -> list[dict]:
+    """Seconds per image of CTF and the baseline of one run, plain and with their drafts at each lookahead,
+    side by side (the methods alternate within each round; each keeps its best round); the tokenizer's
+    decoder is not timed. One row per batch and lookahead; the plain times are shared by a batch's rows."""
     ctf, base = load_pipeline(args.run, "ctf"), load_pipeline(args.run, "baseline")
     ctf.prepare_decode(args.decode_precision)
     base.prepare_decode(args.decode_precision)
     mask = ctf.hierarchy.member_mask
-    methods = {"CTF": lambda y, g, d: sample_ctf(ctf.coarse, ctf.refiner, y, SETTINGS, STAGE2, g, mask, draft=d,
-                                                 lookahead=lookahead),
-               "baseline": lambda y, g, d: sample_baseline(base.model, y, SETTINGS, g, d, lookahead)}
-    drafts = {"CTF": args.ctf_draft, "baseline": args.baseline_draft}
-    runs = [(name, None) for name in methods] + [(name, decoding_draft(drafts[name], args))
-                                                 for name in methods if drafts[name]]
+    methods = {"CTF": lambda y, g, d, k: sample_ctf(ctf.coarse, ctf.refiner, y, SETTINGS, STAGE2, g, mask, draft=d,
+                                                    lookahead=k),
+               "baseline": lambda y, g, d, k: sample_baseline(base.model, y, SETTINGS, g, d, k)}
+    drafts = {name: decoding_draft(folder, args) for name, folder in
+              (("CTF", args.ctf_draft), ("baseline", args.baseline_draft)) if folder}
+    runs = [(name, None, 0) for name in methods] + [(name, drafts[name], k) for k in lookaheads
+                                                      for name in methods if name in drafts]
     labels = torch.arange(images) % ctf.num_classes
     rows = []
     for batch in batches:
         best = [float("inf")] * len(runs)
         for r in range(rounds):
-            for i, (name, draft) in enumerate(runs):
+            for i, (name, draft, k) in enumerate(runs):
                 g = torch.Generator().manual_seed(r)
                 start = time.perf_counter()
                 for chunk in labels.split(batch):
-                    methods[name](chunk, g, draft)
+                    methods[name](chunk, g, draft, k)
                 best[i] = min(best[i], (time.perf_counter() - start) / images)
-        row = {"batch": batch, "lookahead": lookahead,
-               "s_per_image": {f"{name}{' + draft' if d is not None else ''}": s for (name, d), s in zip(runs, best)}}
-        t = row["s_per_image"]
-        row["ctf_over_baseline"] = {"plain": t["baseline"] / t["CTF"]}
-        if "CTF + draft" in t:
-            row["ctf_over_baseline"]["CTF drafted, baseline plain"] = t["baseline"] / t["CTF + draft"]
-        if "CTF + draft" in t and "baseline + draft" in t:
-            row["ctf_over_baseline"]["both drafted"] = t["baseline + draft"] / t["CTF + draft"]
-        rows.append(row)
-        print(f"\nrun {args.run}, batch {batch}, lookahead {lookahead}: ms per image "
-              + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in t.items())
-              + "; CTF/baseline " + ", ".join(f"{k} {v:.2f}" for k, v in row["ctf_over_baseline"].items()), flush=True)
+        plain = {name: s for (name, d, _), s in zip(runs, best) if d is None}
+        for k in lookaheads:
+            t = {**plain, **{f"{name} + draft": s for (name, d, kk), s in zip(runs, best) if d is not None and kk == k}}
+            row = {"batch": batch, "lookahead": k, "s_per_image": t, "ctf_over_baseline": {"plain": t["baseline"] / t["CTF"]}}
+            if "CTF + draft" in t:
+                row["ctf_over_baseline"]["CTF drafted, baseline plain"] = t["baseline"] / t["CTF + draft"]
+            if "CTF + draft" in t and "baseline + draft" in t:
+                row["ctf_over_baseline"]["both drafted"] = t["baseline + draft"] / t["CTF + draft"]
+            rows.append(row)
+            print(f"\nrun {args.run}, batch {batch}, lookahead {k}: ms per image "
+                  + ", ".join(f"{name} {v * 1e3:.1f}" for name, v in t.items())
+                  + "; CTF/baseline " + ", ".join(f"{n} {v:.2f}" for n, v in row["ctf_over_baseline"].items()),
+                  flush=True)
     return rows
 
 
@@ -232,7 +236,7 @@ def main() -> None:
             extra = f" {row['gpt_b_projected_speedup']:11.2f}" if args.project else ""
             print(f"{r['name']:24} {row['batch']:5d} {row['lookahead']:9d} {row['acceptance']:8.2f} "
                   f"{row['tokens_per_pass']:8.2f} {row['speedup']:8.2f}{extra}")
-    end_to_end = measure_run(args, batches, lookaheads[0], images, rounds) if args.run else []
+    end_to_end = measure_run(args, batches, lookaheads, images, rounds) if args.run else []
     write_json(args.out, {"date": str(date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "decode_precision": args.decode_precision, "settings": vars(SETTINGS), "images": images,
                           "rounds": rounds, "results": results, "end_to_end": end_to_end})

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -75,23 +76,23 @@ def context_key(names: tuple[str, ...], values: dict, config: CountDraftConfig):
     return key
 
 
-def count_contexts(codes: torch.Tensor, class_labels: torch.Tensor, config: CountDraftConfig,
-                   chunk: int = 20000) -> list[ContextCounts]:
-    """The counts of every context order in token grids codes [N, T] (long) of classes [N]; items are read
-    `chunk` at a time and merged, so memory follows the distinct (context, token) pairs, not N x T."""
+def count_contexts(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], config: CountDraftConfig) -> list[ContextCounts]:
+    """The counts of every context order in chunks of token grids (codes [n, T] long, class labels [n]), merged
+    chunk by chunk, so memory follows the distinct (context, token) pairs, not the number of grids."""
     V, W = config.vocab_size, config.grid_w
-    orders = []
-    for names in CONTEXTS:
-        entries, counts = torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-        for start in range(0, len(codes), chunk):
-            c, y = codes[start:start + chunk], class_labels[start:start + chunk]
-            none = torch.full_like(c, V)
-            values = {"class": y[:, None], "pos": torch.arange(c.shape[1]),
-                      "left": torch.cat([none[:, :1], c[:, :-1]], 1), "up": torch.cat([none[:, :W], c[:, :-W]], 1)}
+    merged = [(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)) for _ in CONTEXTS]
+    for c, y in chunks:
+        none = torch.full_like(c, V)
+        values = {"class": y[:, None], "pos": torch.arange(c.shape[1]),
+                  "left": torch.cat([none[:, :1], c[:, :-1]], 1), "up": torch.cat([none[:, :W], c[:, :-W]], 1)}
+        for i, names in enumerate(CONTEXTS):
             pairs = context_key(names, values, config) * V + c  # (context, token) as one number
             new, n = torch.unique(pairs.flatten(), return_counts=True)
+            entries, counts = merged[i]
             entries, inverse = torch.unique(torch.cat([entries, new]), return_inverse=True)
-            counts = torch.zeros(len(entries), dtype=torch.long).index_add_(0, inverse, torch.cat([counts, n]))
+            merged[i] = entries, torch.zeros(len(entries), dtype=torch.long).index_add_(0, inverse, torch.cat([counts, n]))
+    orders = []
+    for entries, counts in merged:
         keys, per_key = torch.unique_consecutive(entries // V, return_counts=True)
         starts = torch.cat([per_key.new_zeros(1), per_key.cumsum(0)])
         orders.append(ContextCounts(keys.numpy(), starts.numpy(), (entries % V).numpy(), counts.double().numpy()))
@@ -107,19 +108,29 @@ class CountDraft:
         self.config, self.orders, self.info = config, orders, dict(info or {})
 
     @classmethod
-    def count(cls, codes: torch.Tensor, class_labels: torch.Tensor, config: CountDraftConfig,
+    def count(cls, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], config: CountDraftConfig,
               info: dict | None = None) -> "CountDraft":
-        if codes.dim() != 2 or codes.shape[1] != config.seq_len:
-            raise CtfgenError(f"codes must be [N, {config.seq_len}] token grids, got {tuple(codes.shape)}")
-        if len(codes) == 0:
-            raise CtfgenError("no codes to count")
-        if codes.min() < 0 or codes.max() >= config.vocab_size:
-            raise CtfgenError(f"tokens must lie in [0, {config.vocab_size}), got [{int(codes.min())}, {int(codes.max())}]")
+        """Count chunks of token grids (codes [n, T], class labels [n]): e.g. `[(codes, labels)]`."""
         V = config.vocab_size
         if config.num_classes * config.seq_len * (V + 1) ** 2 * V >= 2 ** 63:
             raise CtfgenError(f"a count draft numbers (context, token) pairs in 64 bits: {config.num_classes} classes x "
                               f"{config.seq_len} positions x V = {V} do not fit")
-        return cls(config, count_contexts(codes.long(), class_labels.long(), config), info)
+        seen = 0
+
+        def checked():
+            nonlocal seen
+            for codes, labels in chunks:
+                if codes.dim() != 2 or codes.shape[1] != config.seq_len:
+                    raise CtfgenError(f"codes must be [N, {config.seq_len}] token grids, got {tuple(codes.shape)}")
+                if len(codes) and (codes.min() < 0 or codes.max() >= V):
+                    raise CtfgenError(f"tokens must lie in [0, {V}), got [{int(codes.min())}, {int(codes.max())}]")
+                seen += len(codes)
+                yield codes.long(), labels.long()
+
+        orders = count_contexts(checked(), config)
+        if not seen:
+            raise CtfgenError("no codes to count")
+        return cls(config, orders, info)
 
     def probs(self, codes: np.ndarray, pos: int, label: int) -> np.ndarray:
         """q(next token) at position `pos` of one grid, codes [>= pos] (decided before pos): float64 [V].
@@ -200,23 +211,30 @@ class CountProposer:
                 torch.from_numpy(q).to(device=codes.device, dtype=torch.float32))
 
 
-def count_draft_from_codes(codes_dir: str | Path, hierarchy: Hierarchy | None = None) -> CountDraft:
-    """Count a codes folder's training grids: over coarse labels when `hierarchy` is given (a draft for CTF's
-    stage 1), else over the codewords (a draft for the baseline)."""
+def count_draft_from_codes(codes_dir: str | Path, hierarchy: Hierarchy | None = None,
+                           chunk: int = 20000) -> CountDraft:
+    """Count a codes folder's training grids (view 0 of each item, read `chunk` items at a time): over coarse
+    labels when `hierarchy` is given (a draft for CTF's stage 1), else over the codewords (a draft for the
+    baseline)."""
     from .data.codes import CodeDataset
 
     data = CodeDataset(codes_dir)
     grid = data.grid
-    codes = torch.from_numpy(np.asarray(data.codes[:data.items]).astype(np.int64)).flatten(1)
-    labels = torch.from_numpy(data.labels[:data.items].astype(np.int64))
     info = {"codes": str(codes_dir), "items": data.items, "tokenizer_fingerprint": data.fingerprint}
     if hierarchy is not None:
         check_compatible(hierarchy, data.fingerprint, data.codebook_size, source=f"the codes in {codes_dir}")
-        codes = hierarchy.coarse_of[codes]
         config = CountDraftConfig("coarse", hierarchy.K, grid[0], grid[1], data.num_classes)
     else:
         config = CountDraftConfig("baseline", data.codebook_size, grid[0], grid[1], data.num_classes)
-    return CountDraft.count(codes, labels, config, info)
+
+    def chunks():
+        for start in range(0, data.items, chunk):
+            end = min(start + chunk, data.items)
+            codes = torch.from_numpy(np.asarray(data.codes[start:end]).astype(np.int64)).flatten(1)
+            labels = torch.from_numpy(data.labels[start:end].astype(np.int64))
+            yield (hierarchy.coarse_of[codes] if hierarchy is not None else codes), labels
+
+    return CountDraft.count(chunks(), config, info)
 
 
 def load_draft(folder: str | Path, device: str | torch.device = "cpu"):

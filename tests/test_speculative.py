@@ -14,8 +14,9 @@ import torch
 from scipy.stats import chisquare
 
 from ctfgen.cli import main
-from ctfgen.count_draft import CONTEXTS, CountDraft, CountDraftConfig, load_draft
+from ctfgen.count_draft import CONTEXTS, ContextCounts, CountDraft, CountDraftConfig, count_draft_from_codes, load_draft
 from ctfgen.errors import CtfgenError
+from ctfgen.hierarchy import load_hierarchy
 from ctfgen.pipeline import add_sample_args, cmd_sample, load_pipeline
 from ctfgen.sampling import StageSettings, sample_causal, token_probs, apply_guidance, with_null_labels
 from ctfgen.transformer import Transformer, build_model, preset_config, save_model
@@ -166,7 +167,13 @@ def test_counts_give_the_witten_bell_estimate_of_each_context_order() -> None:
     V, h, w, n = 5, 2, 3, 40
     labels = rng.integers(0, 2, n)
     grids = np.where(rng.random((n, h * w)) < 0.6, (labels[:, None] + np.arange(h * w)) % V, rng.integers(0, V, (n, h * w)))
-    draft = CountDraft.count(torch.tensor(grids), torch.tensor(labels), CountDraftConfig("coarse", V, h, w, 2))
+    config = CountDraftConfig("coarse", V, h, w, 2)
+    draft = CountDraft.count([(torch.tensor(grids), torch.tensor(labels))], config)
+    chunked = CountDraft.count([(torch.tensor(grids[i:i + 7]), torch.tensor(labels[i:i + 7])) for i in range(0, n, 7)],
+                               config)  # merged chunk by chunk: the same counts
+    for whole, merged in zip(draft.orders, chunked.orders):
+        for field in ContextCounts.FIELDS:
+            np.testing.assert_array_equal(getattr(whole, field), getattr(merged, field))
     for grid, label in [(grids[0], labels[0]), (rng.integers(0, V, h * w), 1)]:  # seen contexts, and unseen ones
         for pos in range(h * w):
             q = draft.probs(np.asarray(grid), pos, int(label))
@@ -174,7 +181,9 @@ def test_counts_give_the_witten_bell_estimate_of_each_context_order() -> None:
             np.testing.assert_allclose(q, expected, rtol=1e-12)
             assert abs(q.sum() - 1) < 1e-12 and q.min() > 0
     with pytest.raises(CtfgenError, match="tokens must lie"):
-        CountDraft.count(torch.tensor(grids) + V, torch.tensor(labels), CountDraftConfig("coarse", V, h, w, 2))
+        CountDraft.count([(torch.tensor(grids) + V, torch.tensor(labels))], config)
+    with pytest.raises(CtfgenError, match="no codes"):
+        CountDraft.count([], config)
 
 
 @pytest.mark.parametrize("settings", [StageSettings(cfg=2.0), StageSettings(cfg=1.5, temperature=0.8, top_k=3)])
@@ -182,7 +191,8 @@ def test_speculative_samples_with_a_count_draft_follow_the_model(settings: Stage
     """Counts of another model's samples propose; the samples still follow the target's exact distribution."""
     target = model(0)
     other = torch.cat([sample_causal(model(1), torch.full((500,), y), settings, gen(y)) for y in range(CLASSES)])
-    draft = CountDraft.count(other, torch.arange(CLASSES).repeat_interleave(500), CountDraftConfig("coarse", K, 1, 3, CLASSES))
+    draft = CountDraft.count([(other, torch.arange(CLASSES).repeat_interleave(500))],
+                             CountDraftConfig("coarse", K, 1, 3, CLASSES))
     expected = exact_distribution(target, 1, settings)
     labels = torch.ones(500, dtype=torch.long)
     g, stats = gen(7), {}
@@ -206,10 +216,12 @@ def test_count_drafts_through_the_cli_and_the_pipelines(run_dir: Path, tmp_path:
     assert (coarse.config.role, coarse.config.vocab_size) == ("coarse", RUN_K)
     assert (fine.config.role, fine.config.vocab_size) == ("baseline", RUN_V)
     assert coarse.info["items"] == 64
-    again = CountDraft.count(torch.tensor(np.load(data["codes"] / "codes.npy").reshape(64, -1) % RUN_K),
-                             torch.tensor(np.load(data["codes"] / "labels.npy")), coarse.config)
+    again = CountDraft.count([(torch.tensor(np.load(data["codes"] / "codes.npy").reshape(64, -1) % RUN_K),
+                               torch.tensor(np.load(data["codes"] / "labels.npy")))], coarse.config)
+    in_chunks = count_draft_from_codes(data["codes"], load_hierarchy(data["hierarchy"]), chunk=5)
     grid = np.arange(16) % RUN_K  # the test hierarchy maps codeword v to v % K
-    np.testing.assert_array_equal(coarse.probs(grid, 9, 2), again.probs(grid, 9, 2))  # saved and loaded unchanged
+    for other in (again, in_chunks):  # saved and loaded unchanged; the folder read 5 items at a time
+        np.testing.assert_array_equal(coarse.probs(grid, 9, 2), other.probs(grid, 9, 2))
     for kind in ("ctf", "baseline"):
         pipe = load_pipeline(run_dir, kind)
         pipe.prepare_decode(draft=load_draft(tmp_path / f"counts-{kind}"), lookahead=3)
