@@ -17,8 +17,8 @@ from ctfgen.errors import CtfgenError
 from ctfgen.experiments import Results, cell_key
 from ctfgen.experiments.grids import GRIDS, versus
 from ctfgen.experiments.protocol import Cell, Scoring, Workshop, best_point
-from ctfgen.experiments.report import (group, points_table, setup_title, steps_to_fid, steps_to_fid_lines,
-                                       verdict, write_report)
+from ctfgen.experiments.report import (group, points_table, setup_table, setup_title, steps_to_fid,
+                                       steps_to_fid_lines, verdict, write_report)
 from ctfgen.hierarchy import load_hierarchy
 from test_demo import fake_fashion_mnist
 
@@ -54,8 +54,11 @@ def test_grids_are_data() -> None:
     assert all(c.refiner_mask for c in full_map if c.side == "ctf")
     assert {c.codebook for c in full_map} == {1024, 4096, 16384} and "auto" in {c.k for c in full_map}
     assert {c.steps for c in full_map} == {938, 2813, 9375}  # 1, 3 and 10 epochs of 60,000 at batch 64
-    # one baseline per (V, size, steps, seed): K does not change it
+    # one baseline per (V, size, steps, seed): K does not change it, but its likelihood split is taken at each K
     assert sum(c.side == "baseline" for c in full_map) == 3 * 3 * 3
+    assert {c.scoring.split_ks for c in full_map if c.side == "baseline"} == {(64, 128, 256)}
+    with pytest.raises(ValueError, match="split_ks"):
+        Scoring(split_ks=(1,))
     with pytest.raises(ValueError):
         Cell(side="ctf", steps=1, k=5000, codebook=4096)
     with pytest.raises(ValueError):
@@ -147,6 +150,37 @@ def test_refiner_options_are_cells_too(tmp_path: Path, fm: Path) -> None:
         replace(TOY, refine_steps=4)
     with pytest.raises(ValueError, match="true coarse labels"):
         replace(TOY, refiner_mask=True, refiner_corrupt=0.2)
+
+
+def test_the_baseline_split_at_each_ctf_k_compares_the_parts(tmp_path: Path, fm: Path) -> None:
+    """A baseline cell with `split_ks` also splits its NLL at the hierarchy of each of those K (the one the CTF
+    cell of that K uses), and the verdict compares CTF's parts with it there; without it, it compares totals only."""
+    from ctfgen.data.codes import CodeDataset
+    from ctfgen.experiments.likelihood import nll_split
+    from ctfgen.transformer import load_model
+
+    ctf = replace(TOY, k=8)
+    plain = replace(TOY, side="baseline")  # split at its own K = 16
+    split = replace(plain, scoring=replace(TOY_SCORING, split_ks=(8, 16)))
+    meta = {"grid": "toy", "data": "fashion-mnist", "seeds": 1}
+    out = tmp_path / "bench"
+    run_bench(out, [ctf, plain], meta, data_dir=str(fm), classifier_epochs=1, classifier_limit=128)
+    assert not [line for line in verdict(group(Results(out / "cells.jsonl").load())[0]) if "coarse part" in line]
+    run_bench(out, [ctf, split], meta, data_dir=str(fm), resume=True, classifier_epochs=1, classifier_limit=128)
+    records = {r["key"]: r["result"] for r in Results(out / "cells.jsonl").load()}
+    c, b, b8 = records[cell_key(ctf)], records[cell_key(plain)], records[cell_key(split)]
+    assert b8["nll"]["coarse"] == b["nll"]["coarse"] and set(b8["nll"]["at_k"]) == {"8"}  # its own K: the table's
+    model = load_model(next((out / "models").glob("baseline-*")))
+    direct = nll_split(CodeDataset(c["artifacts"]["codes_test"]), load_hierarchy(c["artifacts"]["hierarchy"]),
+                       baseline=model, limit=TOY_SCORING.nll_items)["baseline"]
+    assert b8["nll"]["at_k"]["8"] == pytest.approx(direct)
+    assert b8["nll"]["at_k"]["8"]["nll"] == pytest.approx(b["nll"]["nll"])  # the total does not depend on K
+    (setup,) = group([{"key": k, "cell": cell, "result": records[k]} for k, cell in
+                      ((cell_key(ctf), dataclasses.asdict(ctf)), (cell_key(split), dataclasses.asdict(split)))])
+    (line,) = [line for line in verdict(setup) if "coarse part" in line]
+    assert f"vs {b8['nll']['at_k']['8']['coarse']:.3f}" in line and "the baseline split at K=8" in line
+    assert (f"The baseline's NLL split at each CTF row's K (the table's at K=16), coarse + within: K=8: "
+            f"{b8['nll']['at_k']['8']['coarse']:.3f} + {b8['nll']['at_k']['8']['within']:.3f}.") in "\n".join(setup_table(setup))
 
 
 def test_stage_2_over_all_v_is_a_cell_of_the_same_models(tmp_path: Path, fm: Path,

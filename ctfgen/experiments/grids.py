@@ -176,7 +176,8 @@ def map_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell
                 for seed in range(seeds):
                     at = replace(base, codebook=v, size=size, refiner_size=size, steps=steps, seed=seed)
                     cells += [replace(at, side="ctf", k=k, refiner_mask=not quick) for k in ks]
-                    cells.append(replace(at, side="baseline", k=ks[0]))
+                    split_ks = tuple(k for k in ks[1:] if k != "auto")  # its split at every K of the CTF cells
+                    cells.append(replace(at, side="baseline", k=ks[0], scoring=replace(at.scoring, split_ks=split_ks)))
     return cells
 
 

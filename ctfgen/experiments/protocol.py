@@ -44,7 +44,7 @@ from ..sampling import StageSettings
 from ..tokenizer.model import TOKENIZER_KIND, load_tokenizer
 from ..training import INFO_NAME, TrainConfig, train
 from ..training.checks import expected_model_fields
-from ..transformer import MODEL_SIZES, build_model, load_model, save_model
+from ..transformer import MODEL_SIZES, Transformer, build_model, load_model, save_model
 from ..transformer.model import ARTIFACT_KIND as MODEL_KIND, preset_config
 from ..transformer.precision import DECODE_PRECISIONS
 from .engine import LATE, cell_key
@@ -72,15 +72,20 @@ class Scoring:
     # guidance past the grid (ascending, above its largest CFG), scored one by one at the best point's temperatures
     # while that best point sits at the strongest guidance scored so far: a side is compared at its own best
     beyond_cfg: tuple[float, ...] = field(default=(), metadata=LATE)
+    # the baseline's likelihood split also at these K (the CTF cells' K beside it): its coarse and within parts
+    # depend on the clusters, so they compare with a CTF's only at that CTF's K
+    split_ks: tuple[int, ...] = field(default=(), metadata=LATE)
 
     # fields that add a measurement and change none of the others: cells that differ only there share a setup
-    ADDS_ONLY = ("also_features", "also_per_class")
+    ADDS_ONLY = ("also_features", "also_per_class", "split_ks")
 
     def __post_init__(self) -> None:
         check_fields(self)
         unknown = sorted(set(self.also_features) - set(extractor_names()))
         if unknown:
             raise ValueError(f"unknown feature extractors {unknown}; choose from {extractor_names()}")
+        if any(not isinstance(k, int) or k < 2 for k in self.split_ks):
+            raise ValueError(f"split_ks are cluster counts (integers >= 2); got {self.split_ks}")
         ladder = (max(self.cfg), *self.beyond_cfg)
         if any(a >= b for a, b in zip(ladder, ladder[1:])):
             raise ValueError(f"beyond_cfg must rise above the grid's largest CFG {max(self.cfg):g}; got {self.beyond_cfg}")
@@ -472,6 +477,9 @@ class Workshop:
             return nll
 
         nll = self.measured("nll", {**setup, "nll_items": s.nll_items}, likelihood)
+        if cell.side == "baseline" and s.split_ks:
+            nll = {**nll, "at_k": {str(k): self.split_at(cell, k, pipe.model, test_codes, setup)
+                                   for k in s.split_ks if k != hierarchy.K}}
         pipe.prepare_decode(cell.decode_precision)  # after the likelihood split, which scores the model as trained
         stage2 = {"refine_steps": cell.refine_steps, "refiner_mask": cell.stage2_mask} if cell.side == "ctf" else {}
         extractor = get_extractor("domain", path=art.classifier)
@@ -513,6 +521,14 @@ class Workshop:
                 "floors", {**sampled, "per_class": s.floor_per_class, "also_features": s.also_features},
                 lambda: self.floors(cell, pipe, extractor, ref))
         return result
+
+    def split_at(self, cell: Cell, k: int, baseline: Transformer, test_codes: CodeDataset,
+                 setup: dict[str, Any]) -> dict[str, float]:
+        """The baseline's likelihood split at the K-means hierarchy of K clusters of the cell's tokenizer."""
+        other = self.artifacts(replace(cell, k=k))
+        inputs = {**setup, "nll_items": cell.scoring.nll_items, "split_hierarchy": self.portable(other)["hierarchy"]}
+        return self.measured("nll", inputs, lambda: nll_split(test_codes, load_hierarchy(other.hierarchy),
+                                                              baseline=baseline, limit=cell.scoring.nll_items)["baseline"])
 
     def also_scored(self, images: torch.Tensor, labels: torch.Tensor, ref: Reference, features: tuple[str, ...],
                     per_class: int | None = None) -> dict[str, Any]:

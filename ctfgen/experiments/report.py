@@ -123,6 +123,16 @@ def nll(part: str) -> Callable[[dict[str, Any]], float]:
     return lambda result: result["nll"][part]
 
 
+def nll_at(part: str, k: int) -> Callable[[dict[str, Any]], float | None]:
+    """A likelihood part at K clusters: the record's own split where it was made at K, else the baseline's
+    split at K (`Scoring.split_ks`); None where there is none (the parts depend on the clusters)."""
+    def metric(result: dict[str, Any]) -> float | None:
+        if result["K"] == k:
+            return result["nll"][part]
+        return result["nll"].get("at_k", {}).get(str(k), {}).get(part)
+    return metric
+
+
 def flops(result: dict[str, Any]) -> float:
     return result["flops"]
 
@@ -176,9 +186,12 @@ def verdict(setup: Setup) -> list[str]:
                 continue
             na, nb = ctf.of(nll("nll")), other.of(nll("nll"))
             # the baseline's split depends on the clusters: compare the parts only at the same K
-            same_k = ctf.records[0]["result"]["K"] == other.records[0]["result"]["K"]
-            parts = (f" (coarse part {_s(ctf.of(nll('coarse')), 3)} vs {_s(other.of(nll('coarse')), 3)}, within "
-                     f"{_s(ctf.of(nll('within')), 3)} vs {_s(other.of(nll('within')), 3)})" if same_k else "")
+            k = ctf.records[0]["result"]["K"]
+            coarse, within = other.of(nll_at("coarse", k)), other.of(nll_at("within", k))
+            parts = (f" (coarse part {_s(ctf.of(nll('coarse')), 3)} vs {_s(coarse, 3)}, within "
+                     f"{_s(ctf.of(nll('within')), 3)} vs {_s(within, 3)}"
+                     f"{'' if other.records[0]['result']['K'] == k else f', the baseline split at K={k}'})"
+                     if coarse is not None and within is not None else "")
             also = "".join(f"; FID in {f} features (n={ctf.records[0]['result']['final']['features'][f]['n']}) "
                            f"{_fid_call(ctf.of(also_fid(f)), other.of(also_fid(f)))}"
                            for f in also_features(ctf) if f in also_features(other))
@@ -255,6 +268,13 @@ def setup_table(setup: Setup) -> list[str]:
                      f"{_s(row.of(final('class_consistency')), 3)} | {_s(row.of(nll('coarse')), 3)} | "
                      f"{_s(row.of(nll('within')), 3)} | {_s(row.of(nll('nll')), 3)} | "
                      f"{_s(row.of(final('images_per_s')), 0)} |")
+    base = setup.baseline
+    ks = sorted({r.records[0]["result"]["K"] for r in setup.row("ctf", full=False)})
+    at = [(k, base.of(nll_at("coarse", k)), base.of(nll_at("within", k))) for k in ks] if base else []
+    if any(c is not None for _, c, _ in at) and ks != [base.records[0]["result"]["K"]]:
+        lines += ["", f"The baseline's NLL split at each CTF row's K (the table's at K={base.records[0]['result']['K']}), "
+                  "coarse + within: " + "; ".join(f"K={k}: {_s(c, 3)} + {_s(w, 3)}" for k, c, w in at
+                                                  if c is not None and w is not None) + "."]
     for name in sorted({f for row in setup.rows for f in also_features(row)}):
         scored = [r for r in setup.rows if name in also_features(r)]
         n = scored[0].records[0]["result"]["final"]["features"][name]["n"]
