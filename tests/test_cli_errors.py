@@ -105,6 +105,7 @@ CASES = {
     "cluster --force over codes": CLUSTER + ["--out", "{root}/codes", "--force"],
     "count-draft over a finished model": ["count-draft", "--codes", "{root}/codes", "--out", f"{RUN}/coarse"],
     "count-draft of a model folder": ["count-draft", "--codes", f"{RUN}/coarse", "--out", "{root}/new"],
+    "count-draft of a missing folder": ["count-draft", "--codes", "{root}/missing", "--out", "{root}/new"],
     "count-draft with another codebook's hierarchy": ["count-draft", "--codes", "{root}/codes", "--hierarchy",
                                                       "{root}/hierarchy-v16", "--out", "{root}/new"],
     "sample --draft of a codes folder": SAMPLE + ["--draft", "{root}/codes"],

@@ -28,6 +28,8 @@ class CodeDataset(Dataset):
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
+        if not (folder / "meta.json").is_file():
+            raise ArtifactError(f"{folder} is not a codes folder (no meta.json; `ctfgen extract` writes one)")
         self.meta = read_json(folder / "meta.json")
         if self.meta.get("kind") != CODES_KIND:
             raise ArtifactError(f"{folder} is not a codes folder (meta.json kind={self.meta.get('kind')!r})")
