@@ -46,7 +46,7 @@ from ctfgen.transformer import Transformer, build_model, load_model, preset_conf
 from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding
 
 SETTINGS = StageSettings(cfg=2.0, temperature=1.0)
-STAGE2 = StageSettings(cfg=1.0, temperature=1.0)  # the pipeline's default stage 2
+STAGE2 = StageSettings(cfg=1.0, temperature=1.0)  # unguided as the pipeline's default stage 2; t 1.0 as stage 1 here
 
 
 def parse_pair(text: str) -> tuple[str, Path, Path]:
