@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from ctfgen.arguments import Count, Fraction, arg_type
+from ctfgen.arguments import Count, Fraction, arg_list, arg_type
 from ctfgen.artifacts import write_json
 from ctfgen.hierarchy import Hierarchy
 from ctfgen.runtime import device_arg
@@ -201,7 +201,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", type=device_arg, default="auto")
     ap.add_argument("--out", default="runs/bench-sampling/bench_sampling.json")
-    ap.add_argument("--refine-passes", default="", help="comma-separated stage-2 pass counts to time, e.g. 1,2,4,8")
+    ap.add_argument("--refine-passes", type=arg_list(Count), default=[], help="comma-separated stage-2 pass counts to time, e.g. 1,2,4,8")
     ap.add_argument("--refiner-depth", type=arg_type(Fraction), default=1.0,
                     help="the refiner's share of the stage-1 depth")
     ap.add_argument("--refiner-width", type=arg_type(Fraction), default=1.0,
@@ -213,7 +213,7 @@ def main() -> None:
                          "flag)")
     ap.add_argument("--compile", action="store_true", help="compile both AR stages' decode step (torch.compile; "
                     "minutes of compiling first); not with fp32-packed, which the compiled step packs by itself")
-    ap.add_argument("--gpt-b-batches", default=None, help="GPT-B batch sizes (default: 1, and 8 without --quick)")
+    ap.add_argument("--gpt-b-batches", type=arg_list(Count), default=None, help="GPT-B batch sizes (default: 1, and 8 without --quick)")
     ap.add_argument("--rounds", type=arg_type(Count), default=None,
                     help="rounds for every shape, each side keeping its best (default: 7 at 8x8, 3 at GPT-B; quick 1)")
     args = ap.parse_args()
@@ -222,11 +222,11 @@ def main() -> None:
     shapes = args.shapes.split(",")
     if not set(shapes) <= set(SHAPES):
         ap.error(f"--shapes: each of {', '.join(SHAPES)}; got {args.shapes}")
-    passes = [int(p) for p in args.refine_passes.split(",") if p]
+    passes = args.refine_passes
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
-    gpt_b = [int(b) for b in args.gpt_b_batches.split(",")] if args.gpt_b_batches else [1] if args.quick else [1, 8]
+    gpt_b = args.gpt_b_batches or ([1] if args.quick else [1, 8])
     batches = {"small": [1, 64], "tiny": [1, 64], "GPT-B": gpt_b}
     repeats = {"small": 7, "tiny": 7, "GPT-B": 1 if args.quick else 3}  # rounds, best of each side (8x8: cheap)
     if args.rounds:

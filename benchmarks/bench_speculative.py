@@ -38,8 +38,10 @@ from pathlib import Path
 
 import torch
 
+from ctfgen.arguments import Count, arg_list, arg_type
 from ctfgen.artifacts import write_json
 from ctfgen.count_draft import CountDraft, load_draft
+from ctfgen.errors import CtfgenError
 from ctfgen.pipeline import load_pipeline
 from ctfgen.sampling import StageSettings, decode_cache, sample_baseline, sample_causal, sample_ctf
 from ctfgen.transformer import Transformer, build_model, load_model, preset_config
@@ -192,10 +194,10 @@ def main() -> None:
     ap.add_argument("--run", default=None, help="a run folder: time whole CTF and baseline samples, plain and drafted")
     ap.add_argument("--ctf-draft", default=None, help="with --run: the coarse model's draft folder")
     ap.add_argument("--baseline-draft", default=None, help="with --run: the baseline's draft folder")
-    ap.add_argument("--lookaheads", default="1,2,4,8")
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--images", type=int, default=64, help="images per measurement (quick: 16)")
-    ap.add_argument("--rounds", type=int, default=2, help="timing rounds, best kept (quick: 1)")
+    ap.add_argument("--lookaheads", type=arg_list(Count), default=[1, 2, 4, 8], help="e.g. 1,2,4,8")
+    ap.add_argument("--batches", type=arg_list(Count), default=[1, 8], help="e.g. 1,8")
+    ap.add_argument("--images", type=arg_type(Count), default=64, help="images per measurement (quick: 16)")
+    ap.add_argument("--rounds", type=arg_type(Count), default=2, help="timing rounds, best kept (quick: 1)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--project", action="store_true", help="also project the speed-up at GPT-B from measured parts")
     ap.add_argument("--draft-size", default="small", help="the draft's size in the GPT-B projection")
@@ -205,8 +207,14 @@ def main() -> None:
     args = ap.parse_args()
     if not args.pair and not args.run:
         ap.error("give --pair NAME=MODEL:DRAFT and/or --run DIR")
-    lookaheads = [int(k) for k in args.lookaheads.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
+    try:
+        run(args)
+    except CtfgenError as e:  # a folder that is not what it should be: one error line
+        ap.error(str(e))
+
+
+def run(args: argparse.Namespace) -> None:
+    lookaheads, batches = args.lookaheads, args.batches
     images, rounds = (16, 1) if args.quick else (args.images, args.rounds)
     results = []
     for name, model_dir, draft_dir in map(parse_pair, args.pair):

@@ -135,6 +135,17 @@ def arg_type(hint: Any) -> Callable[[str], Any]:
     return checked(kind, *constraints)
 
 
+def arg_list(hint: Any) -> Callable[[str], list]:
+    """The argparse `type=` of comma-separated values of a constrained type: `type=arg_list(Count)` reads "1,2,4"."""
+    one = arg_type(hint)
+
+    def convert(text: str) -> list:
+        return [one(part) for part in text.split(",") if part.strip()]
+
+    convert.__name__ = f"comma-separated {one.__name__}"
+    return convert
+
+
 def _field_types(cls: type) -> dict[str, tuple[type, tuple[Constraint, ...]]]:
     return {name: _split(hint) for name, hint in typing.get_type_hints(cls, include_extras=True).items()}
 

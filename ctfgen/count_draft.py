@@ -115,20 +115,16 @@ class CountDraft:
         if config.num_classes * config.seq_len * (V + 1) ** 2 * V >= 2 ** 63:
             raise CtfgenError(f"a count draft numbers (context, token) pairs in 64 bits: {config.num_classes} classes x "
                               f"{config.seq_len} positions x V = {V} do not fit")
-        seen = 0
+        def checked(chunk: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            codes, labels = chunk
+            if codes.dim() != 2 or codes.shape[1] != config.seq_len:
+                raise CtfgenError(f"codes must be [N, {config.seq_len}] token grids, got {tuple(codes.shape)}")
+            if len(codes) and (codes.min() < 0 or codes.max() >= V):
+                raise CtfgenError(f"tokens must lie in [0, {V}), got [{int(codes.min())}, {int(codes.max())}]")
+            return codes.long(), labels.long()
 
-        def checked():
-            nonlocal seen
-            for codes, labels in chunks:
-                if codes.dim() != 2 or codes.shape[1] != config.seq_len:
-                    raise CtfgenError(f"codes must be [N, {config.seq_len}] token grids, got {tuple(codes.shape)}")
-                if len(codes) and (codes.min() < 0 or codes.max() >= V):
-                    raise CtfgenError(f"tokens must lie in [0, {V}), got [{int(codes.min())}, {int(codes.max())}]")
-                seen += len(codes)
-                yield codes.long(), labels.long()
-
-        orders = count_contexts(checked(), config)
-        if not seen:
+        orders = count_contexts(map(checked, chunks), config)
+        if not len(orders[0].keys):
             raise CtfgenError("no codes to count")
         return cls(config, orders, info)
 

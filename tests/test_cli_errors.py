@@ -289,3 +289,19 @@ def test_sigterm_in_train_tokenizer_exits_143_and_resumes(tmp_path: Path, monkey
     monkeypatch.setattr(TokenizerTrainer, "train_step", plain_step)
     main(argv + ["--resume"])
     assert json.loads((tmp_path / "tok" / "report.json").read_text())["steps"] == 4
+
+
+def test_a_comma_list_argument_checks_every_value() -> None:
+    """`arguments.arg_list`: the benchmarks' comma-separated counts (--lookaheads, --batches) read as a list of
+    checked values; one bad value is one argparse error (exit 2)."""
+    import argparse
+
+    from ctfgen.arguments import Count, arg_list
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", type=arg_list(Count), default=[1])
+    assert parser.parse_args(["--batches", "1,8,64"]).batches == [1, 8, 64]
+    for bad in ("1,0", "1,x"):
+        with pytest.raises(SystemExit) as stopped:
+            parser.parse_args(["--batches", bad])
+        assert stopped.value.code == 2

@@ -169,6 +169,7 @@ def map_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell
     else:
         codebooks, ks, sizes = (1024, 4096, 16384), (32, 64, 128, 256, "auto"), ("tiny", "small", "medium")
         budgets = tuple(epochs_to_steps(e, train_items, base.batch_size) for e in (1, 3, 10))
+    split_ks = tuple(k for k in ks[1:] if k != "auto")  # the baseline's likelihood split at every K of the CTF cells
     cells = []
     for v in codebooks:
         for size in sizes:
@@ -176,7 +177,6 @@ def map_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell
                 for seed in range(seeds):
                     at = replace(base, codebook=v, size=size, refiner_size=size, steps=steps, seed=seed)
                     cells += [replace(at, side="ctf", k=k, refiner_mask=not quick) for k in ks]
-                    split_ks = tuple(k for k in ks[1:] if k != "auto")  # its split at every K of the CTF cells
                     cells.append(replace(at, side="baseline", k=ks[0], scoring=replace(at.scoring, split_ks=split_ks)))
     return cells
 

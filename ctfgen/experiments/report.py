@@ -188,9 +188,9 @@ def verdict(setup: Setup) -> list[str]:
             # the baseline's split depends on the clusters: compare the parts only at the same K
             k = ctf.records[0]["result"]["K"]
             coarse, within = other.of(nll_at("coarse", k)), other.of(nll_at("within", k))
+            where = "" if other.records[0]["result"]["K"] == k else f", the baseline split at K={k}"
             parts = (f" (coarse part {_s(ctf.of(nll('coarse')), 3)} vs {_s(coarse, 3)}, within "
-                     f"{_s(ctf.of(nll('within')), 3)} vs {_s(within, 3)}"
-                     f"{'' if other.records[0]['result']['K'] == k else f', the baseline split at K={k}'})"
+                     f"{_s(ctf.of(nll('within')), 3)} vs {_s(within, 3)}{where})"
                      if coarse is not None and within is not None else "")
             also = "".join(f"; FID in {f} features (n={ctf.records[0]['result']['final']['features'][f]['n']}) "
                            f"{_fid_call(ctf.of(also_fid(f)), other.of(also_fid(f)))}"
