@@ -31,7 +31,7 @@ from .hierarchy import Hierarchy, check_compatible
 from .sampling import StageSettings, token_probs
 
 DRAFT_KIND = "count-draft"
-CONTEXTS = (("class", "pos"), ("class", "pos", "left"), ("class", "pos", "left", "up"))
+CONTEXTS = (("class", "pos"), ("class", "pos", "left"), ("class", "pos", "left", "up"))  # each extends the one before
 
 
 @dataclass(frozen=True)
@@ -61,19 +61,19 @@ class ContextCounts:
 
     FIELDS = ("keys", "starts", "tokens", "counts")
 
-    def __post_init__(self) -> None:
-        self.totals = np.add.reduceat(self.counts, self.starts[:-1]) if len(self.keys) else np.zeros(0)
 
-
-def context_key(names: tuple[str, ...], values: dict, config: CountDraftConfig):
-    """A context as one mixed-radix number, of Python ints or elementwise of tensors: `values` maps each name to
-    its value, `left` and `up` being `vocab_size` (an id of their own) where a position has none."""
+def context_keys(values: dict, config: CountDraftConfig) -> list:
+    """Each context order's key (one per CONTEXTS entry) as one mixed-radix number, of ints or elementwise of
+    tensors or arrays: `values` maps each name to its value, `left` and `up` being `vocab_size` (an id of their
+    own) where a position has none. Each order is the one before with one more name, so its key extends that one."""
     radix = {"class": config.num_classes, "pos": config.seq_len, "left": config.vocab_size + 1,
              "up": config.vocab_size + 1}
-    key = 0
-    for name in names:
+    key, keys = 0, []
+    for length, name in enumerate(CONTEXTS[-1], start=1):
         key = key * radix[name] + values[name]
-    return key
+        if length == len(CONTEXTS[len(keys)]):
+            keys.append(key)
+    return keys
 
 
 def count_contexts(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], config: CountDraftConfig) -> list[ContextCounts]:
@@ -85,8 +85,8 @@ def count_contexts(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], config: 
         none = torch.full_like(c, V)
         values = {"class": y[:, None], "pos": torch.arange(c.shape[1]),
                   "left": torch.cat([none[:, :1], c[:, :-1]], 1), "up": torch.cat([none[:, :W], c[:, :-W]], 1)}
-        for i, names in enumerate(CONTEXTS):
-            pairs = context_key(names, values, config) * V + c  # (context, token) as one number
+        for i, key in enumerate(context_keys(values, config)):
+            pairs = key * V + c  # (context, token) as one number
             new, n = torch.unique(pairs.flatten(), return_counts=True)
             entries, counts = merged[i]
             entries, inverse = torch.unique(torch.cat([entries, new]), return_inverse=True)
@@ -106,6 +106,19 @@ class CountDraft:
         if len(orders) != len(CONTEXTS):
             raise ArtifactError(f"a count draft has {len(CONTEXTS)} context orders, got {len(orders)}")
         self.config, self.orders, self.info = config, orders, dict(info or {})
+        # Every order in one sorted table, so one search finds each row's context of every order: order o's keys
+        # shifted past the key ranges of the orders before it; a last key above every context's, which a search
+        # beyond all of them lands on, has no tokens. Witten-Bell's weights are computed once:
+        # q(x | h) = kept[h] q_lower(x) + share[h, x], kept = u(h) / (c(h) + u(h)), share = c(h, x) / (c(h) + u(h)).
+        ranges = [config.num_classes * config.seq_len * (config.vocab_size + 1) ** o for o in range(len(CONTEXTS))]
+        self.offsets = np.cumsum([0, *ranges[:-1]])[:, None]
+        ends = np.cumsum([0, *(len(o.tokens) for o in orders)])
+        self.keys = np.concatenate([*(o.keys + off for o, off in zip(orders, self.offsets[:, 0])), [np.iinfo(np.int64).max]])
+        self.starts = np.concatenate([*(o.starts[:-1] + end for o, end in zip(orders, ends)), [ends[-1], ends[-1]]])
+        seen = np.diff(self.starts)
+        scale = np.concatenate([*(np.add.reduceat(o.counts, o.starts[:-1]) for o in orders if len(o.keys)), [1]]) + seen
+        self.kept, self.tokens = seen / scale, np.concatenate([o.tokens for o in orders])
+        self.share = np.concatenate([o.counts for o in orders]) / np.repeat(scale, seen)
 
     @classmethod
     def count(cls, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], config: CountDraftConfig,
@@ -128,25 +141,25 @@ class CountDraft:
             raise CtfgenError("no codes to count")
         return cls(config, orders, info)
 
-    def probs(self, codes: np.ndarray, pos: int, label: int) -> np.ndarray:
-        """q(next token) at position `pos` of one grid, codes [>= pos] (decided before pos): float64 [V].
-
-        Plain numpy on the CPU, one row at a time: a draft proposes at batch 1 to 8, where a dozen vectorised
-        torch operations per order would cost more than the lookups (~10x, measured)."""
+    def probs(self, codes: np.ndarray, pos: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """q(next token) of each row b at position pos[b] of its grid codes[b] (codes [B, > max(pos)], decided
+        before pos[b]; class labels[b]): float64 [B, V]. Numpy on the CPU, the whole batch in some thirty array
+        operations, so 64 rows cost about twice what one does."""
         V, W = self.config.vocab_size, self.config.grid_w
-        values = {"class": label, "pos": pos,
-                  "left": int(codes[pos - 1]) if pos >= 1 else V, "up": int(codes[pos - W]) if pos >= W else V}
-        q = np.full(V, 1.0 / V)
-        for names, order in zip(CONTEXTS, self.orders):
-            key = context_key(names, values, self.config)
-            i = int(np.searchsorted(order.keys, key))
-            if i == len(order.keys) or order.keys[i] != key:
-                return q  # a longer context seen is a shorter one seen, so no higher order has it either
-            a, b = order.starts[i], order.starts[i + 1]
-            seen, total = b - a, order.totals[i]
-            q *= seen / (total + seen)
-            q[order.tokens[a:b]] += order.counts[a:b] / (total + seen)
-        return q
+        pos, rows = np.asarray(pos, dtype=np.int64), np.arange(len(pos))
+        values = {"class": np.asarray(labels, dtype=np.int64), "pos": pos,
+                  "left": np.where(pos >= 1, codes[rows, pos - 1], V), "up": np.where(pos >= W, codes[rows, pos - W], V)}
+        wanted = np.stack(context_keys(values, self.config)) + self.offsets  # [orders, B]
+        i = np.searchsorted(self.keys, wanted)
+        seen = self.keys[i] == wanted  # if not, a longer context is not seen either
+        kept = np.where(seen, self.kept[i], 1.0)
+        # unrolled over the orders: q = uniform x every order's kept + each order's share x the kept of those above
+        above = np.concatenate([np.cumprod(kept[:0:-1], 0)[::-1], np.ones_like(kept[:1])])  # [orders, B]
+        n = np.where(seen, self.starts[i + 1] - self.starts[i], 0).ravel()  # each row's entries in each order
+        entry = np.repeat(self.starts[i].ravel() - np.cumsum(n) + n, n) + np.arange(n.sum())  # all, one flat run
+        at = np.repeat(np.tile(rows, len(CONTEXTS)) * V, n) + self.tokens[entry]
+        q = np.bincount(at, self.share[entry] * np.repeat(above.ravel(), n), minlength=len(rows) * V).reshape(-1, V)
+        return q + (kept.prod(0) / V)[:, None]
 
     def proposer(self, class_labels: torch.Tensor, settings: StageSettings) -> "CountProposer":
         return CountProposer(self, class_labels, settings)
@@ -178,7 +191,7 @@ class CountProposer:
     """One batch's proposals: `propose` draws n tokens a row, one after another, each reading the ones before."""
 
     def __init__(self, draft: CountDraft, class_labels: torch.Tensor, settings: StageSettings):
-        self.draft, self.labels, self.settings = draft, class_labels.tolist(), settings
+        self.draft, self.labels, self.settings = draft, class_labels.cpu().numpy().astype(np.int64), settings
         self.plain = settings.temperature == 1 and settings.top_k == 0 and settings.top_p == 1
 
     def propose(self, codes: torch.Tensor, t: torch.Tensor, n: int,
@@ -188,21 +201,20 @@ class CountProposer:
         logits): long [B, n], float [B, n, V] on codes' device. Rows past the grid's end propose from its last
         position (what they propose is never kept)."""
         work = codes.cpu().numpy().copy()  # proposals become the next proposal's context
-        rows, V, last = len(work), self.draft.config.vocab_size, self.draft.config.seq_len - 1
-        starts = t.tolist()
-        q = np.empty((rows, n, V))
-        proposals = np.empty((rows, n), dtype=np.int64)
-        u = torch.rand(rows, n, generator=generator, device=generator.device if generator else "cpu",
+        rows, V, last = np.arange(len(work)), self.draft.config.vocab_size, self.draft.config.seq_len - 1
+        starts = t.cpu().numpy()
+        q = np.empty((len(rows), n, V))
+        proposals = np.empty((len(rows), n), dtype=np.int64)
+        u = torch.rand(len(rows), n, generator=generator, device=generator.device if generator else "cpu",
                        dtype=torch.float64).cpu().numpy()
         for i in range(n):
-            for r in range(rows):
-                pos = min(starts[r] + i, last)
-                q[r, i] = self.draft.probs(work[r], pos, self.labels[r])
-                if not self.plain:
-                    q[r, i] = token_probs(torch.from_numpy(np.log(q[r, i])), self.settings).numpy()[0]
-                cdf = np.cumsum(q[r, i])
-                proposals[r, i] = min(int(np.searchsorted(cdf, u[r, i] * cdf[-1], side="right")), V - 1)
-                work[r, starts[r] + i] = proposals[r, i]
+            q[:, i] = self.draft.probs(work, np.minimum(starts + i, last), self.labels)
+            if not self.plain:
+                q[:, i] = token_probs(torch.from_numpy(np.log(q[:, i])), self.settings).numpy()
+            cdf = np.cumsum(q[:, i], axis=1)
+            # the inverse CDF at u: the first token whose CDF exceeds u (never one of probability 0)
+            proposals[:, i] = np.minimum((cdf <= (u[:, i] * cdf[:, -1])[:, None]).sum(1), V - 1)
+            work[rows, starts + i] = proposals[:, i]
         return (torch.from_numpy(proposals).to(codes.device),
                 torch.from_numpy(q).to(device=codes.device, dtype=torch.float32))
 

@@ -174,12 +174,15 @@ def test_counts_give_the_witten_bell_estimate_of_each_context_order() -> None:
     for whole, merged in zip(draft.orders, chunked.orders):
         for field in ContextCounts.FIELDS:
             np.testing.assert_array_equal(getattr(whole, field), getattr(merged, field))
-    for grid, label in [(grids[0], labels[0]), (rng.integers(0, V, h * w), 1)]:  # seen contexts, and unseen ones
-        for pos in range(h * w):
-            q = draft.probs(np.asarray(grid), pos, int(label))
-            expected = witten_bell(grids.tolist(), labels.tolist(), list(grid), int(label), pos, V, w)
-            np.testing.assert_allclose(q, expected, rtol=1e-12)
-            assert abs(q.sum() - 1) < 1e-12 and q.min() > 0
+    # one batch of rows: every position of a training grid (contexts seen) and of a random one (some not seen)
+    batch = np.repeat(np.stack([grids[0], rng.integers(0, V, h * w)]), h * w, axis=0)
+    pos, batch_labels = np.tile(np.arange(h * w), 2), np.repeat([labels[0], 1], h * w)
+    q = draft.probs(batch, pos, batch_labels)
+    for row, (grid, p, label) in enumerate(zip(batch, pos, batch_labels)):
+        expected = witten_bell(grids.tolist(), labels.tolist(), grid.tolist(), int(label), int(p), V, w)
+        np.testing.assert_allclose(q[row], expected, rtol=1e-12)
+    np.testing.assert_allclose(q.sum(1), 1, rtol=1e-12)
+    assert q.min() > 0
     with pytest.raises(CtfgenError, match="tokens must lie"):
         CountDraft.count([(torch.tensor(grids) + V, torch.tensor(labels))], config)
     with pytest.raises(CtfgenError, match="no codes"):
@@ -221,7 +224,7 @@ def test_count_drafts_through_the_cli_and_the_pipelines(run_dir: Path, tmp_path:
     in_chunks = count_draft_from_codes(data["codes"], load_hierarchy(data["hierarchy"]), chunk=5)
     grid = np.arange(16) % RUN_K  # the test hierarchy maps codeword v to v % K
     for other in (again, in_chunks):  # saved and loaded unchanged; the folder read 5 items at a time
-        np.testing.assert_array_equal(coarse.probs(grid, 9, 2), other.probs(grid, 9, 2))
+        np.testing.assert_array_equal(*(d.probs(grid[None], np.array([9]), np.array([2])) for d in (coarse, other)))
     for kind in ("ctf", "baseline"):
         pipe = load_pipeline(run_dir, kind)
         pipe.prepare_decode(draft=load_draft(tmp_path / f"counts-{kind}"), lookahead=3)
