@@ -27,6 +27,10 @@ model's size).
 whole samples instead, side by side: CTF (stage 1 and the refiner pass) and the baseline, each plain and with
 its draft (`--ctf-draft`, `--baseline-draft`) at each of `--lookaheads`, and prints CTF/baseline: issue
 13's ratio, measured end to end on trained models.
+
+`--device cuda` runs all of it on the GPU as ctfgen samples there (bf16 autocast, a bf16 KV cache; a count
+draft proposes on the CPU from the codes copied to it), the projection's GPT-B parts included: where a pass at
+batch 8-64 costs about what a step does, which a CPU does not show.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import argparse
 import time
 from datetime import date
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -43,7 +48,8 @@ from ctfgen.artifacts import write_json
 from ctfgen.count_draft import CountDraft, load_draft
 from ctfgen.errors import CtfgenError
 from ctfgen.pipeline import load_pipeline
-from ctfgen.sampling import StageSettings, decode_cache, sample_baseline, sample_causal, sample_ctf
+from ctfgen.runtime import device_arg
+from ctfgen.sampling import StageSettings, decode_cache, inference_mode, sample_baseline, sample_causal, sample_ctf
 from ctfgen.transformer import Transformer, build_model, load_model, preset_config
 from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding
 
@@ -59,33 +65,45 @@ def parse_pair(text: str) -> tuple[str, Path, Path]:
     return name, Path(model), Path(draft)
 
 
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of fn(), the device's queued work included."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
 def measure(model: torch.nn.Module, draft: torch.nn.Module, batch: int, lookaheads: list[int], images: int,
             rounds: int) -> list[dict]:
-    labels = torch.arange(images) % model.config.num_classes
-    timed = {k: TimedCounts(draft) for k in lookaheads} if isinstance(draft, CountDraft) else {}
+    device = model.head.weight.device
+    labels = torch.arange(images, device=device) % model.config.num_classes
+    counted = {k: TimedCounts(draft) for k in lookaheads} if isinstance(draft, CountDraft) else {}
     runs = [0, *lookaheads]  # 0: plain sampling
     best = {k: float("inf") for k in runs}
     stats: dict[int, dict[str, int]] = {k: {} for k in lookaheads}
     for r in range(rounds):
         for k in runs:
-            g = torch.Generator().manual_seed(r)
-            start = time.perf_counter()
-            for chunk in labels.split(batch):
-                if k:
-                    d = timed[k] if timed and r == 0 else draft  # the first round times the count draft
-                    sample_causal(model, chunk, SETTINGS, g, draft=d, lookahead=k,
-                                  stats_out=stats[k] if r == 0 else None)
-                else:
-                    sample_causal(model, chunk, SETTINGS, g)
-            best[k] = min(best[k], time.perf_counter() - start)
+            g = torch.Generator(device).manual_seed(r)
+
+            def sample_all() -> None:
+                for chunk in labels.split(batch):
+                    if k:
+                        d = counted[k] if counted and r == 0 else draft  # the first round times the count draft
+                        sample_causal(model, chunk, SETTINGS, g, draft=d, lookahead=k,
+                                      stats_out=stats[k] if r == 0 else None)
+                    else:
+                        sample_causal(model, chunk, SETTINGS, g)
+            best[k] = min(best[k], timed(sample_all, device))
     out = []
     for k in lookaheads:
         s = stats[k]
         passes = s["rounds"] + len(labels.split(batch))  # each batch's first token takes a pass too
         out.append({"batch": batch, "lookahead": k, "acceptance": s["accepted"] / s["proposed"],
                     "tokens_per_pass": s["tokens"] / passes, "speedup": best[0] / best[k]})
-        if timed:
-            out[-1]["count_draft_step_s"] = timed[k].step_s
+        if counted:
+            out[-1]["count_draft_step_s"] = counted[k].step_s
     return out
 
 
@@ -112,25 +130,25 @@ class TimedCounts:
 
 
 def gpt_b_costs(role: str, vocab: int, batch: int, lookaheads: list[int], draft_size: str | None, precision: str,
-                repeats: int = 5) -> dict:
+                device: torch.device, repeats: int = 5) -> dict:
     """Seconds of a GPT-B decode step, a verification pass over k + 1 tokens, and a draft step of a `draft_size`
-    model (None: no draft model, a count draft times itself) (CFG: 2 x batch rows), all at the decode precision."""
+    model (None: no draft model, a count draft times itself) (CFG: 2 x batch rows), all at the decode precision,
+    on `device` as sampling runs there."""
     def model(size: str):
         torch.manual_seed(0)
-        built = build_model(preset_config(size, role=role, vocab_size=vocab, num_classes=1000, grid_h=16, grid_w=16))
+        with torch.device(device):
+            built = build_model(preset_config(size, role=role, vocab_size=vocab, num_classes=1000, grid_h=16, grid_w=16))
         return for_decoding(built.eval(), precision)
 
     def step_time(m, n: int) -> float:
         cache = decode_cache(m, 2 * batch)  # as sampling makes it
-        tokens = torch.zeros(2 * batch, n, dtype=torch.long)
+        tokens = torch.zeros(2 * batch, n, dtype=torch.long, device=device)
         best = float("inf")
-        with torch.no_grad():
-            m.prefill(torch.arange(2 * batch) % 1001, cache)
+        with inference_mode(m):
+            m.prefill(torch.arange(2 * batch, device=device) % 1001, cache)
             for _ in range(repeats):
                 cache.pos = 128
-                start = time.perf_counter()
-                m.step(tokens, cache)
-                best = min(best, time.perf_counter() - start)
+                best = min(best, timed(lambda: m.step(tokens, cache), device))
         return best
 
     big = model("GPT-B")
@@ -141,7 +159,7 @@ def gpt_b_costs(role: str, vocab: int, batch: int, lookaheads: list[int], draft_
 
 
 def decoding_draft(folder: str, args: argparse.Namespace) -> Transformer | CountDraft:
-    draft = load_draft(folder)
+    draft = load_draft(folder, args.device)
     return for_decoding(draft, args.decode_precision) if isinstance(draft, Transformer) else draft
 
 
@@ -150,7 +168,7 @@ def measure_run(args: argparse.Namespace, batches: list[int], lookaheads: list[i
     """Seconds per image of CTF and the baseline of one run, plain and with their drafts at each lookahead,
     side by side (the methods alternate within each round; each keeps its best round); the tokenizer's
     decoder is not timed. One row per batch and lookahead; the plain times are shared by a batch's rows."""
-    ctf, base = load_pipeline(args.run, "ctf"), load_pipeline(args.run, "baseline")
+    ctf, base = load_pipeline(args.run, "ctf", args.device), load_pipeline(args.run, "baseline", args.device)
     ctf.prepare_decode(args.decode_precision)
     base.prepare_decode(args.decode_precision)
     mask = ctf.hierarchy.member_mask
@@ -161,17 +179,15 @@ def measure_run(args: argparse.Namespace, batches: list[int], lookaheads: list[i
               (("CTF", args.ctf_draft), ("baseline", args.baseline_draft)) if folder}
     runs = [(name, None, 0) for name in methods] + [(name, drafts[name], k) for k in lookaheads
                                                       for name in methods if name in drafts]
-    labels = torch.arange(images) % ctf.num_classes
+    labels = torch.arange(images, device=args.device) % ctf.num_classes
     rows = []
     for batch in batches:
         best = [float("inf")] * len(runs)
         for r in range(rounds):
             for i, (name, draft, k) in enumerate(runs):
-                g = torch.Generator().manual_seed(r)
-                start = time.perf_counter()
-                for chunk in labels.split(batch):
-                    methods[name](chunk, g, draft, k)
-                best[i] = min(best[i], (time.perf_counter() - start) / images)
+                g = torch.Generator(args.device).manual_seed(r)
+                seconds = timed(lambda: [methods[name](chunk, g, draft, k) for chunk in labels.split(batch)], args.device)
+                best[i] = min(best[i], seconds / images)
         plain = {name: s for (name, d, _), s in zip(runs, best) if d is None}
         for k in lookaheads:
             t = {**plain, **{f"{name} + draft": s for (name, d, kk), s in zip(runs, best) if d is not None and kk == k}}
@@ -203,6 +219,7 @@ def main() -> None:
     ap.add_argument("--draft-size", default="small", help="the draft's size in the GPT-B projection")
     ap.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32",
                     help="both models' weights while sampling and in the projection (ctfgen sample's flag)")
+    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu, or cuda: everything on the GPU (see above)")
     ap.add_argument("--out", default="runs/bench-speculative/bench_speculative.json")
     args = ap.parse_args()
     if not args.pair and not args.run:
@@ -218,7 +235,8 @@ def run(args: argparse.Namespace) -> None:
     images, rounds = (16, 1) if args.quick else (args.images, args.rounds)
     results = []
     for name, model_dir, draft_dir in map(parse_pair, args.pair):
-        model, draft = for_decoding(load_model(model_dir), args.decode_precision), decoding_draft(draft_dir, args)
+        model = for_decoding(load_model(model_dir, args.device), args.decode_precision)
+        draft = decoding_draft(draft_dir, args)
         vocab = model.config.vocab_size
         size = f"{draft.num_params() / 1e6:.2f} M parameters" if isinstance(draft, Transformer) else "counts"
         print(f"{name}: model {model.num_params() / 1e6:.2f} M parameters, draft {size}, vocabulary {vocab}", flush=True)
@@ -227,7 +245,7 @@ def run(args: argparse.Namespace) -> None:
             role = model.config.role  # the coarse model keeps its K; a baseline gets LlamaGen's V
             draft_size = None if isinstance(draft, CountDraft) else args.draft_size
             costs = {b: gpt_b_costs(role, vocab if role == "coarse" else 16384, b, lookaheads, draft_size,
-                                    args.decode_precision) for b in batches}
+                                    args.decode_precision, args.device) for b in batches}
             for row in rows:
                 k, c = row["lookahead"], costs[row["batch"]]
                 draft_s = row["count_draft_step_s"] if "count_draft_step_s" in row else c["draft_step_s"]
@@ -245,7 +263,8 @@ def run(args: argparse.Namespace) -> None:
             print(f"{r['name']:24} {row['batch']:5d} {row['lookahead']:9d} {row['acceptance']:8.2f} "
                   f"{row['tokens_per_pass']:8.2f} {row['speedup']:8.2f}{extra}")
     end_to_end = measure_run(args, batches, lookaheads, images, rounds) if args.run else []
-    write_json(args.out, {"date": str(date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    write_json(args.out, {"date": str(date.today()), "torch": torch.__version__, "device": str(args.device),
+                          "threads": torch.get_num_threads(),
                           "decode_precision": args.decode_precision, "settings": vars(SETTINGS), "images": images,
                           "rounds": rounds, "results": results, "end_to_end": end_to_end})
     print(f"\nwritten to {args.out}")

@@ -26,6 +26,9 @@ recorded while the next check runs:
   trained under bf16 autocast, sampling and metrics.
 - compile: `ctfgen sample` of the demo run eager and with `--compile`, the share of equal tokens (bf16 on CUDA
   may round differently in the compiled graph, so this is a figure, not a pass/fail).
+- speculative: count drafts of the demo run's codes (`ctfgen count-draft`, coarse labels and codewords), then
+  `benchmarks/bench_speculative.py --run` at batch 1, 8 and 64, lookahead 4: whole CTF and baseline samples, plain and
+  speculative, on the device (a short-budget run: its acceptance is not a trained model's, its pass costs are).
 - sampling: `benchmarks/bench_sampling.py` at the small and GPT-B shapes (GPT-B at batch 1, 8 and 64): images/s
   of CTF and the baseline, and their ratio.
 - decode: `benchmarks/bench_decode.py` at GPT-B, batch 1 and 8: ms/token of ctfgen's AR sampler (fp32 and bf16
@@ -35,7 +38,7 @@ recorded while the next check runs:
   what `--budget-s` leaves may not suffice; `--only sampling-compiled` in a second call then).
 NCCL needs a process per GPU: on a one-GPU machine the multi-process path is not checked.
 Writes OUT/device_check.json (each check's command, exit status, seconds, output tail and the benchmark's own
-report) and OUT/NAME.log: eight files, what the device tool brings back at most.
+report) and OUT/checks.log (every check's whole output): two files (the device tool brings back eight at most).
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ def checks(args: argparse.Namespace, work: Path) -> dict[str, Check]:
     sample = CLI + ["sample", "--run", str(run), "--classes", "0", "1", "2", "--per-class", "4", "--seed", "0",
                     "--quiet", *device]
     gpt_b_batches = "1" if quick else "1,8,64"
+    count = CLI + ["count-draft", "--codes", str(run / "codes-train"), "--force"]
     bench = [sys.executable, str(ROOT / "benchmarks" / "bench_sampling.py"), *device]
     return {
         "env": Check([sys.executable, "-c", ENV_REPORT], 60),
@@ -92,6 +96,13 @@ def checks(args: argparse.Namespace, work: Path) -> dict[str, Check]:
         "compile": Check(["bash", "-c", " && ".join(shlex.join(c) for c in (
             sample + ["--out", str(work / "eager.png"), "--tokens", str(work / "eager.npz")],
             sample + ["--out", str(work / "compiled.png"), "--tokens", str(work / "compiled.npz"), "--compile"]))], 240),
+        "speculative": Check(["bash", "-c", " && ".join(shlex.join(c) for c in (
+            count + ["--hierarchy", str(run / "hierarchy"), "--out", str(work / "counts-ctf")],
+            count + ["--out", str(work / "counts-baseline")],
+            [sys.executable, str(ROOT / "benchmarks" / "bench_speculative.py"), "--run", str(run), *device,
+             "--ctf-draft", str(work / "counts-ctf"), "--baseline-draft", str(work / "counts-baseline"),
+             "--lookaheads", "4", "--batches", "1" if quick else "1,8,64", "--images", "8" if quick else "64",
+             "--rounds", "1", "--out", str(work / "speculative.json")]))], 150, "speculative.json"),
         "sampling": Check(bench + ["--shapes", "tiny" if quick else "small,GPT-B", "--gpt-b-batches", gpt_b_batches]
                           + (["--quick", "--rounds", "1"] if quick else []) + ["--out", str(work / "sampling.json")],
                           300, "sampling.json"),
@@ -127,7 +138,7 @@ def equal_tokens(work: Path) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="folder for device_check.json and the logs (nothing else: the "
+    ap.add_argument("--out", required=True, help="folder for device_check.json and checks.log (nothing else: the "
                     "device tool brings back 8 files)")
     ap.add_argument("--work", default=None, help="folder for the runs and samples the checks make (default: a "
                     "temporary one, removed at the end)")
@@ -170,6 +181,8 @@ def run_checks(todo: dict[str, Check], args: argparse.Namespace, out: Path, work
     deadline, report = time.monotonic() + args.budget_s, {"device": args.device, "quick": args.quick, "checks": {}}
     if args.only and (out / "device_check.json").exists():  # a rerun of some checks keeps the others' results
         report["checks"] = json.loads((out / "device_check.json").read_text())["checks"]
+    else:
+        (out / "checks.log").unlink(missing_ok=True)
     for name, check in todo.items():
         report["checks"][name] = run_check(name, check, deadline - time.monotonic(), args, out, work)
         (out / "device_check.json").write_text(json.dumps(report, indent=2))  # after every check: a kill keeps it
@@ -180,7 +193,8 @@ def run_checks(todo: dict[str, Check], args: argparse.Namespace, out: Path, work
 
 
 def run_check(name: str, check: Check, left: float, args: argparse.Namespace, out: Path, work: Path) -> dict:
-    """One check's result (OUT/NAME.log gets its whole output); skipped when under 10 s of the budget are left."""
+    """One check's result (its whole output is appended to OUT/checks.log); skipped when under 10 s of the budget
+    are left."""
     if left < 10:
         return {"skipped": "out of --budget-s"}
     limit = min(check.limit_s, left)
@@ -189,7 +203,8 @@ def run_check(name: str, check: Check, left: float, args: argparse.Namespace, ou
     if name == "demo" and args.quick:
         write_fashion_mnist_slice(work / SLICE, args.data_dir)
     rc, text = run(check.command, limit)
-    (out / f"{name}.log").write_text(text)
+    with open(out / "checks.log", "a") as log:
+        log.write(f"=== {name}: {shlex.join(check.command)}\n{text}\n")
     result = {"command": check.command, "rc": rc, "seconds": round(time.monotonic() - start, 1), "tail": text[-2000:]}
     if name == "compile":
         result["equal_tokens"] = equal_tokens(work)
