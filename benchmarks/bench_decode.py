@@ -46,7 +46,7 @@ import torch
 
 from ctfgen.arguments import Count, arg_type
 from ctfgen.artifacts import write_json
-from ctfgen.runtime import device_arg
+from ctfgen.runtime import device_arg, wall_seconds
 from ctfgen.sampling import StageSettings, decode_cache, sample_causal
 from ctfgen.transformer import build_model, import_llamagen_gpt, preset_config
 from ctfgen.transformer.precision import DECODE_PRECISIONS, PACK_MIN_WEIGHTS, PackedLinear, for_decoding, \
@@ -57,20 +57,10 @@ TOKENS = GRID * GRID
 STAGE1 = StageSettings(cfg=2.0, temperature=1.0)
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall seconds of fn(), the device's queued work included."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
-
-
 def read_bandwidth(device: torch.device, repeats: int = 5) -> float:
     """Bytes per second of reading a buffer far larger than the caches (best of `repeats`)."""
     buffer = torch.ones(64 * 2 ** 20, device=device)  # 256 MB of fp32
-    best = min(timed(buffer.sum, device) for _ in range(repeats))
+    best = min(wall_seconds(buffer.sum, device) for _ in range(repeats))
     return buffer.numel() * buffer.element_size() / best
 
 
@@ -221,7 +211,7 @@ def main() -> None:
                   flush=True)
             for name, run in runs.items():
                 with torch.no_grad():
-                    best[name] = min(best[name], timed(run, device) / TOKENS)
+                    best[name] = min(best[name], wall_seconds(run, device) / TOKENS)
                 print(f"  batch {batch} {name}: {1e3 * best[name]:.1f} ms/token", flush=True)
         reference = best.get(llamagen_name)
         bound = {f"ctfgen {role} ({p})": weight_bytes_per_token(m) / bandwidth for (role, p), m in variants.items()}

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 from datetime import date
 from typing import Callable
 
@@ -43,7 +42,7 @@ import torch
 from ctfgen.arguments import Count, Fraction, arg_list, arg_type
 from ctfgen.artifacts import write_json
 from ctfgen.hierarchy import Hierarchy
-from ctfgen.runtime import device_arg
+from ctfgen.runtime import device_arg, wall_seconds
 from ctfgen.sampling import StageSettings, decode_cache, refine, sample_baseline, sample_ctf
 from ctfgen.transformer import MODEL_SIZES, Transformer, build_model, preset_config
 from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding
@@ -86,26 +85,13 @@ def random_models(shape: dict, device: torch.device, reveal: bool = False, refin
     return models
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def run_time(fn: Callable[[], object], device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
 def best_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int) -> dict[str, float]:
     """Best wall time of each fn over `rounds` rounds that run them in turn: each side sees the same background
     load, and its best round is the one least disturbed by it (a shared machine's noise only adds time)."""
     best = {name: float("inf") for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            best[name] = min(best[name], run_time(fn, device))
+            best[name] = min(best[name], wall_seconds(fn, device))
     return best
 
 
@@ -140,7 +126,7 @@ def decode_step_times(model: Transformer, batch: int, device: torch.device, repe
 
     def step_at(pos: int) -> float:
         cache.pos = pos  # what the slots hold does not change the cost; attention reads slots 0..pos
-        return run_time(lambda: model.step(token, cache), device)
+        return wall_seconds(lambda: model.step(token, cache), device)
 
     # Interleaved, so both positions see the same background load. The ratio uses the best of the
     # repeats, the cost with the least interference from other work on a shared CPU.

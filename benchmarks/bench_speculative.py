@@ -39,7 +39,6 @@ import argparse
 import time
 from datetime import date
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -48,7 +47,7 @@ from ctfgen.artifacts import write_json
 from ctfgen.count_draft import CountDraft, load_draft
 from ctfgen.errors import CtfgenError
 from ctfgen.pipeline import load_pipeline
-from ctfgen.runtime import device_arg
+from ctfgen.runtime import device_arg, wall_seconds
 from ctfgen.sampling import StageSettings, decode_cache, inference_mode, sample_baseline, sample_causal, sample_ctf
 from ctfgen.transformer import Transformer, build_model, load_model, preset_config
 from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding
@@ -63,16 +62,6 @@ def parse_pair(text: str) -> tuple[str, Path, Path]:
     if not (name and model and draft):
         raise SystemExit(f"--pair {text!r}: expected NAME=MODEL_FOLDER:DRAFT_FOLDER")
     return name, Path(model), Path(draft)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall seconds of fn(), the device's queued work included."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
 
 
 def measure(model: torch.nn.Module, draft: torch.nn.Module, batch: int, lookaheads: list[int], images: int,
@@ -95,7 +84,7 @@ def measure(model: torch.nn.Module, draft: torch.nn.Module, batch: int, lookahea
                                       stats_out=stats[k] if r == 0 else None)
                     else:
                         sample_causal(model, chunk, SETTINGS, g)
-            best[k] = min(best[k], timed(sample_all, device))
+            best[k] = min(best[k], wall_seconds(sample_all, device))
     out = []
     for k in lookaheads:
         s = stats[k]
@@ -148,7 +137,7 @@ def gpt_b_costs(role: str, vocab: int, batch: int, lookaheads: list[int], draft_
             m.prefill(torch.arange(2 * batch, device=device) % 1001, cache)
             for _ in range(repeats):
                 cache.pos = 128
-                best = min(best, timed(lambda: m.step(tokens, cache), device))
+                best = min(best, wall_seconds(lambda: m.step(tokens, cache), device))
         return best
 
     big = model("GPT-B")
@@ -186,7 +175,7 @@ def measure_run(args: argparse.Namespace, batches: list[int], lookaheads: list[i
         for r in range(rounds):
             for i, (name, draft, k) in enumerate(runs):
                 g = torch.Generator(args.device).manual_seed(r)
-                seconds = timed(lambda: [methods[name](chunk, g, draft, k) for chunk in labels.split(batch)], args.device)
+                seconds = wall_seconds(lambda: [methods[name](y, g, draft, k) for y in labels.split(batch)], args.device)
                 best[i] = min(best[i], seconds / images)
         plain = {name: s for (name, d, _), s in zip(runs, best) if d is None}
         for k in lookaheads:

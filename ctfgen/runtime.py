@@ -11,8 +11,9 @@ import random
 import re
 import signal
 import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -41,6 +42,16 @@ def device_arg(name: str) -> torch.device:
         return pick_device(name)
     except CtfgenError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def wall_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of fn(), the work it queued on a GPU included (the benchmarks' one timer)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
 
 
 def seed_everything(seed: int) -> None:
