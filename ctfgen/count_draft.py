@@ -4,9 +4,10 @@ neighbours, for speculative sampling (`sampling.sample_speculative`).
 Speculative sampling keeps the large model's distribution exactly whatever the draft proposes; the draft
 only decides how often a proposal is kept. A small transformer as draft costs a pass per proposed token,
 which on a CPU is nearly a large model's step at these sizes (docs/sampling.md). Counts cost a few index
-lookups. Over CTF's coarse labels (K of 32 to 512) they are dense enough to propose what a trained coarse
-model draws about as often as a transformer draft does; over the baseline's V codewords they are sparser:
-the small vocabulary is where this pays (docs/sampling.md gives the acceptance rates).
+lookups. Over a small K of coarse labels (64) they propose what a trained coarse model draws about as often
+as a small transformer draft does; over K = 512, and over the baseline's V codewords, the same training codes
+fill each context too thinly: the small vocabulary is where this pays (docs/sampling.md gives the acceptance
+rates).
 
 The estimate interpolates three context orders, most general first: (class, position), then also the token
 to the left (the previous one in raster order), then also the token above. Each order is mixed with the one
@@ -144,7 +145,7 @@ class CountDraft:
     def probs(self, codes: np.ndarray, pos: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """q(next token) of each row b at position pos[b] of its grid codes[b] (codes [B, > max(pos)], decided
         before pos[b]; class labels[b]): float64 [B, V]. Numpy on the CPU, the whole batch in some thirty array
-        operations, so 64 rows cost about twice what one does."""
+        operations, so over a small vocabulary 64 rows cost about twice what one does (docs/sampling.md)."""
         V, W = self.config.vocab_size, self.config.grid_w
         pos, rows = np.asarray(pos, dtype=np.int64), np.arange(len(pos))
         values = {"class": np.asarray(labels, dtype=np.int64), "pos": pos,
