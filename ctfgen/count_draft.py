@@ -152,12 +152,12 @@ class CountDraft:
                   "left": np.where(pos >= 1, codes[rows, pos - 1], V), "up": np.where(pos >= W, codes[rows, pos - W], V)}
         wanted = np.stack(context_keys(values, self.config)) + self.offsets  # [orders, B]
         i = np.searchsorted(self.keys, wanted)
-        seen = self.keys[i] == wanted  # if not, a longer context is not seen either
-        kept = np.where(seen, self.kept[i], 1.0)
+        found = self.keys[i] == wanted  # if not, a longer context is not found either
+        kept, first = np.where(found, self.kept[i], 1.0), self.starts[i]
         # unrolled over the orders: q = uniform x every order's kept + each order's share x the kept of those above
         above = np.concatenate([np.cumprod(kept[:0:-1], 0)[::-1], np.ones_like(kept[:1])])  # [orders, B]
-        n = np.where(seen, self.starts[i + 1] - self.starts[i], 0).ravel()  # each row's entries in each order
-        entry = np.repeat(self.starts[i].ravel() - np.cumsum(n) + n, n) + np.arange(n.sum())  # all, one flat run
+        n = np.where(found, self.starts[i + 1] - first, 0).ravel()  # each row's entries in each order
+        entry = np.repeat(first.ravel() - np.cumsum(n) + n, n) + np.arange(n.sum())  # all, one flat run
         at = np.repeat(np.tile(rows, len(CONTEXTS)) * V, n) + self.tokens[entry]
         q = np.bincount(at, self.share[entry] * np.repeat(above.ravel(), n), minlength=len(rows) * V).reshape(-1, V)
         return q + (kept.prod(0) / V)[:, None]
