@@ -26,7 +26,8 @@ model's size).
 `--run DIR` (a run folder as `ctfgen demo` leaves one: tokenizer, hierarchy, coarse, refiner, baseline) times
 whole samples instead, side by side: CTF (stage 1 and the refiner pass) and the baseline, each plain and with
 its draft (`--ctf-draft`, `--baseline-draft`) at each of `--lookaheads`, and prints CTF/baseline: issue
-13's ratio, measured end to end on trained models.
+13's ratio, measured end to end on trained models; with `--compile`, both pipelines' decode steps compiled
+as `ctfgen sample --compile` compiles them.
 
 `--device cuda` runs all of it on the GPU as ctfgen samples there (bf16 autocast, a bf16 KV cache; a count
 draft proposes on the CPU from the codes copied to it), the projection's GPT-B parts included: where a pass at
@@ -158,8 +159,8 @@ def measure_run(args: argparse.Namespace, batches: list[int], lookaheads: list[i
     side by side (the methods alternate within each round; each keeps its best round); the tokenizer's
     decoder is not timed. One row per batch and lookahead; the plain times are shared by a batch's rows."""
     ctf, base = load_pipeline(args.run, "ctf", args.device), load_pipeline(args.run, "baseline", args.device)
-    ctf.prepare_decode(args.decode_precision)
-    base.prepare_decode(args.decode_precision)
+    ctf.prepare_decode(args.decode_precision, compile=args.compile)
+    base.prepare_decode(args.decode_precision, compile=args.compile)
     mask = ctf.hierarchy.member_mask
     methods = {"CTF": lambda y, g, d, k: sample_ctf(ctf.coarse, ctf.refiner, y, SETTINGS, STAGE2, g, mask, draft=d,
                                                     lookahead=k),
@@ -171,6 +172,9 @@ def measure_run(args: argparse.Namespace, batches: list[int], lookaheads: list[i
     labels = torch.arange(images, device=args.device) % ctf.num_classes
     rows = []
     for batch in batches:
+        if args.compile:  # the compiler's first calls at this batch size are not timed
+            for name, draft, k in runs:
+                methods[name](labels[:batch], torch.Generator(args.device).manual_seed(0), draft, k)
         best = [float("inf")] * len(runs)
         for r in range(rounds):
             for i, (name, draft, k) in enumerate(runs):
@@ -208,11 +212,15 @@ def main() -> None:
     ap.add_argument("--draft-size", default="small", help="the draft's size in the GPT-B projection")
     ap.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32",
                     help="both models' weights while sampling and in the projection (ctfgen sample's flag)")
+    ap.add_argument("--compile", action="store_true",
+                    help="with --run: both pipelines' decode steps compiled (ctfgen sample's flag), warmed up untimed")
     ap.add_argument("--device", type=device_arg, default="cpu", help="cpu, or cuda: everything on the GPU (see above)")
     ap.add_argument("--out", default="runs/bench-speculative/bench_speculative.json")
     args = ap.parse_args()
     if not args.pair and not args.run:
         ap.error("give --pair NAME=MODEL:DRAFT and/or --run DIR")
+    if args.compile and not args.run:
+        ap.error("--compile is for --run (whole samples)")
     try:
         run(args)
     except CtfgenError as e:  # a folder that is not what it should be: one error line
@@ -254,7 +262,8 @@ def run(args: argparse.Namespace) -> None:
     end_to_end = measure_run(args, batches, lookaheads, images, rounds) if args.run else []
     write_json(args.out, {"date": str(date.today()), "torch": torch.__version__, "device": str(args.device),
                           "threads": torch.get_num_threads(),
-                          "decode_precision": args.decode_precision, "settings": vars(SETTINGS), "images": images,
+                          "decode_precision": args.decode_precision, "compile": args.compile,
+                          "settings": vars(SETTINGS), "images": images,
                           "rounds": rounds, "results": results, "end_to_end": end_to_end})
     print(f"\nwritten to {args.out}")
 

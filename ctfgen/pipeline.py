@@ -204,8 +204,8 @@ class CTFPipeline(_Pipeline):
         super().prepare_decode(precision, compile=compile, **options)
         if self.refiner is None:
             return
-        # its one pass runs at the same precision (never compiled: it runs once), packed where the compiled step
-        # packs stage 1's fp32 weights
+        # its one pass runs at the same precision (never compiled: it runs once); under --compile on the CPU packed
+        # as fp32-packed packs it (a row per position, where packing pays at every layer size)
         packs = compile and precision == "fp32" and compile_packs(self.device, **options) and packed_kernels_available()
         self.refiner = for_decoding(self.refiner, "fp32-packed" if packs else precision)
 

@@ -280,7 +280,8 @@ def sample_speculative(model: Transformer, draft: Transformer | CountDraftLike, 
     batch, seq_len, n = class_labels.shape[0], model.config.seq_len, lookahead
     inputs = with_null_labels(model, class_labels) if guided else class_labels
     codes = torch.zeros(batch, seq_len + n + 1, dtype=torch.long, device=device)  # a round writes n + 1 past t
-    stats = {"proposed": 0, "accepted": 0, "rounds": 0, "tokens": seq_len}
+    proposed_count = accepted_count = torch.zeros((), dtype=torch.long, device=device)  # read once, at the end
+    rounds = 0
     fed = functools.partial(doubled, guided)
     drafts = (draft,) if isinstance(draft, Transformer) else ()
 
@@ -318,13 +319,14 @@ def sample_speculative(model: Transformer, draft: Transformer | CountDraftLike, 
             if states is not None:
                 states[torch.arange(batch, device=device)[:, None], slots] = hidden[:batch]
             going = t < seq_len
-            stats["proposed"] += n * int(going.sum())
-            stats["accepted"] += int(kept[going].sum())
-            stats["rounds"] += 1
+            proposed_count = proposed_count + n * going.sum()
+            accepted_count = accepted_count + (kept * going).sum()
+            rounds += 1
             t = torch.where(going, t + kept + 1, t).clamp_(max=seq_len)
     if hidden_out is not None:
         hidden_out.extend(states[:, i] for i in range(seq_len))
     if stats_out is not None:
+        stats = {"proposed": int(proposed_count), "accepted": int(accepted_count), "rounds": rounds, "tokens": seq_len}
         for key, value in stats.items():
             stats_out[key] = stats_out.get(key, 0) + value
     return codes[:, :seq_len]

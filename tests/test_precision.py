@@ -143,13 +143,21 @@ def test_bf16_packs_its_weights_where_onednn_has_bf16_kernels(monkeypatch: pytes
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="inductor generates C++ on the CPU")
-def test_the_compiled_step_on_the_cpu_runs_on_packed_weights() -> None:
+@pytest.mark.parametrize("packs", [True, False])
+def test_the_compiled_step_on_the_cpu_runs_on_packed_weights_where_packing_pays(packs: bool, monkeypatch) -> None:
     """Freezing reaches inductor (torch.compile's own options={"freezing": True} left the products as plain
-    aten::mm): the compiled step calls oneDNN's packed product, and its logits are the eager step's."""
+    aten::mm): the compiled step calls oneDNN's packed product where the layers are large enough to pack, plain
+    products otherwise (freezing packs every layer, and small packed layers are slower); either way its logits
+    are the eager step's."""
     import torch._dynamo
     from torch.profiler import profile
 
+    from ctfgen.transformer import model as model_module
+
+    if packs:
+        monkeypatch.setattr(model_module, "PACK_MIN_WEIGHTS", 0)  # pack even the tiny model's layers
     model, compiled = causal_model(), causal_model()
+    assert compiled.packs_for_decoding() == packs
     torch._dynamo.reset()
     compiled.compile_step()
     codes, labels = torch.randint(0, 64, (2, 4)), torch.tensor([0, 2])
@@ -162,8 +170,16 @@ def test_the_compiled_step_on_the_cpu_runs_on_packed_weights() -> None:
             with profile() as prof:
                 logits[name] = torch.cat([*first, *[m.step(codes[:, t:t + 1], cache) for t in range(2, 4)]], 1)
             ops = {event.key for event in prof.key_averages() if "mm" in event.key or "linear" in event.key}
-    assert ops == {"mkldnn::_linear_pointwise"}, ops
+    assert ops == {"mkldnn::_linear_pointwise"} if packs else ops and not any("mkldnn" in op for op in ops), ops
     torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=1e-5, atol=1e-5)
+
+
+def test_packing_pays_for_gpt_b_not_for_the_small_presets() -> None:
+    def packs(size: str) -> bool:
+        with torch.device("meta"):
+            return build_model(preset_config(size, role="coarse", vocab_size=512, num_classes=10)).packs_for_decoding()
+
+    assert packs("GPT-B") and not any(packs(size) for size in ("tiny", "small", "medium"))
 
 
 def test_weight_bytes_shrink_with_precision() -> None:
@@ -176,9 +192,10 @@ def test_weight_bytes_shrink_with_precision() -> None:
     assert full / 4 < weight_bytes_per_token(for_decoding(model, "int8")) < full / 3.5  # int8 plus a scale per row
 
 
-def test_compile_packs_the_refiner_where_it_packs_stage_1(run_dir: Path) -> None:
-    """On the CPU the compiled step packs stage 1's fp32 weights (inductor's freezing); the refiner's one pass,
-    never compiled, is packed instead. Compiling is lazy: nothing is compiled here."""
+def test_compile_on_the_cpu_packs_the_refiner(run_dir: Path) -> None:
+    """On the CPU the compiled step packs stage 1's fp32 weights where that pays (inductor's freezing); the
+    refiner's one pass, never compiled, is packed instead (as fp32-packed packs it). Compiling is lazy: nothing
+    is compiled here."""
     def refiner_packed(**compile_options: object) -> bool:
         pipe = load_pipeline(run_dir, "ctf")
         pipe.prepare_decode(compile=True, **compile_options)

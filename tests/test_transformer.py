@@ -223,6 +223,28 @@ def test_kv_cache_with_a_position_per_row_matches_full_forward() -> None:
         model.step(codes[:, :4], cache)
 
 
+def test_a_compiled_step_with_a_position_per_row_is_one_graph() -> None:
+    """The cache's overflow check reads the rows' furthest position on the host; a compiled step skips it, so a
+    speculative pass is one graph, not two around a sync (its logits are the eager step's)."""
+    import torch._dynamo
+
+    model = tiny("baseline")
+    codes, labels, t = torch.randint(0, 32, (3, 16)), torch.tensor([1, 2, 0]), torch.tensor([1, 4, 9])
+    logits = []
+    for compiled in (False, True):
+        cache = model.make_cache(3, spare=4)
+        model.prefill(labels, cache)
+        model.step(codes[:, :8], cache)
+        cache.pos = t
+        tokens = torch.stack([codes[b, t[b] - 1:t[b] + 2] for b in range(3)])
+        if compiled:
+            torch._dynamo.reset()
+            assert torch._dynamo.explain(model.step)(tokens, cache).graph_break_count == 0
+            cache.pos = t
+        logits.append((torch.compile(model.step, backend="eager") if compiled else model.step)(tokens, cache))
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------- save / load
 
 def test_save_load_round_trip(tmp_path) -> None:

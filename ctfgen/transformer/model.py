@@ -36,6 +36,11 @@ from ..errors import CtfgenError
 
 ROLES = ("coarse", "baseline", "refiner")
 ARTIFACT_KIND = "transformer"
+# Decoding packs (`--decode-precision fp32-packed`, and `compile_step` on the CPU) only layers with at least this
+# many weights (2 MiB of fp32): below it oneDNN's per-call cost eats its faster streaming
+# (`benchmarks/bench_decode.py --layers`, 2 rows, 2 threads: 1.5-2x slower at 0.06-0.25 MiB, even at 0.75-1 MiB,
+# 0.3-0.7x from 2 MiB up), so the small preset's blocks stay plain fp32
+PACK_MIN_WEIGHTS = 1 << 19
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -402,11 +407,12 @@ class Transformer(nn.Module):
 
     def compile_step(self, **options: Any) -> None:
         """Compile the one-token decode step (torch.compile; `options` go to it, e.g. backend). The cache
-        position is a dynamic integer, so one graph serves every position. On the CPU inductor freezes the
-        weights (constants of the graph), which lets it reorder them for oneDNN's small-batch kernel
-        (docs/sampling.md)."""
+        position is a dynamic integer, so one graph serves every position. On the CPU, where the blocks have
+        layers worth packing (`packs_for_decoding`), inductor freezes the weights (constants of the graph), which
+        lets it reorder them for oneDNN's small-batch kernel; freezing packs every layer, so a model of small
+        layers is compiled unfrozen (docs/sampling.md)."""
         compiled = torch.compile(self.step, dynamic=True, **options)
-        if not compile_packs(self.head.weight.device, **options):
+        if not (compile_packs(self.head.weight.device, **options) and self.packs_for_decoding()):
             self.step = compiled  # the instance attribute shadows the method
             return
         from torch._inductor import config as inductor_config
@@ -419,6 +425,11 @@ class Transformer(nn.Module):
                 return compiled(*args, **kwargs)
 
         self.step = frozen_step
+
+    def packs_for_decoding(self) -> bool:
+        """Whether packing pays for this model's decode step: some layer of its blocks has PACK_MIN_WEIGHTS or
+        more weights (GPT-B's all have; the small presets' none)."""
+        return any(m.weight.numel() >= PACK_MIN_WEIGHTS for m in self.blocks.modules() if isinstance(m, nn.Linear))
 
     def make_cache(self, batch_size: int, dtype: torch.dtype | None = None, spare: int = 0) -> KVCache:
         """A cache for causal decoding of one full image (class token + seq_len - 1 tokens), and `spare`
@@ -446,7 +457,8 @@ class Transformer(nn.Module):
         else:  # positions past the grid are a finished row's spare slots: any angle will do, nothing reads them
             if cache is None:
                 raise CtfgenError("per-row positions need a KV cache")
-            cache.check_fits(int(start.max()) + L)  # the one host sync of a per-row pass
+            if not torch.compiler.is_compiling():  # a host sync: it would split a compiled step in two
+                cache.check_fits(int(start.max()) + L)
             slots = row_slots(start, L).clamp(max=positions - 1)
             cos, sin = self.rope_cos[slots][:, None], self.rope_sin[slots][:, None]  # [B, 1, L, head_dim / 2]
         h = self.tok_dropout(h)
@@ -646,7 +658,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Transf
 
 
 __all__ = [
-    "ARTIFACT_KIND", "KVCache", "MODEL_SIZES", "ROLES", "Transformer", "TransformerConfig", "compile_packs",
-    "apply_rope", "build_model", "cluster_members", "find_multiple", "load_model", "mask_to_clusters",
+    "ARTIFACT_KIND", "KVCache", "MODEL_SIZES", "PACK_MIN_WEIGHTS", "ROLES", "Transformer", "TransformerConfig",
+    "compile_packs", "apply_rope", "build_model", "cluster_members", "find_multiple", "load_model", "mask_to_clusters",
     "preset_config", "rope_2d_tables", "row_slots", "save_model",
 ]

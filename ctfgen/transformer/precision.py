@@ -33,14 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CtfgenError
-from .model import Transformer
+from .model import PACK_MIN_WEIGHTS, Transformer
 
 DECODE_PRECISIONS = ("fp32", "fp32-packed", "bf16", "int8")
 PACKED_FOR_ROWS = 2  # oneDNN picks its blocking for this many rows: one image with CFG (any count runs)
-# fp32-packed packs only layers with at least this many weights (2 MiB of fp32): below it oneDNN's per-call
-# cost eats its faster streaming (`benchmarks/bench_decode.py --layers`, 2 rows, 2 threads: 1.5-2x slower at
-# 0.06-0.25 MiB, even at 0.75-1 MiB, 0.3-0.7x from 2 MiB up), so the small preset's blocks stay plain fp32
-PACK_MIN_WEIGHTS = 1 << 19
 
 
 class Int8Linear(nn.Module):
