@@ -355,6 +355,31 @@ def test_train_items_takes_a_class_balanced_share_and_names_its_own_codes_and_mo
     assert workshop.model_folder(workshop._spec(share, "coarse", 3)) != workshop.model_folder(workshop._spec(whole, "coarse", 3))
 
 
+def test_a_clustering_method_builds_its_own_hierarchy_and_coarse_models_and_is_a_row_of_its_own(
+        tmp_path: Path, fm: Path) -> None:
+    """`clustering` groups the codewords of the same tokenizer by another method: its own hierarchy folder (k-means
+    keeps the name it had), its own stage-1 and refiner models, the same baseline; the report gives it a row of the
+    setup, and compares its likelihood parts with the baseline's split only where both are of k-means clusters."""
+    workshop = Workshop(tmp_path, str(fm), classifier_limit=128)
+    grouped = replace(TOY, clustering="agglomerative")
+    a, b = workshop.artifacts(TOY), workshop.artifacts(grouped)
+    assert (a.tokenizer, a.codes_train) == (b.tokenizer, b.codes_train)
+    assert Path(a.hierarchy).name == "hierarchy-V64-2steps-K16"
+    assert Path(b.hierarchy).name == "hierarchy-V64-2steps-K16-agglomerative"
+    assert load_hierarchy(b.hierarchy).method == "agglomerative" and load_hierarchy(b.hierarchy).K == 16
+    folder = workshop.model_folder
+    for role in ("coarse", "refiner"):
+        assert folder(workshop._spec(TOY, role, 3)) != folder(workshop._spec(grouped, role, 3))
+    baseline = replace(TOY, side="baseline")
+    assert workshop._spec(baseline, "baseline", 3) == workshop._spec(replace(baseline, clustering="random"),
+                                                                     "baseline", 3)
+    (setup,) = group([record("ctf", 0, 10.0, 4.0), record("ctf", 0, 12.0, 4.2, clustering="agglomerative"),
+                      record("baseline", 0, 11.0, 4.1)])
+    assert sorted(r.label(False) for r in setup.rows) == ["CTF", "CTF, agglomerative clusters", "baseline, equal steps"]
+    lines = [line for line in verdict(setup) if "against the baseline, equal steps" in line]
+    assert [("coarse part" in line) for line in lines] == [True, False]
+
+
 def record(side: str, seed: int, fid: float, nll: float, flops: float = 1.0, refiner: tuple = (1.0, 1.0),
            compute_of: list | None = None, k: int = 16, lite0: float | None = None, **options: object) -> dict:
     cell = {**json.loads(json.dumps(TOY.__dict__, default=lambda o: o.__dict__)), "side": side, "seed": seed,
@@ -443,7 +468,7 @@ def test_only_keeps_the_grid_cells_with_those_values(fm: Path) -> None:
         only("size=GPT-XL")
     with pytest.raises(CtfgenError, match=r"has that \(each value is there, not all together\)"):
         only("size=small", "steps=200")
-    with pytest.raises(argparse.ArgumentTypeError, match="FIELD one of batch_size, codebook"):
+    with pytest.raises(argparse.ArgumentTypeError, match="FIELD one of batch_size, clustering, codebook"):
         cell_condition("flavour=sweet")
 
 

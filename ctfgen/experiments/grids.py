@@ -10,6 +10,8 @@
   codes (sampled in 1, 2, 4 and 8 passes), one that reads stage-1 features, one trained on labels
   the coarse model corrupts, one trained on its cluster's members only (as stage 2 samples).
 - `precision`: CTF and the baseline with the autoregressive stage sampled at each decode precision.
+- `clusters`: how the codewords are grouped into clusters (k-means, agglomerative, balanced, random), CTF
+  against the baseline at equal steps at the largest V.
 - `stage2`: issue 12's verdict on any dataset: the refiner trained within clusters, full and cheap, against
   the baseline at equal steps and at the cheap CTF's compute, also in EfficientNet-Lite0 features.
 Each grid has a full form (what a GPU runs in hours) and a quick one (minutes on a 2-core CPU; it
@@ -25,6 +27,7 @@ import math
 from dataclasses import replace
 from typing import Callable, Iterable
 
+from ..hierarchy import METHODS as CLUSTERINGS
 from ..transformer.precision import DECODE_PRECISIONS
 from .protocol import Cell, Scoring
 
@@ -181,6 +184,25 @@ def map_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell
     return cells
 
 
+def clusters_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell]:
+    """CTF with the codewords grouped by each clustering method (k-means, the paper's; agglomerative on
+    member-to-member distances, as DCPE and MASC propose; balanced k-means; random, the paper's ablation)
+    against the baseline at equal steps, where CTF gains most (the largest V, a K the map found best)."""
+    if quick:
+        base, codebook, ks, sizes, steps = replace(base, **QUICK_BASE), 1024, (64,), ("tiny",), 100
+    else:
+        base, codebook, ks, sizes = replace(base, refiner_mask=True), 16384, (64, 512), ("tiny", "small")
+        steps = epochs_to_steps(1, train_items, base.batch_size)
+    cells = []
+    for size in sizes:
+        for seed in range(seeds):
+            at = replace(base, codebook=codebook, size=size, refiner_size=size, steps=steps, seed=seed)
+            cells += [replace(at, side="ctf", k=k, clustering=method) for k in ks for method in CLUSTERINGS]
+            cells.append(replace(at, side="baseline", k=ks[0], refiner_mask=False,
+                                 scoring=replace(at.scoring, split_ks=ks[1:])))
+    return cells
+
+
 GRIDS: dict[str, Callable[[Cell, int, bool, int], list[Cell]]] = {
     "versus": versus_grid, "cpu": cpu_grid, "map": map_grid, "refiner": refiner_grid, "precision": precision_grid,
-    "stage2": stage2_grid}
+    "stage2": stage2_grid, "clusters": clusters_grid}

@@ -34,7 +34,7 @@ from ..data.codes import CODES_KIND, CodeDataset
 from ..data.datasets import Subset, balanced_subset, build_dataset, dataset_labels, take_images
 from ..data.transforms import image_grid
 from ..evaluate import Reference, sample_with, score
-from ..hierarchy import build_hierarchy, load_hierarchy, save_hierarchy
+from ..hierarchy import METHODS as CLUSTERINGS, build_hierarchy, load_hierarchy, save_hierarchy
 from ..hierarchy.artifact import HIERARCHY_KIND
 from ..metrics import extractor_names, get_extractor
 from ..metrics.classifier import KIND as CLASSIFIER_KIND
@@ -108,6 +108,7 @@ class Cell:
     data: str = "fashion-mnist"
     codebook: Annotated[int, AtLeast(2)] = 4096  # V: one tokenizer per V
     k: int | str = 512  # clusters, or "auto" (the noise-floor criterion)
+    clustering: Annotated[str, OneOf(*CLUSTERINGS)] = "kmeans"  # how the codewords are grouped into the K clusters
     size: Annotated[str, OneOf(*MODEL_SIZES)] = "small"
     refiner_size: Annotated[str, OneOf(*MODEL_SIZES)] = "small"
     refiner_depth: Fraction = 1.0  # share of refiner_size's layers
@@ -170,7 +171,8 @@ def side_label(cell: dict[str, Any]) -> str:
 
     decoded = f", {c['decode_precision']} decoding" if c["decode_precision"] != "fp32" else ""
     if c["side"] == "ctf":
-        return "CTF" + refiner(c["refiner_depth"], c["refiner_steps"], True) + decoded
+        clusters = f", {c['clustering']} clusters" if c["clustering"] != "kmeans" else ""
+        return "CTF" + refiner(c["refiner_depth"], c["refiner_steps"], True) + clusters + decoded
     matched = c["compute_of"]
     return ("baseline, equal steps" if matched is None else "baseline, compute of CTF" + refiner(*matched, False)) + decoded
 
@@ -199,6 +201,7 @@ class ModelSpec:
     corrupt: float = 0.0
     features: bool = False
     mask: bool = False  # the refiner's loss over its cluster's members only
+    clustering: str = "kmeans"  # the hierarchy's (a baseline keeps the default: it sees none); keeps earlier names
     stage1: "ModelSpec | None" = None  # the coarse model a refiner reads (features or corrupted labels)
 
 
@@ -255,7 +258,8 @@ class Workshop:
         return str(folder)
 
     def artifacts(self, cell: Cell) -> Artifacts:
-        key = (cell.data, cell.codebook, cell.k, cell.tokenizer_steps, cell.tokenizer_seed, cell.train_items)
+        key = (cell.data, cell.codebook, cell.k, cell.clustering, cell.tokenizer_steps, cell.tokenizer_seed,
+               cell.train_items)
         if key not in self._artifacts:
             self._artifacts[key] = self._find_or_build(cell)
         return self._artifacts[key]
@@ -297,7 +301,7 @@ class Workshop:
 
         codes_train, codes_test = codes("train"), codes("test")
         reused_h = self._reusable("hierarchy", HIERARCHY_KIND, lambda f: reused_tok is not None and cell.k != "auto"
-                                  and load_hierarchy(f).K == cell.k)
+                                  and load_hierarchy(f).K == cell.k and load_hierarchy(f).method == cell.clustering)
 
         def hierarchy(folder: Path) -> None:
             tok = load_tokenizer(tok_dir)
@@ -306,11 +310,11 @@ class Workshop:
                 ds = build_dataset(cell.data, "train", tok.config.image_size, tok.config.in_channels,
                                    data_dir=self.data_dir)
                 images = take_images(Subset(ds, balanced_subset(dataset_labels(ds), min(512, len(ds)), 0)))
-            h = build_hierarchy(tok, "kmeans", cell.k, images=images)
+            h = build_hierarchy(tok, cell.clustering, cell.k, images=images)
             open_output(folder, HIERARCHY_KIND).write(lambda path: save_hierarchy(h, path))
 
-        hierarchy_dir = str(reused_h) if reused_h else self._built(art / f"hierarchy-{tag}-K{cell.k}", HIERARCHY_KIND,
-                                                                   hierarchy)
+        name = f"hierarchy-{tag}-K{cell.k}" + (f"-{cell.clustering}" if cell.clustering != "kmeans" else "")
+        hierarchy_dir = str(reused_h) if reused_h else self._built(art / name, HIERARCHY_KIND, hierarchy)
         reused_c = self._reusable("classifier", CLASSIFIER_KIND)
         classifier_dir = str(reused_c) if reused_c else self._built(
             art / "classifier", CLASSIFIER_KIND, lambda f: train_classifier(
@@ -371,10 +375,11 @@ class Workshop:
                         "final_train_loss": info["final_train_loss"]}
 
     def _spec(self, cell: Cell, role: str, steps: int, depth: float = 1.0) -> ModelSpec:
-        return ModelSpec(role, steps, cell.seed, cell.data, cell.codebook, None if role == "baseline" else cell.k,
+        ctf = role != "baseline"
+        return ModelSpec(role, steps, cell.seed, cell.data, cell.codebook, cell.k if ctf else None,
                          cell.refiner_size if role == "refiner" else cell.size, depth, cell.batch_size, cell.lr,
                          cell.warmup_steps, cell.dropout, cell.tokenizer_steps, cell.train_items,
-                         tokenizer_seed=cell.tokenizer_seed)
+                         tokenizer_seed=cell.tokenizer_seed, **({"clustering": cell.clustering} if ctf else {}))
 
     def _ctf_specs(self, cell: Cell, depth: float, share: float, options: bool = True) -> tuple[ModelSpec, ModelSpec]:
         """The coarse and refiner specs of a CTF; `options`: with the cell's refiner options (reveal, ...)."""

@@ -23,7 +23,7 @@ from .stats import Spread, compare, spread
 REFINER_OPTIONS = ("refiner_reveal", "refine_steps", "refiner_features", "refiner_corrupt", "refiner_mask",
                    "stage2_mask")
 # what tells rows of a setup apart
-ROW_FIELDS = ("side", "k", "refiner_size", "refiner_depth", "refiner_steps", "compute_of",
+ROW_FIELDS = ("side", "k", "clustering", "refiner_size", "refiner_depth", "refiner_steps", "compute_of",
               "decode_precision") + REFINER_OPTIONS
 SETUP_FIELDS_OUT = ROW_FIELDS + ("seed", "tokenizer_seed")  # a setup: every other field (a row's replicates are its
 # training seeds, on each tokenizer instance where there are several: the spread then covers the tokenizer too)
@@ -103,7 +103,7 @@ def group(records: list[dict[str, Any]]) -> list[Setup]:
         setup = setups.setdefault(json.dumps(fields, sort_keys=True), Setup(fields))
         row_fields = {k: cell[k] for k in ROW_FIELDS}
         if cell["side"] == "baseline":
-            row_fields["k"] = None  # the baseline does not depend on K
+            row_fields["k"] = row_fields["clustering"] = None  # the baseline does not depend on the clusters
         for row in setup.rows:
             if {k: row.cell[k] for k in ROW_FIELDS} == row_fields:
                 row.records.append(rec)
@@ -185,9 +185,11 @@ def verdict(setup: Setup) -> list[str]:
             if other is None:
                 continue
             na, nb = ctf.of(nll("nll")), other.of(nll("nll"))
-            # the baseline's split depends on the clusters: compare the parts only at the same K
+            # the baseline's split depends on the clusters: compare the parts only at the same K (its splits are
+            # of k-means clusters)
             k = ctf.records[0]["result"]["K"]
-            coarse, within = other.of(nll_at("coarse", k)), other.of(nll_at("within", k))
+            coarse, within = (other.of(nll_at("coarse", k)), other.of(nll_at("within", k))) \
+                if ctf.cell["clustering"] == "kmeans" else (None, None)
             where = "" if other.records[0]["result"]["K"] == k else f", the baseline split at K={k}"
             parts = (f" (coarse part {_s(ctf.of(nll('coarse')), 3)} vs {_s(coarse, 3)}, within "
                      f"{_s(ctf.of(nll('within')), 3)} vs {_s(within, 3)}{where})"
@@ -269,7 +271,7 @@ def setup_table(setup: Setup) -> list[str]:
                      f"{_s(row.of(nll('within')), 3)} | {_s(row.of(nll('nll')), 3)} | "
                      f"{_s(row.of(final('images_per_s')), 0)} |")
     base = setup.baseline
-    ks = sorted({r.records[0]["result"]["K"] for r in setup.row("ctf", full=False)})
+    ks = sorted({r.records[0]["result"]["K"] for r in setup.row("ctf", full=False) if r.cell["clustering"] == "kmeans"})
     at = [(k, base.of(nll_at("coarse", k)), base.of(nll_at("within", k))) for k in ks] if base else []
     if any(c is not None for _, c, _ in at) and ks != [base.records[0]["result"]["K"]]:
         lines += ["", f"The baseline's NLL split at each CTF row's K (the table's at K={base.records[0]['result']['K']}), "
@@ -386,7 +388,8 @@ def map_section(setups: list[Setup], out: Path) -> list[str]:
             lines.append(f"| {f['codebook']} | {f['size']} | {f['steps']} | {ctf.label(False)} | {k}{auto} | {fid_gap} | "
                          f"{fid_call} | {nll_gap} | {nll_call} |")
             if not auto:
-                gaps = curves.setdefault(f"V={f['codebook']}, {f['size']}, {f['steps']} steps", {})
+                method = f", {ctf.cell['clustering']} clusters" if ctf.cell["clustering"] != "kmeans" else ""
+                gaps = curves.setdefault(f"V={f['codebook']}, {f['size']}, {f['steps']} steps{method}", {})
                 gaps[k] = ctf.of(final("fid")).mean - base.of(final("fid")).mean
         choices += k_choice(setup, rows)
     if curves:
