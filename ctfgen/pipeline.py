@@ -205,7 +205,7 @@ class CTFPipeline(_Pipeline):
         if self.refiner is None:
             return
         # its one pass runs at the same precision (never compiled: it runs once); under --compile on the CPU packed
-        # as fp32-packed packs it (a row per position, where packing pays at every layer size)
+        # as fp32-packed packs it (a row per position: from 64 rows packing paid at every layer size measured)
         packs = compile and precision == "fp32" and compile_packs(self.device, **options) and packed_kernels_available()
         self.refiner = for_decoding(self.refiner, "fp32-packed" if packs else precision)
 

@@ -17,7 +17,7 @@ from ctfgen.errors import CtfgenError
 from ctfgen.experiments import Results, cell_key
 from ctfgen.experiments.grids import GRIDS, versus
 from ctfgen.experiments.protocol import Cell, Scoring, Workshop, best_point
-from ctfgen.experiments.report import (group, points_table, setup_table, setup_title, steps_to_fid,
+from ctfgen.experiments.report import (floors_table, group, points_table, setup_table, setup_title, steps_to_fid,
                                        steps_to_fid_lines, verdict, write_report)
 from ctfgen.hierarchy import load_hierarchy
 from test_demo import fake_fashion_mnist
@@ -373,11 +373,18 @@ def test_a_clustering_method_builds_its_own_hierarchy_and_coarse_models_and_is_a
     baseline = replace(TOY, side="baseline")
     assert workshop._spec(baseline, "baseline", 3) == workshop._spec(replace(baseline, clustering="random"),
                                                                      "baseline", 3)
-    (setup,) = group([record("ctf", 0, 10.0, 4.0), record("ctf", 0, 12.0, 4.2, clustering="agglomerative"),
-                      record("baseline", 0, 11.0, 4.1)])
+    ctfs = [record("ctf", 0, 10.0, 4.0), record("ctf", 0, 12.0, 4.2, clustering="agglomerative")]
+    for rec, uniform in zip(ctfs, (6.0, 9.0)):  # the uniform member's floor depends on the hierarchy
+        rec["result"]["floors"] = {name: {"fid": fid, "n": 10} for name, fid in
+                                   (("reconstruction", 4.0), ("true-coarse+uniform", uniform), ("true-coarse+refiner", 7.0))}
+    (setup,) = group(ctfs + [record("baseline", 0, 11.0, 4.1)])
+    uniform = [line for line in floors_table(setup) if "true-coarse+uniform" in line]
+    assert [line.split(" | ")[1:3] for line in uniform] == [["tokenizer, hierarchy (K=16, kmeans)", "6.00"],
+                                                           ["tokenizer, hierarchy (K=16, agglomerative)", "9.00"]]
     assert sorted(r.label(False) for r in setup.rows) == ["CTF", "CTF, agglomerative clusters", "baseline, equal steps"]
-    lines = [line for line in verdict(setup) if "against the baseline, equal steps" in line]
-    assert [("coarse part" in line) for line in lines] == [True, False]
+    lines = verdict(setup)
+    assert [("coarse part" in line) for line in lines if "against the baseline, equal steps" in line] == [True, False]
+    assert not [line for line in lines if line.startswith("Cheapest")]  # another clustering is not a smaller refiner
 
 
 def record(side: str, seed: int, fid: float, nll: float, flops: float = 1.0, refiner: tuple = (1.0, 1.0),

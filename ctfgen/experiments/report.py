@@ -235,9 +235,9 @@ def verdict(setup: Setup) -> list[str]:
 
 def cheapest_refiner(full: Row, ctfs: list[Row]) -> Row | None:
     """Of `full` (a full-size refiner's CTF) and the CTFs with smaller refiners, the same options (an option is
-    not a smaller refiner, whatever its FLOPs) and the same K, the one trained on the fewest FLOPs whose FID is
-    not worse than full's beyond the spread; None when there is no smaller one."""
-    variants = [r for r in ctfs if all(r.cell[k] == full.cell[k] for k in REFINER_OPTIONS + ("k",))]
+    not a smaller refiner, whatever its FLOPs) and the same clusters, the one trained on the fewest FLOPs whose FID
+    is not worse than full's beyond the spread; None when there is no smaller one."""
+    variants = [r for r in ctfs if all(r.cell[k] == full.cell[k] for k in REFINER_OPTIONS + ("k", "clustering"))]
     if len(variants) < 2:
         return None
     keep = [r for r in variants if compare(r.of(final("fid")), full.of(final("fid"))) != "b better"]
@@ -327,13 +327,21 @@ def floors_table(setup: Setup) -> list[str]:
     lines = ["", f"Floors (real test images, class-balanced, n={n} per set; mean +- sd over the CTF cells' seeds):", "",
              "| floor | from | FID | IS |" + "".join(f" FID in {f} |" for f in features),
              "|---|---|---|---|" + "---|" * len(features)]
+    hierarchies: dict[tuple[int, str], Row] = {}  # the uniform member's floor: one per hierarchy (K, clustering)
+    for row in rows:
+        hierarchies.setdefault((row.records[0]["result"]["K"], row.cell["clustering"]), row)
     for name in ("reconstruction", "true-coarse+uniform", "true-coarse+refiner"):
-        for row in (rows if name == "true-coarse+refiner" else rows[:1]):
+        chosen = {"reconstruction": rows[:1], "true-coarse+uniform": list(hierarchies.values())}.get(name, rows)
+        for row in chosen:
             fid = row.of(lambda r: r["floors"][name]["fid"])
             is_ = row.of(lambda r: r["floors"][name].get("is_mean"))
             also = [row.of(lambda r, f=f: r["floors"][name].get("features", {}).get(f, {}).get("fid")) for f in features]
-            lines.append(f"| {name} | {row.label(True) if name.endswith('refiner') else 'tokenizer, hierarchy'} | "
-                         f"{_s(fid)} | {_s(is_)} |" + "".join(f" {_s(a)} |" for a in also))
+            source = "tokenizer, hierarchy"
+            if name.endswith("refiner"):
+                source = row.label(True)
+            elif len(chosen) > 1:
+                source += f" (K={row.records[0]['result']['K']}, {row.cell['clustering']})"
+            lines.append(f"| {name} | {source} | {_s(fid)} | {_s(is_)} |" + "".join(f" {_s(a)} |" for a in also))
     return lines
 
 
