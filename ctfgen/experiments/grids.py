@@ -187,7 +187,8 @@ def map_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell
 def clusters_grid(base: Cell, seeds: int, quick: bool, train_items: int) -> list[Cell]:
     """CTF with the codewords grouped by each clustering method (k-means, the paper's; agglomerative on
     member-to-member distances, as DCPE and MASC propose; balanced k-means; random, the paper's ablation)
-    against the baseline at equal steps, where CTF gains most (the largest V, a K the map found best)."""
+    against the baseline at equal steps, at the largest V (where CTF gains most), K = 64 (the map's best there)
+    and 512 (the paper's)."""
     if quick:
         base, codebook, ks, sizes, steps = replace(base, **QUICK_BASE), 1024, (64,), ("tiny",), 100
     else:
