@@ -150,6 +150,11 @@ class Cell:
         return side_label(asdict(self))
 
 
+def clusters_label(clustering: str) -> str:
+    """How labels name a clustering other than the default k-means: ", agglomerative clusters"."""
+    return f", {clustering} clusters" if clustering != "kmeans" else ""
+
+
 def side_label(cell: dict[str, Any]) -> str:
     """What the report calls a side, from a cell's fields: "CTF (refiner 0.5x depth)", "baseline, equal
     steps", "CTF (refiner reads decided codes, 4 passes)", "CTF (refiner tiny, 0.5x depth)" (a refiner of
@@ -171,8 +176,7 @@ def side_label(cell: dict[str, Any]) -> str:
 
     decoded = f", {c['decode_precision']} decoding" if c["decode_precision"] != "fp32" else ""
     if c["side"] == "ctf":
-        clusters = f", {c['clustering']} clusters" if c["clustering"] != "kmeans" else ""
-        return "CTF" + refiner(c["refiner_depth"], c["refiner_steps"], True) + clusters + decoded
+        return "CTF" + refiner(c["refiner_depth"], c["refiner_steps"], True) + clusters_label(c["clustering"]) + decoded
     matched = c["compute_of"]
     return ("baseline, equal steps" if matched is None else "baseline, compute of CTF" + refiner(*matched, False)) + decoded
 
@@ -300,8 +304,12 @@ class Workshop:
             return self._built(art / (f"codes-{split}-{tag}" + (f"-{items}items" if items else "")), CODES_KIND, build)
 
         codes_train, codes_test = codes("train"), codes("test")
-        reused_h = self._reusable("hierarchy", HIERARCHY_KIND, lambda f: reused_tok is not None and cell.k != "auto"
-                                  and load_hierarchy(f).K == cell.k and load_hierarchy(f).method == cell.clustering)
+
+        def same_clusters(folder: Path) -> bool:  # a reused run's hierarchy stands in only for the cell's own
+            h = load_hierarchy(folder)
+            return reused_tok is not None and cell.k != "auto" and (h.K, h.method) == (cell.k, cell.clustering)
+
+        reused_h = self._reusable("hierarchy", HIERARCHY_KIND, same_clusters)
 
         def hierarchy(folder: Path) -> None:
             tok = load_tokenizer(tok_dir)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from PIL import Image, ImageDraw
 
-from .protocol import CELL_DEFAULTS, SCORING_DEFAULTS, Scoring, side_label
+from .protocol import CELL_DEFAULTS, SCORING_DEFAULTS, Scoring, clusters_label, side_label
 from .stats import Spread, compare, spread
 
 REFINER_OPTIONS = ("refiner_reveal", "refine_steps", "refiner_features", "refiner_corrupt", "refiner_mask",
@@ -396,8 +396,8 @@ def map_section(setups: list[Setup], out: Path) -> list[str]:
             lines.append(f"| {f['codebook']} | {f['size']} | {f['steps']} | {ctf.label(False)} | {k}{auto} | {fid_gap} | "
                          f"{fid_call} | {nll_gap} | {nll_call} |")
             if not auto:
-                method = f", {ctf.cell['clustering']} clusters" if ctf.cell["clustering"] != "kmeans" else ""
-                gaps = curves.setdefault(f"V={f['codebook']}, {f['size']}, {f['steps']} steps{method}", {})
+                name = f"V={f['codebook']}, {f['size']}, {f['steps']} steps{clusters_label(ctf.cell['clustering'])}"
+                gaps = curves.setdefault(name, {})
                 gaps[k] = ctf.of(final("fid")).mean - base.of(final("fid")).mean
         choices += k_choice(setup, rows)
     if curves:
