@@ -4,6 +4,7 @@ LlamaGen's own `generate` (same weights, same process) and against the memory-ba
     python benchmarks/bench_decode.py --quick                         # batch 1, one run of each
     python benchmarks/bench_decode.py --llamagen /path/to/LlamaGen    # also LlamaGen's sampler; batch 1 and 8
     python benchmarks/bench_decode.py --profile                       # where one decode step's time goes
+    python benchmarks/bench_decode.py --compile                       # also each precision's step compiled
     python benchmarks/bench_decode.py --layers [--rows 2 64 4096]     # plain against packed weights, per layer shape
     python benchmarks/bench_decode.py --device cuda --llamagen DIR    # on a GPU: fp32 weights under bf16 autocast, bf16
 
@@ -21,6 +22,9 @@ measured time over that bound (1.0 would be perfect).
 Rows: `baseline` is ctfgen's AR sampler over V = 16384 codewords (LlamaGen's model), at each
 `--decode-precision`; `CTF stage 1` the same sampler over K = 512 coarse labels (a smaller head; fp32,
 fp32-packed and int8); the last lines put their ratio beside the ratio of the weight bytes a token reads.
+`--compile` adds each precision's rows with the decode step compiled (`Transformer.compile_step`, as `ctfgen sample
+--compile`; on the CPU inductor times its own product kernels against ATen's; fp32-packed is left out, inductor
+freezes plain fp32 itself), each compiled by one untimed sample before the rounds.
 `--layers` times one bias-free linear layer at 2 rows (batch 1 with CFG; `--rows` for others, e.g. a refiner's
 pass), torch's product against oneDNN's packed one, in fp32 and (where the CPU has oneDNN's bf16 kernels) in
 bf16, over weight sizes from the small preset's to GPT-B's head: where packing pays (`PACK_MIN_WEIGHTS` in
@@ -34,6 +38,7 @@ are not offered (they time CPU kernels).
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import sys
 import time
@@ -90,6 +95,20 @@ def ctfgen_models(llamagen: torch.nn.Module | None, device: torch.device) -> dic
     for model in (baseline, coarse):
         torch.nn.init.normal_(model.head.weight, std=0.02)
     return {"baseline": baseline.to(device).eval(), "CTF stage 1": coarse.to(device).eval()}
+
+
+def compiled_variants(models: dict[str, torch.nn.Module],
+                      precisions: list[str]) -> dict[tuple[str, str], torch.nn.Module]:
+    """Each model at each precision (stage 1 not in bf16, as the eager rows) with its decode step compiled, a copy
+    of its own (the eager rows stay eager); not fp32-packed: inductor cannot compile those weights and freezes
+    plain fp32 itself."""
+    compiled = {}
+    for role, model in models.items():
+        for p in precisions:
+            if p != "fp32-packed" and (role == "baseline" or p != "bf16"):
+                compiled[(role, f"{p}, compiled")] = fast = for_decoding(copy.deepcopy(model), p)
+                fast.compile_step()
+    return compiled
 
 
 def profile_step(model: torch.nn.Module) -> dict[str, float]:
@@ -159,6 +178,8 @@ def main() -> None:
                     help="only time plain against packed weights per layer shape (fp32, bf16)")
     ap.add_argument("--rows", type=arg_type(Count), nargs="+", default=[2],
                     help="--layers: rows of the products (2: one image with CFG; 64 and up: a refiner's pass)")
+    ap.add_argument("--compile", action="store_true", help="also the rows with the decode step compiled (minutes of "
+                    "compiling first)")
     ap.add_argument("--device", type=device_arg, default="cpu", help="cpu, or cuda for the GPU rows (see above)")
     ap.add_argument("--out", default="runs/bench-decode/bench_decode.json")
     args = ap.parse_args()
@@ -194,6 +215,11 @@ def main() -> None:
     rows = []
     for batch in batches:
         labels = torch.arange(batch, device=device) % CLASSES
+        if args.compile:  # made afresh for each batch: on the CPU inductor tunes its kernels to the first batch's rows
+            torch._dynamo.reset()
+            torch._dynamo.config.recompile_limit = 64  # each compiled model is more graphs of one Transformer.step
+            variants = {**{key: m for key, m in variants.items() if "compiled" not in key[1]},
+                        **compiled_variants(models, precisions)}
         runs: dict[str, Callable[[], object]] = {}
         if llamagen is not None:
             def llamagen_run() -> object:
@@ -204,6 +230,10 @@ def main() -> None:
         for (role, p), model in variants.items():
             runs[f"ctfgen {role} ({p})"] = (lambda m: lambda: sample_causal(m, labels, STAGE1,
                                                                             torch.Generator(device=device)))(model)
+        for (role, p), model in variants.items():
+            if "compiled" in p:  # compiles the prefill's and the steps' shapes, untimed
+                with torch.no_grad():
+                    runs[f"ctfgen {role} ({p})"]()
         best = {name: float("inf") for name in runs}
         for _ in range(repeats):
             bandwidth = max(bandwidth, read_bandwidth(device))

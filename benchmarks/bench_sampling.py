@@ -198,13 +198,13 @@ def main() -> None:
                     help="the weights' precision while sampling, for both sides and CTF's refiner (ctfgen sample's "
                          "flag)")
     ap.add_argument("--compile", action="store_true", help="compile both AR stages' decode step (torch.compile; "
-                    "minutes of compiling first); not with fp32-packed, which the compiled step packs by itself")
+                    "minutes of compiling first); not with fp32-packed: the compiled step lays out fp32 weights itself")
     ap.add_argument("--gpt-b-batches", type=arg_list(Count), default=None, help="GPT-B batch sizes (default: 1, and 8 without --quick)")
     ap.add_argument("--rounds", type=arg_type(Count), default=None,
                     help="rounds for every shape, each side keeping its best (default: 7 at 8x8, 3 at GPT-B; quick 1)")
     args = ap.parse_args()
     if args.compile and args.decode_precision == "fp32-packed":
-        ap.error("--compile packs the fp32 weights itself on the CPU; give --decode-precision fp32")
+        ap.error("--compile lays out the fp32 weights itself on the CPU; give --decode-precision fp32")
     shapes = args.shapes.split(",")
     if not set(shapes) <= set(SHAPES):
         ap.error(f"--shapes: each of {', '.join(SHAPES)}; got {args.shapes}")

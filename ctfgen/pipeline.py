@@ -129,7 +129,8 @@ class _Pipeline:
         (the same distribution; docs/sampling.md)."""
         if compile and precision == "fp32-packed" and compile_packs(self.device, **compile_options):
             raise CtfgenError("--compile does not take --decode-precision fp32-packed (inductor cannot compile its "
-                              "packed weights); --compile alone packs them the same way on the CPU")
+                              "packed weights); --compile alone freezes the fp32 weights and picks their kernels on "
+                              "the CPU")
         model = for_decoding(getattr(self, self.ar_name), precision)
         if draft is not None:
             check_draft(model, draft, StageSettings(), lookahead)

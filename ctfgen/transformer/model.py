@@ -36,11 +36,14 @@ from ..errors import CtfgenError
 
 ROLES = ("coarse", "baseline", "refiner")
 ARTIFACT_KIND = "transformer"
-# Decoding packs (`--decode-precision fp32-packed`, and `compile_step` on the CPU) only layers with at least this
-# many weights (2 MiB of fp32): below it oneDNN's per-call cost eats its faster streaming
-# (`benchmarks/bench_decode.py --layers`, 2 rows, 2 threads: 1.5-2x slower at 0.06-0.25 MiB, even at 0.75-1 MiB,
-# 0.3-0.7x from 2 MiB up), so the small preset's blocks stay plain fp32
-PACK_MIN_WEIGHTS = 1 << 19
+# How inductor compiles a decode step on the CPU (`Transformer.compile_step`): the weights frozen into the graph,
+# constants it may lay out for its kernels, and each product's kernel picked at the first call by timing
+# inductor's own C++ GEMM template against ATen's. Timing finds what suits the layer and the CPU, where a fixed
+# rule did not (packing every layer doubled a small model's step on an AVX2-only CPU); measured in
+# docs/sampling.md ("Compiled decoding").
+# The timings are not printed (inductor writes a table per product to stderr otherwise).
+CPU_DECODE_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                       "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -407,29 +410,26 @@ class Transformer(nn.Module):
 
     def compile_step(self, **options: Any) -> None:
         """Compile the one-token decode step (torch.compile; `options` go to it, e.g. backend). The cache
-        position is a dynamic integer, so one graph serves every position. On the CPU, where the blocks have
-        layers worth packing (`packs_for_decoding`), inductor freezes the weights (constants of the graph), which
-        lets it reorder them for oneDNN's small-batch kernel; freezing packs every layer, so a model of small
-        layers is compiled unfrozen (docs/sampling.md)."""
+        position is a dynamic integer, so one graph serves every position. On the CPU inductor compiles it under
+        CPU_DECODE_INDUCTOR (frozen weights, each product's kernel chosen by timing); layers already packed for
+        oneDNN (`--decode-precision bf16`) it can only freeze, not re-tune."""
         compiled = torch.compile(self.step, dynamic=True, **options)
-        if not (compile_packs(self.head.weight.device, **options) and self.packs_for_decoding()):
+        if not compile_packs(self.head.weight.device, **options):
             self.step = compiled  # the instance attribute shadows the method
             return
         from torch._inductor import config as inductor_config
 
-        def frozen_step(*args: Any, **kwargs: Any) -> Any:
-            # Freezing must be on while inductor compiles, which happens at the first calls; torch.compile's
-            # options={"freezing": True} left the products as plain aten::mm (torch 2.13), the patch does not
-            # (it costs ~10 us a call: nothing at GPT-B, ~2 % of a compiled small-shape step)
-            with inductor_config.patch(freezing=True):
+        prepacked = any(getattr(m, "prepacked", False) for m in self.modules())
+        settings = {"freezing": True} if prepacked else CPU_DECODE_INDUCTOR
+
+        def cpu_step(*args: Any, **kwargs: Any) -> Any:
+            # The settings must hold while inductor compiles, which happens at the first calls (and at a new shape);
+            # torch.compile's options={"freezing": True} left the products as plain aten::mm (torch 2.13), the patch
+            # does not. It costs ~10 us a call: nothing at GPT-B, a few per cent of a compiled small-shape step
+            with inductor_config.patch(settings):
                 return compiled(*args, **kwargs)
 
-        self.step = frozen_step
-
-    def packs_for_decoding(self) -> bool:
-        """Whether packing pays for this model's decode step: some layer of its blocks has PACK_MIN_WEIGHTS or
-        more weights (GPT-B's all have; the small presets' none)."""
-        return any(m.weight.numel() >= PACK_MIN_WEIGHTS for m in self.blocks.modules() if isinstance(m, nn.Linear))
+        self.step = cpu_step
 
     def make_cache(self, batch_size: int, dtype: torch.dtype | None = None, spare: int = 0) -> KVCache:
         """A cache for causal decoding of one full image (class token + seq_len - 1 tokens), and `spare`
@@ -610,7 +610,7 @@ def mask_to_clusters(logits: torch.Tensor, coarse_codes: torch.Tensor, member_ma
 
 def compile_packs(device: torch.device, **compile_options: Any) -> bool:
     """Whether `Transformer.compile_step` with these options freezes the weights into the graph, where inductor
-    packs them for oneDNN as `--decode-precision fp32-packed` does: inductor on the CPU."""
+    lays them out for its own kernels (as `--decode-precision fp32-packed` does for oneDNN's): inductor on the CPU."""
     return compile_options.get("backend", "inductor") == "inductor" and torch.device(device).type == "cpu"
 
 
@@ -658,7 +658,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Transf
 
 
 __all__ = [
-    "ARTIFACT_KIND", "KVCache", "MODEL_SIZES", "PACK_MIN_WEIGHTS", "ROLES", "Transformer", "TransformerConfig",
+    "ARTIFACT_KIND", "CPU_DECODE_INDUCTOR", "KVCache", "MODEL_SIZES", "ROLES", "Transformer", "TransformerConfig",
     "compile_packs", "apply_rope", "build_model", "cluster_members", "find_multiple", "load_model", "mask_to_clusters",
     "preset_config", "rope_2d_tables", "row_slots", "save_model",
 ]

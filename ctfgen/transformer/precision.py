@@ -33,9 +33,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CtfgenError
-from .model import PACK_MIN_WEIGHTS, Transformer
+from .model import Transformer
 
 DECODE_PRECISIONS = ("fp32", "fp32-packed", "bf16", "int8")
+# `fp32-packed` packs only the block layers with at least this many weights (2 MiB of fp32): below it oneDNN's
+# per-call cost eats its faster streaming (`benchmarks/bench_decode.py --layers`, 2 rows, 2 threads: 1.5-2x slower
+# at 0.06-0.25 MiB, even at 0.75-1 MiB, 0.3-0.7x from 2 MiB up), so the small preset's blocks stay plain fp32
+PACK_MIN_WEIGHTS = 1 << 19
 PACKED_FOR_ROWS = 2  # oneDNN picks its blocking for this many rows: one image with CFG (any count runs)
 
 
@@ -75,6 +79,8 @@ def packed_kernels_available(dtype: torch.dtype = torch.float32) -> bool:
 class PackedLinear(nn.Module):
     """An nn.Linear for the CPU whose weights (fp32 or bf16, kept as they are) sit in oneDNN's blocked layout
     (a copy, made once)."""
+
+    prepacked = True  # inductor can freeze it but not re-tune its kernel (Transformer.compile_step)
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
