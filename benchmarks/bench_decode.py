@@ -45,7 +45,7 @@ import time
 import warnings
 from datetime import date
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -98,16 +98,14 @@ def ctfgen_models(llamagen: torch.nn.Module | None, device: torch.device) -> dic
 
 
 def compiled_variants(models: dict[str, torch.nn.Module],
-                      precisions: list[str]) -> dict[tuple[str, str], torch.nn.Module]:
-    """Each model at each precision (stage 1 not in bf16, as the eager rows) with its decode step compiled, a copy
-    of its own (the eager rows stay eager); not fp32-packed: inductor cannot compile those weights and freezes
-    plain fp32 itself."""
+                      eager: Iterable[tuple[str, str]]) -> dict[tuple[str, str], torch.nn.Module]:
+    """The eager rows' (role, precision)s again with the decode step compiled, each a copy of its own; not
+    fp32-packed: inductor cannot compile those weights and freezes plain fp32 itself."""
     compiled = {}
-    for role, model in models.items():
-        for p in precisions:
-            if p != "fp32-packed" and (role == "baseline" or p != "bf16"):
-                compiled[(role, f"{p}, compiled")] = fast = for_decoding(copy.deepcopy(model), p)
-                fast.compile_step()
+    for role, p in eager:
+        if p != "fp32-packed":
+            compiled[(role, f"{p}, compiled")] = fast = for_decoding(copy.deepcopy(models[role]), p)
+            fast.compile_step()
     return compiled
 
 
@@ -187,6 +185,8 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     if on_gpu and (args.profile or args.layers):
         ap.error("--profile and --layers time CPU kernels; leave out --device cuda")
+    if args.compile and args.layers:
+        ap.error("--compile times whole samples; --layers times single layers: give one of them")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.layers:
@@ -207,8 +207,9 @@ def main() -> None:
         ap.error(f"--precisions: each of {', '.join(offered)} on this device; got {args.precisions}")
     llamagen, generate = llamagen_gpt_b(args.llamagen, device) if args.llamagen else (None, None)
     models = ctfgen_models(llamagen, device)
-    variants = {(role, p): for_decoding(model, p) for role, model in models.items() for p in precisions
-                if role == "baseline" or p in ("fp32", "fp32-packed", "int8")}
+    eager = {(role, p): for_decoding(model, p) for role, model in models.items() for p in precisions
+             if role == "baseline" or p in ("fp32", "fp32-packed", "int8")}
+    variants = eager
     bandwidth = read_bandwidth(device)  # measured again every round, the best kept: the same rule as the samplers' times
     llamagen_name = "LlamaGen generate (bf16 autocast)" if on_gpu else "LlamaGen generate (fp32)"
 
@@ -218,8 +219,7 @@ def main() -> None:
         if args.compile:  # made afresh for each batch: on the CPU inductor tunes its kernels to the first batch's rows
             torch._dynamo.reset()
             torch._dynamo.config.recompile_limit = 64  # each compiled model is more graphs of one Transformer.step
-            variants = {**{key: m for key, m in variants.items() if "compiled" not in key[1]},
-                        **compiled_variants(models, precisions)}
+            variants = {**eager, **compiled_variants(models, eager)}
         runs: dict[str, Callable[[], object]] = {}
         if llamagen is not None:
             def llamagen_run() -> object:
@@ -250,10 +250,10 @@ def main() -> None:
                   "over_bound": s / bound[name], "speedup_over_llamagen": reference / s if reference else None}
                  for name, s in best.items()]
 
-    print(f"\n{'batch':>5}  {'sampler':32} {'ms/token':>9} {'x LlamaGen':>10} {'bound ms':>9} {'/bound':>7}")
+    print(f"\n{'batch':>5}  {'sampler':38} {'ms/token':>9} {'x LlamaGen':>10} {'bound ms':>9} {'/bound':>7}")
     for r in rows:
         speedup = f"{r['speedup_over_llamagen']:.2f}" if r["speedup_over_llamagen"] else "-"
-        print(f"{r['batch']:5d}  {r['sampler']:32} {r['ms_per_token']:9.1f} {speedup:>10} {r['bound_ms']:9.1f} "
+        print(f"{r['batch']:5d}  {r['sampler']:38} {r['ms_per_token']:9.1f} {speedup:>10} {r['bound_ms']:9.1f} "
               f"{r['over_bound']:7.2f}")
     by_name = {(r["batch"], r["sampler"]): r for r in rows}
     for (batch, name), ctf in by_name.items():  # what the smaller head buys, against what it can buy

@@ -31,7 +31,7 @@ from .runtime import pick_device
 from .sampling import (StageSettings, check_class_labels, check_draft, in_batches, sample_baseline, sample_causal,
                        sample_ctf)
 from .tokenizer.model import VQTokenizer, load_tokenizer, save_tokenizer
-from .transformer.model import Transformer, compile_packs, load_model, save_model
+from .transformer.model import Transformer, compile_freezes, load_model, save_model
 from .transformer.precision import DECODE_PRECISIONS, for_decoding, packed_kernels_available
 
 TRAIN_INFO_NAME = "train_info.json"  # written by ctfgen.training next to each model
@@ -127,7 +127,7 @@ class _Pipeline:
         int8 weight-only: see ctfgen.transformer.precision), with its decode step compiled
         (`Transformer.compile_step`), and/or speculatively with `draft` proposing `lookahead` tokens a pass
         (the same distribution; docs/sampling.md)."""
-        if compile and precision == "fp32-packed" and compile_packs(self.device, **compile_options):
+        if compile and precision == "fp32-packed" and compile_freezes(self.device, **compile_options):
             raise CtfgenError("--compile does not take --decode-precision fp32-packed (inductor cannot compile its "
                               "packed weights); --compile alone freezes the fp32 weights and picks their kernels on "
                               "the CPU")
@@ -207,7 +207,7 @@ class CTFPipeline(_Pipeline):
             return
         # its one pass runs at the same precision (never compiled: it runs once); under --compile on the CPU packed
         # as fp32-packed packs it (a row per position: from 64 rows packing paid at every layer size measured)
-        packs = compile and precision == "fp32" and compile_packs(self.device, **options) and packed_kernels_available()
+        packs = compile and precision == "fp32" and compile_freezes(self.device, **options) and packed_kernels_available()
         self.refiner = for_decoding(self.refiner, "fp32-packed" if packs else precision)
 
     def __call__(self, class_labels: int | Sequence[int] | torch.Tensor, *, cfg1: float = DEFAULTS["cfg1"],

@@ -184,7 +184,7 @@ def test_weight_bytes_shrink_with_precision() -> None:
 
 
 def test_compile_on_the_cpu_packs_the_refiner(run_dir: Path) -> None:
-    """On the CPU the compiled step packs stage 1's fp32 weights where that pays (inductor's freezing); the
+    """On the CPU the compiled step freezes stage 1's fp32 weights and picks their kernels (inductor); the
     refiner's one pass, never compiled, is packed instead (as fp32-packed packs it). Compiling is lazy: nothing
     is compiled here."""
     def refiner_packed(**compile_options: object) -> bool:

@@ -414,7 +414,7 @@ class Transformer(nn.Module):
         CPU_DECODE_INDUCTOR (frozen weights, each product's kernel chosen by timing); layers already packed for
         oneDNN (`--decode-precision bf16`) it can only freeze, not re-tune."""
         compiled = torch.compile(self.step, dynamic=True, **options)
-        if not compile_packs(self.head.weight.device, **options):
+        if not compile_freezes(self.head.weight.device, **options):
             self.step = compiled  # the instance attribute shadows the method
             return
         from torch._inductor import config as inductor_config
@@ -608,7 +608,7 @@ def mask_to_clusters(logits: torch.Tensor, coarse_codes: torch.Tensor, member_ma
     return logits.masked_fill(~allowed, float("-inf"))
 
 
-def compile_packs(device: torch.device, **compile_options: Any) -> bool:
+def compile_freezes(device: torch.device, **compile_options: Any) -> bool:
     """Whether `Transformer.compile_step` with these options freezes the weights into the graph, where inductor
     lays them out for its own kernels (as `--decode-precision fp32-packed` does for oneDNN's): inductor on the CPU."""
     return compile_options.get("backend", "inductor") == "inductor" and torch.device(device).type == "cpu"
@@ -659,6 +659,6 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Transf
 
 __all__ = [
     "ARTIFACT_KIND", "CPU_DECODE_INDUCTOR", "KVCache", "MODEL_SIZES", "ROLES", "Transformer", "TransformerConfig",
-    "compile_packs", "apply_rope", "build_model", "cluster_members", "find_multiple", "load_model", "mask_to_clusters",
+    "compile_freezes", "apply_rope", "build_model", "cluster_members", "find_multiple", "load_model", "mask_to_clusters",
     "preset_config", "rope_2d_tables", "row_slots", "save_model",
 ]
