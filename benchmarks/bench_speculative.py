@@ -26,8 +26,11 @@ model's size).
 `--run DIR` (a run folder as `ctfgen demo` leaves one: tokenizer, hierarchy, coarse, refiner, baseline) times
 whole samples instead, side by side: CTF (stage 1 and the refiner pass) and the baseline, each plain and with
 its draft (`--ctf-draft`, `--baseline-draft`) at each of `--lookaheads`, and prints CTF/baseline: issue
-13's ratio, measured end to end on trained models; with `--compile`, both pipelines' decode steps compiled
-as `ctfgen sample --compile` compiles them.
+13's ratio, measured end to end on trained models.
+
+`--compile` compiles every decode step timed (`Transformer.compile_step`, as `ctfgen sample --compile`: the pairs'
+models, the projection's GPT-B parts, both pipelines of `--run`), each shape's first calls untimed; a count draft
+is not compiled (it is numpy).
 
 `--device cuda` runs all of it on the GPU as ctfgen samples there (bf16 autocast, a bf16 KV cache; a count
 draft proposes on the CPU from the codes copied to it), the projection's GPT-B parts included: where a pass at
@@ -66,11 +69,14 @@ def parse_pair(text: str) -> tuple[str, Path, Path]:
 
 
 def measure(model: torch.nn.Module, draft: torch.nn.Module, batch: int, lookaheads: list[int], images: int,
-            rounds: int) -> list[dict]:
+            rounds: int, warm_up: bool = False) -> list[dict]:
     device = model.head.weight.device
     labels = torch.arange(images, device=device) % model.config.num_classes
     counted = {k: TimedCounts(draft) for k in lookaheads} if isinstance(draft, CountDraft) else {}
     runs = [0, *lookaheads]  # 0: plain sampling
+    for k in runs if warm_up else ():  # a compiled step's first calls at these shapes compile it
+        sample_causal(model, labels[:batch], SETTINGS, torch.Generator(device).manual_seed(0), draft=draft if k else None,
+                      lookahead=max(k, 1))
     best = {k: float("inf") for k in runs}
     stats: dict[int, dict[str, int]] = {k: {} for k in lookaheads}
     for r in range(rounds):
@@ -120,24 +126,28 @@ class TimedCounts:
 
 
 def gpt_b_costs(role: str, vocab: int, batch: int, lookaheads: list[int], draft_size: str | None, precision: str,
-                device: torch.device, repeats: int = 5) -> dict:
-    """Seconds of a GPT-B decode step, a verification pass over k + 1 tokens, and a draft step of a `draft_size`
-    model (None: no draft model, a count draft times itself) (CFG: 2 x batch rows), all at the decode precision,
-    on `device` as sampling runs there."""
+                device: torch.device, compile: bool = False, repeats: int = 5) -> dict:
+    """Seconds of a GPT-B decode step, a verification pass over k + 1 tokens (per-row positions, as speculative
+    sampling runs it), and a draft step of a `draft_size` model (None: no draft model, a count draft times itself)
+    (CFG: 2 x batch rows), all at the decode precision, compiled or not, on `device` as sampling runs there."""
     def model(size: str):
         torch.manual_seed(0)
         with torch.device(device):
-            built = build_model(preset_config(size, role=role, vocab_size=vocab, num_classes=1000, grid_h=16, grid_w=16))
-        return for_decoding(built.eval(), precision)
+            built = for_decoding(build_model(preset_config(size, role=role, vocab_size=vocab, num_classes=1000,
+                                                           grid_h=16, grid_w=16)).eval(), precision)
+        if compile:
+            built.compile_step()
+        return built
 
     def step_time(m, n: int) -> float:
-        cache = decode_cache(m, 2 * batch)  # as sampling makes it
+        cache = decode_cache(m, 2 * batch, n)  # as sampling makes it
         tokens = torch.zeros(2 * batch, n, dtype=torch.long, device=device)
+        position = 128 if n == 1 else torch.full((2 * batch,), 128, device=device)
         best = float("inf")
         with inference_mode(m):
             m.prefill(torch.arange(2 * batch, device=device) % 1001, cache)
-            for _ in range(repeats):
-                cache.pos = 128
+            for _ in range(repeats + compile):  # compiled, the first call compiles: the best is of the others
+                cache.pos = position
                 best = min(best, wall_seconds(lambda: m.step(tokens, cache), device))
         return best
 
@@ -213,14 +223,14 @@ def main() -> None:
     ap.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32",
                     help="both models' weights while sampling and in the projection (ctfgen sample's flag)")
     ap.add_argument("--compile", action="store_true",
-                    help="with --run: both pipelines' decode steps compiled (ctfgen sample's flag), warmed up untimed")
+                    help="every decode step timed compiled (ctfgen sample's flag), warmed up untimed")
     ap.add_argument("--device", type=device_arg, default="cpu", help="cpu, or cuda: everything on the GPU (see above)")
     ap.add_argument("--out", default="runs/bench-speculative/bench_speculative.json")
     args = ap.parse_args()
     if not args.pair and not args.run:
         ap.error("give --pair NAME=MODEL:DRAFT and/or --run DIR")
-    if args.compile and not args.run:
-        ap.error("--compile is for --run (whole samples)")
+    if args.compile and args.decode_precision == "fp32-packed":
+        ap.error("--compile takes fp32 (inductor freezes and packs it), bf16 or int8, not fp32-packed")
     try:
         run(args)
     except CtfgenError as e:  # a folder that is not what it should be: one error line
@@ -233,16 +243,18 @@ def run(args: argparse.Namespace) -> None:
     results = []
     for name, model_dir, draft_dir in map(parse_pair, args.pair):
         model = for_decoding(load_model(model_dir, args.device), args.decode_precision)
+        if args.compile:
+            model.compile_step()
         draft = decoding_draft(draft_dir, args)
         vocab = model.config.vocab_size
         size = f"{draft.num_params() / 1e6:.2f} M parameters" if isinstance(draft, Transformer) else "counts"
         print(f"{name}: model {model.num_params() / 1e6:.2f} M parameters, draft {size}, vocabulary {vocab}", flush=True)
-        rows = [row for b in batches for row in measure(model, draft, b, lookaheads, images, rounds)]
+        rows = [row for b in batches for row in measure(model, draft, b, lookaheads, images, rounds, args.compile)]
         if args.project:
             role = model.config.role  # the coarse model keeps its K; a baseline gets LlamaGen's V
             draft_size = None if isinstance(draft, CountDraft) else args.draft_size
             costs = {b: gpt_b_costs(role, vocab if role == "coarse" else 16384, b, lookaheads, draft_size,
-                                    args.decode_precision, args.device) for b in batches}
+                                    args.decode_precision, args.device, args.compile) for b in batches}
             for row in rows:
                 k, c = row["lookahead"], costs[row["batch"]]
                 draft_s = row["count_draft_step_s"] if "count_draft_step_s" in row else c["draft_step_s"]

@@ -4,6 +4,7 @@ the KV cache, never touching the original model, and reachable from the pipeline
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 from pathlib import Path
 
@@ -147,7 +148,9 @@ def test_bf16_packs_its_weights_where_onednn_has_bf16_kernels(monkeypatch: pytes
 def test_the_compiled_step_on_the_cpu_runs_on_kernels_inductor_chose(precision: str, capfd) -> None:
     """The compiled step's products are no longer ATen's plain ones (inductor froze the weights and timed its own
     kernels against ATen's: torch.compile's options={"freezing": True} had left them as aten::mm); layers bf16 packed
-    for oneDNN are frozen as they are. The logits are the eager step's, and the timing tables stay unprinted."""
+    for oneDNN are frozen as they are. So with one position for the batch and with per-row positions (speculative
+    verification, three tokens a row: over a symbolic row count inductor's template failed to compile and fp32 fell
+    back to oneDNN's linear). The logits are the eager step's, and the timing tables stay unprinted."""
     import torch._dynamo
     from torch.profiler import profile
 
@@ -156,21 +159,49 @@ def test_the_compiled_step_on_the_cpu_runs_on_kernels_inductor_chose(precision: 
     eager, compiled = for_decoding(causal_model(), precision), for_decoding(causal_model(), precision)
     torch._dynamo.reset()
     compiled.compile_step()
-    codes, labels = torch.randint(0, 64, (2, 4)), torch.tensor([0, 2])
+    codes, labels = torch.randint(0, 64, (2, 6)), torch.tensor([0, 2])
     logits = {}
     with torch.no_grad():
         for name, m in (("eager", eager), ("compiled", compiled)):
             cache = m.make_cache(2)
             m.prefill(labels, cache)
             first = [m.step(codes[:, t:t + 1], cache) for t in range(2)]  # compiles: static, then dynamic
+            cache.pos = torch.tensor([3, 3])
+            first.append(m.step(codes[:, 2:5], cache))  # compiles the per-row graph
             with profile() as prof:
-                logits[name] = torch.cat([*first, *[m.step(codes[:, t:t + 1], cache) for t in range(2, 4)]], 1)
-            ops = {event.key for event in prof.key_averages()}
+                cache.pos = 3
+                one = m.step(codes[:, 2:3], cache)
+                cache.pos = torch.tensor([4, 3])
+                logits[name] = torch.cat([*first, one, m.step(codes[:, 3:6], cache)], 1)
+            ops = {event.key for event in prof.key_averages()}  # the compiled model's, after the loop
     assert not ops & {"aten::mm", "aten::addmm", "aten::linear", "aten::_weight_int8pack_mm"}, ops
     assert ("mkldnn::_linear_pointwise" in ops) == (precision == "bf16"), ops
     tolerance = 1e-5 if precision == "fp32" else 0.02  # bf16 products summed in another order
     torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=tolerance, atol=tolerance)
     assert "AUTOTUNE" not in capfd.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor generates C++ on the CPU")
+def test_two_compiled_models_of_one_shape_each_step_with_their_own_weights() -> None:
+    """The weights are frozen into each compiled graph, and the step's code is one for every model: a second model
+    of the same shape (two seeds in one bench, stage 1 and a draft) gets its own graph, not the first one's
+    weights (dropping dynamo's guards on the modules, 2-7 % of a step, lost exactly this)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    models = [causal_model(), causal_model()]
+    with torch.no_grad():
+        models[1].head.weight.mul_(-1)
+    eager = copy.deepcopy(models)
+    for m in models:
+        m.compile_step()
+    codes = torch.randint(0, 64, (2, 1))
+    with torch.no_grad():
+        for m, e in zip(models, eager):
+            caches = [m.make_cache(2), e.make_cache(2)]
+            m.prefill(torch.tensor([0, 2]), caches[0])
+            e.prefill(torch.tensor([0, 2]), caches[1])
+            torch.testing.assert_close(m.step(codes, caches[0]), e.step(codes, caches[1]), rtol=1e-5, atol=1e-5)
 
 
 def test_weight_bytes_shrink_with_precision() -> None:

@@ -110,6 +110,21 @@ def test_rows_of_a_batch_move_on_by_their_own_counts() -> None:
     assert stats["rounds"] <= 10  # a batch-wide cut: 15 rounds for the 15 tokens after the first
 
 
+def test_a_compiled_step_samples_speculatively_as_the_eager_one() -> None:
+    """Compiled (by the eager backend: it traces as torch.compile does without generating code), the verification
+    passes run the step's graph of per-row positions and fixed shapes: the same samples."""
+    import torch._dynamo
+
+    labels, draft = torch.tensor([0, 1, 1]), model(1, grid=(4, 4))
+    plain = sample_causal(model(0, grid=(4, 4)), labels, StageSettings(cfg=2.0), gen(0), draft=draft, lookahead=3)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = model(0, grid=(4, 4))
+    compiled.compile_step(backend="eager")
+    assert torch.equal(sample_causal(compiled, labels, StageSettings(cfg=2.0), gen(0), draft=draft, lookahead=3), plain)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for every round of the sample
+
+
 def test_bad_drafts_are_refused() -> None:
     target = model(0)
     with pytest.raises(CtfgenError, match="vocab_size"):

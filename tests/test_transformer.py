@@ -245,6 +245,30 @@ def test_a_compiled_step_with_a_position_per_row_is_one_graph() -> None:
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)
 
 
+def test_several_compiled_models_each_keep_their_graphs() -> None:
+    """Dynamo keeps at most 8 graphs of one code and runs it eagerly past that: three models compiled in one process,
+    each stepping at one position and in verification passes of four lengths (15 graphs), all run their graphs
+    (the steps compiled through one shared wrapper ran the last seven eagerly) and give the eager steps' logits."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    models, eager = [tiny("coarse") for _ in range(3)], [tiny("coarse") for _ in range(3)]
+    for m, e in zip(models, eager):
+        m.load_state_dict(e.state_dict())
+        m.compile_step(backend="eager")
+    for m, e in zip(models, eager):
+        for length in range(1, 6):
+            logits = []
+            for model in (m, e):
+                cache = model.make_cache(2, spare=5)
+                model.prefill(torch.tensor([0, 1]), cache)
+                cache.pos = 1 if length == 1 else torch.tensor([1, 1])
+                logits.append(model.step(torch.zeros(2, length, dtype=torch.long), cache))
+            assert torch.equal(logits[0], logits[1]) and not logits[0].requires_grad
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 15
+
+
 # ----------------------------------------------------------------------------------- save / load
 
 def test_save_load_round_trip(tmp_path) -> None:

@@ -22,6 +22,8 @@ p - 1, which sits at grid cell divmod(p - 1, grid_w).
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ ARTIFACT_KIND = "transformer"
 # The timings are not printed (inductor writes a table per product to stderr otherwise).
 CPU_DECODE_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+COMPILED_STEPS = itertools.count()  # numbers each model's copy of the step it compiles (`Transformer.compile_step`)
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -409,27 +412,41 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def compile_step(self, **options: Any) -> None:
-        """Compile the one-token decode step (torch.compile; `options` go to it, e.g. backend). The cache
-        position is a dynamic integer, so one graph serves every position. On the CPU inductor compiles it under
-        CPU_DECODE_INDUCTOR (frozen weights, each product's kernel chosen by timing); layers already packed for
-        oneDNN (`--decode-precision bf16`) it can only freeze, not re-tune."""
-        compiled = torch.compile(self.step, dynamic=True, **options)
-        if not compile_freezes(self.head.weight.device, **options):
-            self.step = compiled  # the instance attribute shadows the method
-            return
-        from torch._inductor import config as inductor_config
+        """Compile the decode step (torch.compile; `options` go to it, e.g. backend). Two graphs: with the cache at
+        one integer position that position is dynamic, so one graph serves every position; with per-row positions
+        (speculative verification, several tokens a row) the shapes are fixed, as they are for a whole sample, and
+        a graph of fixed shapes is what inductor's C++ GEMM template compiles for several tokens a row (over a
+        symbolic row count it failed and the products fell back to slower kernels).
+        On the CPU inductor compiles under CPU_DECODE_INDUCTOR (frozen weights, each product's kernel chosen by
+        timing); layers already packed for oneDNN (`--decode-precision bf16`) it can only freeze, not re-tune."""
+        # Dynamo keeps the graphs of one code up to a limit (8), then runs that code eagerly, and it tells codes
+        # apart by value. `step` compiled as it is (a method under no_grad) went through one torch wrapper shared by
+        # every such function, so a process compiling several models (stage 1 and the baseline, a graph per
+        # verification length) ran some of them eagerly. Each model compiles its own numbered copy of the bare step.
+        bare = type(self).step.__wrapped__
+        code = bare.__code__.replace(co_name=f"step_{next(COMPILED_STEPS)}")
+        step = types.FunctionType(code, bare.__globals__, code.co_name, bare.__defaults__, bare.__closure__)
+        by_position = torch.compile(step, dynamic=True, **options)
+        by_row = torch.compile(step, dynamic=False, **options)
+        settings = None
+        if compile_freezes(self.head.weight.device, **options):
+            from torch._inductor import config as inductor_config
 
-        prepacked = any(getattr(m, "prepacked", False) for m in self.modules())
-        settings = {"freezing": True} if prepacked else CPU_DECODE_INDUCTOR
+            prepacked = any(getattr(m, "prepacked", False) for m in self.modules())
+            settings = {"freezing": True} if prepacked else CPU_DECODE_INDUCTOR
 
-        def cpu_step(*args: Any, **kwargs: Any) -> Any:
+        @torch.no_grad()
+        def compiled_step(codes: torch.Tensor, cache: KVCache, with_hidden: bool = False) -> Any:
+            graph = by_row if isinstance(cache.pos, torch.Tensor) else by_position
+            if settings is None:
+                return graph(self, codes, cache, with_hidden)
             # The settings must hold while inductor compiles, which happens at the first calls (and at a new shape);
             # torch.compile's options={"freezing": True} left the products as plain aten::mm (torch 2.13), the patch
             # does not. It costs ~10 us a call: nothing at GPT-B, a few per cent of a compiled small-shape step
             with inductor_config.patch(settings):
-                return compiled(*args, **kwargs)
+                return graph(self, codes, cache, with_hidden)
 
-        self.step = cpu_step
+        self.step = compiled_step  # the instance attribute shadows the method
 
     def make_cache(self, batch_size: int, dtype: torch.dtype | None = None, spare: int = 0) -> KVCache:
         """A cache for causal decoding of one full image (class token + seq_len - 1 tokens), and `spare`
