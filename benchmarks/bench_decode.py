@@ -218,7 +218,6 @@ def main() -> None:
         labels = torch.arange(batch, device=device) % CLASSES
         if args.compile:  # made afresh for each batch: on the CPU inductor tunes its kernels to the first batch's rows
             torch._dynamo.reset()
-            torch._dynamo.config.recompile_limit = 64  # each compiled model is more graphs of one Transformer.step
             variants = {**eager, **compiled_variants(models, eager)}
         runs: dict[str, Callable[[], object]] = {}
         if llamagen is not None:
