@@ -5,6 +5,7 @@ LlamaGen's own `generate` (same weights, same process) and against the memory-ba
     python benchmarks/bench_decode.py --llamagen /path/to/LlamaGen    # also LlamaGen's sampler; batch 1 and 8
     python benchmarks/bench_decode.py --profile                       # where one decode step's time goes
     python benchmarks/bench_decode.py --compile                       # also each precision's step compiled
+    python benchmarks/bench_decode.py --compile --torch-attention --batches 1 64 --precisions fp32
     python benchmarks/bench_decode.py --layers [--rows 2 64 4096]     # plain against packed weights, per layer shape
     python benchmarks/bench_decode.py --device cuda --llamagen DIR    # on a GPU: fp32 weights under bf16 autocast, bf16
 
@@ -24,7 +25,9 @@ Rows: `baseline` is ctfgen's AR sampler over V = 16384 codewords (LlamaGen's mod
 fp32-packed and int8); the last lines put their ratio beside the ratio of the weight bytes a token reads.
 `--compile` adds each precision's rows with the decode step compiled (`Transformer.compile_step`, as `ctfgen sample
 --compile`; on the CPU inductor times its own product kernels against ATen's; fp32-packed is left out, inductor
-freezes plain fp32 itself), each compiled by one untimed sample before the rounds.
+freezes plain fp32 itself), each compiled by one untimed sample before the rounds. `--torch-attention` adds the
+compiled rows again with torch's attention kernel in place of inductor's fused loops (`fused_decode_attention`):
+what those loops gain, side by side.
 `--layers` times one bias-free linear layer at 2 rows (batch 1 with CFG; `--rows` for others, e.g. a refiner's
 pass), torch's product against oneDNN's packed one, in fp32 and (where the CPU has oneDNN's bf16 kernels) in
 bf16, over weight sizes from the small preset's to GPT-B's head: where packing pays (`PACK_MIN_WEIGHTS` in
@@ -97,15 +100,19 @@ def ctfgen_models(llamagen: torch.nn.Module | None, device: torch.device) -> dic
     return {"baseline": baseline.to(device).eval(), "CTF stage 1": coarse.to(device).eval()}
 
 
-def compiled_variants(models: dict[str, torch.nn.Module],
-                      eager: Iterable[tuple[str, str]]) -> dict[tuple[str, str], torch.nn.Module]:
+def compiled_variants(models: dict[str, torch.nn.Module], eager: Iterable[tuple[str, str]],
+                      torch_attention: bool) -> dict[tuple[str, str], torch.nn.Module]:
     """The eager rows' (role, precision)s again with the decode step compiled, each a copy of its own; not
-    fp32-packed: inductor cannot compile those weights and freezes plain fp32 itself."""
+    fp32-packed: inductor cannot compile those weights and freezes plain fp32 itself. torch_attention: each also
+    compiled with torch's attention kernel instead of inductor's fused loops (set before the first call traces)."""
     compiled = {}
     for role, p in eager:
-        if p != "fp32-packed":
-            compiled[(role, f"{p}, compiled")] = fast = for_decoding(copy.deepcopy(models[role]), p)
-            fast.compile_step()
+        for kind in ("compiled", "compiled, torch attention")[:1 + torch_attention]:
+            if p != "fp32-packed":
+                compiled[(role, f"{p}, {kind}")] = fast = for_decoding(copy.deepcopy(models[role]), p)
+                fast.compile_step()
+                for block in fast.blocks:
+                    block.attn.fused_decode = kind == "compiled" and block.attn.fused_decode
     return compiled
 
 
@@ -166,6 +173,8 @@ def layer_sweep(dtype: torch.dtype, n_rows: int = 2) -> list[dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="batch 1, one round (otherwise batch 1 and 8, 3 rounds)")
+    ap.add_argument("--batches", type=arg_type(Count), nargs="+", default=None,
+                    help="batch sizes (default 1 and 8; quick: 1)")
     ap.add_argument("--llamagen", default=None, help="a LlamaGen checkout: also time its generate() on the same weights")
     ap.add_argument("--precisions", default=None, help="ctfgen decode precisions to time (default: all on the CPU, "
                     "fp32,bf16 on CUDA)")
@@ -178,6 +187,8 @@ def main() -> None:
                     help="--layers: rows of the products (2: one image with CFG; 64 and up: a refiner's pass)")
     ap.add_argument("--compile", action="store_true", help="also the rows with the decode step compiled (minutes of "
                     "compiling first)")
+    ap.add_argument("--torch-attention", action="store_true",
+                    help="--compile: also each compiled row with torch's attention kernel (what inductor's loops gain)")
     ap.add_argument("--device", type=device_arg, default="cpu", help="cpu, or cuda for the GPU rows (see above)")
     ap.add_argument("--out", default="runs/bench-decode/bench_decode.json")
     args = ap.parse_args()
@@ -187,6 +198,8 @@ def main() -> None:
         ap.error("--profile and --layers time CPU kernels; leave out --device cuda")
     if args.compile and args.layers:
         ap.error("--compile times whole samples; --layers times single layers: give one of them")
+    if args.torch_attention and not args.compile:
+        ap.error("--torch-attention compares compiled rows: give --compile too")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.layers:
@@ -201,6 +214,7 @@ def main() -> None:
         return
     warnings.filterwarnings("ignore", category=FutureWarning)  # LlamaGen's torch.backends.cuda.sdp_kernel
     batches, repeats = ([1], args.repeats or 1) if args.quick else ([1, 8], args.repeats or 3)
+    batches = args.batches or batches
     precisions = args.precisions.split(",") if args.precisions else ["fp32", "bf16"] if on_gpu else DECODE_PRECISIONS
     offered = [p for p in DECODE_PRECISIONS if not (on_gpu and p == "fp32-packed")]  # (packing: oneDNN, the CPU)
     if set(precisions) - set(offered):
@@ -218,7 +232,7 @@ def main() -> None:
         labels = torch.arange(batch, device=device) % CLASSES
         if args.compile:  # made afresh for each batch: on the CPU inductor tunes its kernels to the first batch's rows
             torch._dynamo.reset()
-            variants = {**eager, **compiled_variants(models, eager)}
+            variants = {**eager, **compiled_variants(models, eager, args.torch_attention)}
         runs: dict[str, Callable[[], object]] = {}
         if llamagen is not None:
             def llamagen_run() -> object:
@@ -249,10 +263,10 @@ def main() -> None:
                   "over_bound": s / bound[name], "speedup_over_llamagen": reference / s if reference else None}
                  for name, s in best.items()]
 
-    print(f"\n{'batch':>5}  {'sampler':38} {'ms/token':>9} {'x LlamaGen':>10} {'bound ms':>9} {'/bound':>7}")
+    print(f"\n{'batch':>5}  {'sampler':52} {'ms/token':>9} {'x LlamaGen':>10} {'bound ms':>9} {'/bound':>7}")
     for r in rows:
         speedup = f"{r['speedup_over_llamagen']:.2f}" if r["speedup_over_llamagen"] else "-"
-        print(f"{r['batch']:5d}  {r['sampler']:38} {r['ms_per_token']:9.1f} {speedup:>10} {r['bound_ms']:9.1f} "
+        print(f"{r['batch']:5d}  {r['sampler']:52} {r['ms_per_token']:9.1f} {speedup:>10} {r['bound_ms']:9.1f} "
               f"{r['over_bound']:7.2f}")
     by_name = {(r["batch"], r["sampler"]): r for r in rows}
     for (batch, name), ctf in by_name.items():  # what the smaller head buys, against what it can buy

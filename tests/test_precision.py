@@ -150,7 +150,8 @@ def test_the_compiled_step_on_the_cpu_runs_on_kernels_inductor_chose(precision: 
     kernels against ATen's: torch.compile's options={"freezing": True} had left them as aten::mm); layers bf16 packed
     for oneDNN are frozen as they are. So with one position for the batch and with per-row positions (speculative
     verification, three tokens a row: over a symbolic row count inductor's template failed to compile and fp32 fell
-    back to oneDNN's linear). The logits are the eager step's, and the timing tables stay unprinted."""
+    back to oneDNN's linear). Attention is inductor's own fused loops, not torch's flash kernel. The logits are the
+    eager step's, and the timing tables stay unprinted."""
     import torch._dynamo
     from torch.profiler import profile
 
@@ -176,6 +177,7 @@ def test_the_compiled_step_on_the_cpu_runs_on_kernels_inductor_chose(precision: 
             ops = {event.key for event in prof.key_averages()}  # the compiled model's, after the loop
     assert not ops & {"aten::mm", "aten::addmm", "aten::linear", "aten::_weight_int8pack_mm"}, ops
     assert ("mkldnn::_linear_pointwise" in ops) == (precision == "bf16"), ops
+    assert not any("scaled_dot_product" in op for op in ops), ops
     tolerance = 1e-5 if precision == "fp32" else 0.02  # bf16 products summed in another order
     torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=tolerance, atol=tolerance)
     assert "AUTOTUNE" not in capfd.readouterr().err

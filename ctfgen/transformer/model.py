@@ -261,6 +261,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.attn_dropout_p = cfg.attn_dropout_p
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
+        self.fused_decode = False  # a compiled step's attention as loops of inductor's (set by `compile_step`)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, layer: int = 0, start: int | torch.Tensor = 0) -> torch.Tensor:
@@ -282,8 +283,25 @@ class Attention(nn.Module):
                 end = cache.max_len
                 mask = (torch.arange(end, device=x.device) <= row_slots(start, L)[..., None])[:, None]  # [B, 1, L, end]
             keys, values = keys[:, :, :end], values[:, :, :end]  # the written slots only, in the cache's dtype
-            y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask, dropout_p=dropout).to(q.dtype)
+            if self.fused_decode and torch.compiler.is_compiling():
+                y = fused_decode_attention(q.to(keys.dtype), keys, values, mask).to(q.dtype)
+            else:
+                y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask,
+                                                   dropout_p=dropout).to(q.dtype)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, L, D)))
+
+
+def fused_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of a decode step's few queries q [B, H, L, D] over the cache's slots [B, H, T, D] (mask: True where
+    a query may look, broadcast to [B, H, L, T]), written as broadcast products and sums for inductor on the CPU,
+    which fuses them into loops that read the keys and the values once. torch's CPU flash kernel, tiled for many
+    queries, read a GPT-B cache several times slower than the memory allows (a compiled GPT-B step, 2 threads: batch
+    64 135 -> 103 ms, batch 1 9.5 -> 9.0; docs/sampling.md). Run eagerly, the products would be materialised."""
+    scores = (q[:, :, :, None] * keys[:, :, None]).sum(-1) * q.shape[-1] ** -0.5  # [B, H, L, T]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1)[..., None] * values[:, :, None]).sum(-2)
 
 
 class FeedForward(nn.Module):
@@ -418,7 +436,8 @@ class Transformer(nn.Module):
         a graph of fixed shapes is what inductor's C++ GEMM template compiles for several tokens a row (over a
         symbolic row count it failed and the products fell back to slower kernels).
         On the CPU inductor compiles under CPU_DECODE_INDUCTOR (frozen weights, each product's kernel chosen by
-        timing); layers already packed for oneDNN (`--decode-precision bf16`) it can only freeze, not re-tune."""
+        timing; layers already packed for oneDNN, `--decode-precision bf16`, it can only freeze, not re-tune), and
+        attention as its own fused loops (`fused_decode_attention`)."""
         # Dynamo keeps the graphs of one code up to a limit (8), then runs that code eagerly, and it tells codes
         # apart by value. `step` compiled as it is (a method under no_grad) went through one torch wrapper shared by
         # every such function, so a process compiling several models (stage 1 and the baseline, a graph per
@@ -434,6 +453,8 @@ class Transformer(nn.Module):
 
             prepacked = any(getattr(m, "prepacked", False) for m in self.modules())
             settings = {"freezing": True} if prepacked else CPU_DECODE_INDUCTOR
+            for block in self.blocks:
+                block.attn.fused_decode = True
 
         @torch.no_grad()
         def compiled_step(codes: torch.Tensor, cache: KVCache, with_hidden: bool = False) -> Any:
