@@ -45,7 +45,7 @@ from ctfgen.hierarchy import Hierarchy
 from ctfgen.runtime import device_arg, wall_seconds
 from ctfgen.sampling import StageSettings, decode_cache, refine, sample_baseline, sample_ctf
 from ctfgen.transformer import MODEL_SIZES, Transformer, build_model, preset_config
-from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding
+from ctfgen.transformer.precision import DECODE_PRECISIONS, for_decoding, refiner_precision
 
 SHAPES = {
     "small": dict(size="small", grid=8, V=4096, K=256, classes=10),
@@ -79,9 +79,12 @@ def random_models(shape: dict, device: torch.device, reveal: bool = False, refin
             model = build_model(preset_config(shape["size"], role=role, vocab_size=vocab_size, head_size=head_size,
                                               reveal=reveal and role == "refiner", **common, **smaller))
         torch.nn.init.normal_(model.head.weight, std=0.02)
-        models[role] = for_decoding(model.eval(), precision)
-        if compile and role != "refiner":
-            models[role].compile_step()
+        if role == "refiner":  # as `ctfgen sample` runs it beside a compiled stage 1 (packed on the CPU)
+            models[role] = for_decoding(model.eval(), refiner_precision(precision, compile, device))
+        else:
+            models[role] = for_decoding(model.eval(), precision)
+            if compile:
+                models[role].compile_step()
     return models
 
 
@@ -140,21 +143,28 @@ def bench_shape(name: str, batches: list[int], device: torch.device, repeats: in
                 refiner_depth: float, refiner_width: float, masked: bool, precision: str,
                 compile: bool = False) -> dict:
     shape = SHAPES[name]
-    models = random_models(shape, device, reveal=bool(passes), refiner_depth=refiner_depth,
-                           refiner_width=refiner_width, precision=precision, compile=compile)
     torch.manual_seed(0)  # balanced random clusters: the cost of a cluster mask, as the pipeline samples by default
     mask = Hierarchy(torch.randperm(shape["V"]) % shape["K"], shape["K"]).member_mask.to(device) if masked else None
-    for role in ("coarse", "baseline"):
-        decode_step_times(models[role], 1, device, 1)  # warm-up: allocation, kernels (and the compiler)
-    if compile:  # a whole sampling run too: the first one compiles the prefill's and the first steps' shapes
-        images_per_s(models, shape, 1, device, 1, [], mask)
-    result = {"shape": {"name": name, **shape},
-              "params": {role: m.num_params() for role, m in models.items()},
-              "refiner_depth": refiner_depth, "refiner_width": refiner_width, "refiner_mask": masked,
-              "decode_precision": precision, "compile": compile,
-              "sampling": [images_per_s(models, shape, b, device, repeats, passes, mask) for b in batches],
-              "decode_step": {role: decode_step_times(models[role], 1, device, 31) for role in ("coarse", "baseline")}}
-    return result
+
+    def models_for(batch: int) -> dict[str, Transformer]:
+        """The models, warmed up at `batch`: compiled ones are made afresh for each batch (on the CPU inductor tunes
+        its kernels to the first call's rows, as `ctfgen sample --compile` does to its batch size)."""
+        models = random_models(shape, device, reveal=bool(passes), refiner_depth=refiner_depth,
+                               refiner_width=refiner_width, precision=precision, compile=compile)
+        for role in ("coarse", "baseline"):
+            decode_step_times(models[role], batch, device, 1)  # warm-up: allocation, kernels (and the compiler)
+        if compile:  # a whole sampling run too: the first one compiles the prefill's and the first steps' shapes
+            images_per_s(models, shape, batch, device, 1, [], mask)
+        return models
+
+    models = models_for(1)
+    sampling = [images_per_s(models if b == 1 or not compile else models_for(b), shape, b, device, repeats, passes,
+                             mask) for b in batches]
+    return {"shape": {"name": name, **shape},
+            "params": {role: m.num_params() for role, m in models.items()},
+            "refiner_depth": refiner_depth, "refiner_width": refiner_width, "refiner_mask": masked,
+            "decode_precision": precision, "compile": compile, "sampling": sampling,
+            "decode_step": {role: decode_step_times(models[role], 1, device, 31) for role in ("coarse", "baseline")}}
 
 
 def print_table(results: list[dict]) -> None:

@@ -32,7 +32,7 @@ from .sampling import (StageSettings, check_class_labels, check_draft, in_batche
                        sample_ctf)
 from .tokenizer.model import VQTokenizer, load_tokenizer, save_tokenizer
 from .transformer.model import Transformer, compile_freezes, load_model, save_model
-from .transformer.precision import DECODE_PRECISIONS, for_decoding, packed_kernels_available
+from .transformer.precision import DECODE_PRECISIONS, for_decoding, refiner_precision
 
 TRAIN_INFO_NAME = "train_info.json"  # written by ctfgen.training next to each model
 
@@ -205,10 +205,7 @@ class CTFPipeline(_Pipeline):
         super().prepare_decode(precision, compile=compile, **options)
         if self.refiner is None:
             return
-        # its one pass runs at the same precision (never compiled: it runs once); under --compile on the CPU packed
-        # as fp32-packed packs it (a row per position: from 64 rows packing paid at every layer size measured)
-        packs = compile and precision == "fp32" and compile_freezes(self.device, **options) and packed_kernels_available()
-        self.refiner = for_decoding(self.refiner, "fp32-packed" if packs else precision)
+        self.refiner = for_decoding(self.refiner, refiner_precision(precision, compile, self.device, **options))
 
     def __call__(self, class_labels: int | Sequence[int] | torch.Tensor, *, cfg1: float = DEFAULTS["cfg1"],
                  cfg2: float = DEFAULTS["cfg2"], t1: float = DEFAULTS["t1"], t2: float = DEFAULTS["t2"],

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CtfgenError
-from .model import Transformer
+from .model import Transformer, compile_freezes
 
 DECODE_PRECISIONS = ("fp32", "fp32-packed", "bf16", "int8")
 # `fp32-packed` packs only the block layers with at least this many weights (2 MiB of fp32): below it oneDNN's
@@ -118,6 +118,14 @@ def for_decoding(model: Transformer, precision: str = "fp32") -> Transformer:
     return fast
 
 
+def refiner_precision(precision: str, compiled: bool, device: torch.device | str, **compile_options: object) -> str:
+    """The precision CTF's refiner runs at beside a stage 1 decoding at `precision`, its step `compiled` or not. The
+    refiner's one pass is never compiled, so where the compiled step freezes fp32 weights (inductor, the CPU) the
+    refiner is packed as fp32-packed packs it (a row per position: from 64 rows packing paid at every layer size)."""
+    packs = compiled and precision == "fp32" and compile_freezes(device, **compile_options)
+    return "fp32-packed" if packs and packed_kernels_available() else precision
+
+
 def swap_linears(model: Transformer, swap: type[nn.Module], least: int, head: bool = True) -> None:
     """Replace, in place, every linear layer of the blocks, the model's own (the head too if `head`) with at
     least `least` weights by `swap(layer)`."""
@@ -135,4 +143,4 @@ def weight_bytes_per_token(model: Transformer) -> int:
 
 
 __all__ = ["DECODE_PRECISIONS", "Int8Linear", "PACK_MIN_WEIGHTS", "PackedLinear", "for_decoding",
-           "packed_kernels_available", "weight_bytes_per_token"]
+           "packed_kernels_available", "refiner_precision", "weight_bytes_per_token"]
