@@ -107,12 +107,14 @@ def compiled_variants(models: dict[str, torch.nn.Module], eager: Iterable[tuple[
     compiled with torch's attention kernel instead of inductor's fused loops (set before the first call traces)."""
     compiled = {}
     for role, p in eager:
+        if p == "fp32-packed":
+            continue
         for kind in ("compiled", "compiled, torch attention")[:1 + torch_attention]:
-            if p != "fp32-packed":
-                compiled[(role, f"{p}, {kind}")] = fast = for_decoding(copy.deepcopy(models[role]), p)
-                fast.compile_step()
+            compiled[(role, f"{p}, {kind}")] = fast = for_decoding(copy.deepcopy(models[role]), p)
+            fast.compile_step()
+            if kind.endswith("torch attention"):
                 for block in fast.blocks:
-                    block.attn.fused_decode = kind == "compiled" and block.attn.fused_decode
+                    block.attn.fused_decode = False
     return compiled
 
 
