@@ -200,8 +200,9 @@ def main() -> None:
         ap.error("--profile and --layers time CPU kernels; leave out --device cuda")
     if args.compile and args.layers:
         ap.error("--compile times whole samples; --layers times single layers: give one of them")
-    if args.torch_attention and not args.compile:
-        ap.error("--torch-attention compares compiled rows: give --compile too")
+    if args.torch_attention and (not args.compile or on_gpu):
+        ap.error("--torch-attention compares compiled rows on the CPU (elsewhere both use torch's kernel): give "
+                 "--compile, without --device cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.layers:

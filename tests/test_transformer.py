@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ctfgen.artifacts import ArtifactError
 from ctfgen.transformer import (
@@ -243,6 +244,20 @@ def test_a_compiled_step_with_a_position_per_row_is_one_graph() -> None:
             cache.pos = t
         logits.append((torch.compile(model.step, backend="eager") if compiled else model.step)(tokens, cache))
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)
+
+
+def test_fused_decode_attention_is_torchs_attention() -> None:
+    """The compiled CPU step's attention (broadcast products and sums) against torch's kernel: one query over every
+    written slot, and several queries a row under a per-row causal mask (verification passes)."""
+    from ctfgen.transformer.model import fused_decode_attention, row_slots
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 4, 9, 16), torch.randn(3, 4, 9, 16)
+    torch.testing.assert_close(fused_decode_attention(q, k, v, None), F.scaled_dot_product_attention(q, k, v))
+    q = torch.randn(3, 4, 3, 16)
+    mask = (torch.arange(9) <= row_slots(torch.tensor([2, 5, 6]), 3)[..., None])[:, None]  # [B, 1, L, T]
+    torch.testing.assert_close(fused_decode_attention(q, k, v, mask),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
 def test_several_compiled_models_each_keep_their_graphs() -> None:
